@@ -1,0 +1,34 @@
+# llmfn developer commands. `make train` and `make test` set up the environment themselves.
+# uv on PATH, else the copy `make init` installs with pip (run as a module).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+
+.PHONY: init train test test-all lint fmt bench clean
+
+init:
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync
+
+train: init
+	$(UV) run python -m llmfn.train configs/tiny.yaml $(ARGS)
+
+test: init
+	$(UV) run pytest -q -m "not slow"
+
+test-all: init
+	$(UV) run pytest -q
+
+lint: init
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+
+fmt: init
+	$(UV) run ruff format .
+	$(UV) run ruff check --fix .
+
+bench: init
+	$(UV) run python bench/train_throughput.py
+	$(UV) run python bench/decode_throughput.py
+	$(UV) run python bench/data_throughput.py
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache runs .cache

@@ -1,0 +1,105 @@
+"""Multi-head attention with MHA / GQA / MQA through SDPA: causal, padding mask, sliding window,
+RoPE or ALiBi, and a preallocated KV cache.
+
+params: {"wqkv": [(H + 2·KV)·hd, D], "wo": [D, H·hd]} (+ "bqkv", "bo" with attention_bias).
+The fused q/k/v weight is one matmul (DESIGN.md §3); `llmfn.hf` splits and joins it.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from llmfn.layers.init import normal, zeros
+from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
+from llmfn.model_config import ModelConfig
+
+
+def init_attention(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
+    qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    leaves = {
+        "wqkv": normal((qkv_out, cfg.hidden_size), cfg.init_std, gen),
+        "wo": normal((cfg.hidden_size, cfg.num_heads * cfg.head_dim), residual_std, gen),
+    }
+    if cfg.attention_bias:
+        leaves["bqkv"] = zeros(qkv_out)
+        leaves["bo"] = zeros(cfg.hidden_size)
+    return TensorDict(leaves, batch_size=[])
+
+
+def attention_mask(
+    q_slots: torch.Tensor, num_keys: int, key_valid: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
+    """Which keys each query may see: [B or 1, 1, Tq, Tk] bool.
+
+    q_slots: [Tq] cache slots of the queries; key j is visible when j <= q (causal), q - j <
+    window (sliding), and key_valid[:, j] (padding). A query always sees itself, so a padding
+    query never has an empty row (which would make SDPA return NaN).
+    """
+    k_slots = torch.arange(num_keys, device=q_slots.device)
+    q = q_slots[:, None]
+    allowed = k_slots[None, :] <= q
+    if window is not None:
+        allowed = allowed & (q - k_slots[None, :] < window)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+    return allowed | (k_slots[None, :] == q)[None, None]
+
+
+def split_heads(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """qkv: [B, T, (H + 2·KV)·hd] -> q [B, H, T, hd], k and v [B, KV, T, hd]."""
+    B, T, _ = qkv.shape
+    hd = cfg.head_dim
+    q, k, v = qkv.split([cfg.num_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd], dim=-1)
+    return (
+        q.view(B, T, cfg.num_heads, hd).transpose(1, 2),
+        k.view(B, T, cfg.kv_heads, hd).transpose(1, 2),
+        v.view(B, T, cfg.kv_heads, hd).transpose(1, 2),
+    )
+
+
+def attention(
+    params: TensorDict,
+    x: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    cache: TensorDict | None = None,
+    cache_start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TensorDict | None]:
+    """x: [B, T, D] -> ([B, T, D], updated cache or None).
+
+    positions: [B, T] token positions (RoPE / ALiBi). key_valid: [B, Tk] bool, False at padding
+    (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
+    [B, KV, max_len, hd]; this call writes slots cache_start .. cache_start + T - 1.
+    """
+    B, T, _ = x.shape
+    q, k, v = split_heads(F.linear(x, params["wqkv"], params.get("bqkv")), cfg)
+    if cfg.position == "rope":
+        cos, sin = rope_angles(positions, cfg)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    start = torch.zeros((), dtype=torch.long, device=x.device) if cache_start is None else cache_start
+    q_slots = start + torch.arange(T, device=x.device)
+    if cache is not None:
+        k = cache["k"].index_copy(2, q_slots, k.to(cache["k"].dtype))
+        v = cache["v"].index_copy(2, q_slots, v.to(cache["v"].dtype))
+        cache = TensorDict({"k": k, "v": v}, batch_size=cache.batch_size)
+
+    simple_causal = cache is None and key_valid is None and cfg.sliding_window is None
+    mask = None if simple_causal else attention_mask(q_slots, k.shape[2], key_valid, cfg.sliding_window)
+    if cfg.position == "alibi":
+        k_slots = torch.arange(k.shape[2], device=x.device)
+        bias = alibi_bias(q_slots[None].expand(B, T), k_slots[None].expand(B, -1), cfg.num_heads)
+        visible = mask if mask is not None else attention_mask(q_slots, k.shape[2], None, None)
+        mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+        is_causal=mask is None, enable_gqa=cfg.kv_heads != cfg.num_heads,
+    )
+    out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
+    return F.linear(out, params["wo"], params.get("bo")), cache

@@ -1,0 +1,60 @@
+"""The decoder block: attention and MLP (or MoE) residual branches, pre- or post-norm.
+
+params: {"attn_norm", "attn", "mlp_norm", "mlp" | "moe"}.
+"""
+
+import torch
+from tensordict import TensorDict
+
+from llmfn.layers.attention import attention, init_attention
+from llmfn.layers.dropout import dropout, fold_in
+from llmfn.layers.mlp import init_mlp, mlp
+from llmfn.layers.moe import init_moe, moe
+from llmfn.layers.norm import init_norm, norm
+from llmfn.model_config import ModelConfig
+
+
+def init_block(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
+    tree = {"attn_norm": init_norm(cfg), "attn": init_attention(cfg, gen), "mlp_norm": init_norm(cfg)}
+    if cfg.use_moe:
+        tree["moe"] = init_moe(cfg, gen)
+    else:
+        tree["mlp"] = init_mlp(cfg, gen)
+    return TensorDict(tree, batch_size=[])
+
+
+def feed_forward(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+    """The block's second branch: dense MLP, or MoE with its routing losses."""
+    if cfg.use_moe:
+        return moe(params["moe"], x, cfg)
+    return mlp(params["mlp"], x, cfg), {}
+
+
+def block(
+    params: TensorDict,
+    x: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    cache: TensorDict | None = None,
+    cache_start: torch.Tensor | None = None,
+    dropout_key: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, TensorDict | None, dict]:
+    """x: [B, T, D] -> (x [B, T, D], updated cache, MoE losses {name: 0-d tensor})."""
+    attn_key = None if dropout_key is None else fold_in(dropout_key, 1)
+    mlp_key = None if dropout_key is None else fold_in(dropout_key, 2)
+    attend = lambda h: attention(  # noqa: E731
+        params["attn"], h, cfg, positions=positions, key_valid=key_valid, cache=cache, cache_start=cache_start
+    )
+    if cfg.norm_position == "pre":
+        attn_out, cache = attend(norm(params["attn_norm"], x, cfg))
+        x = x + dropout(attn_out, cfg.dropout, attn_key)
+        ff_out, losses = feed_forward(params, norm(params["mlp_norm"], x, cfg), cfg)
+        x = x + dropout(ff_out, cfg.dropout, mlp_key)
+    else:
+        attn_out, cache = attend(x)
+        x = norm(params["attn_norm"], x + dropout(attn_out, cfg.dropout, attn_key), cfg)
+        ff_out, losses = feed_forward(params, x, cfg)
+        x = norm(params["mlp_norm"], x + dropout(ff_out, cfg.dropout, mlp_key), cfg)
+    return x, cache, losses

@@ -1,0 +1,95 @@
+"""Mixture of experts: top-k routing with vectorized dispatch, load-balancing and router z losses,
+and optional shared experts.
+
+params: {"router": [E, D], "experts": {"w13": [E, 2·I, D] | "w1": [E, I, D], "w2": [E, D, I]},
+"shared": MLP params of width num_shared_experts·I (only when num_shared_experts > 0)}.
+
+Dispatch has no Python loop over tokens or experts: every (token, choice) pair gets a slot in a
+[E, C, D] buffer through a cumulative count, the experts run as two batched matmuls, and the
+results are gathered back. C = N·top_k (dropless) unless `moe_capacity_factor` caps it, in which
+case pairs past an expert's capacity are skipped (their weight drops out of the sum).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from llmfn.layers.init import normal
+from llmfn.layers.mlp import activation_fn, init_mlp, mlp
+from llmfn.model_config import ModelConfig
+
+
+def init_moe(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
+    E, D, width = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    up = "w13" if cfg.use_glu else "w1"
+    up_rows = 2 * width if cfg.use_glu else width
+    tree = {
+        "router": normal((E, D), cfg.init_std, gen),
+        "experts": TensorDict(
+            {up: normal((E, up_rows, D), cfg.init_std, gen), "w2": normal((E, D, width), residual_std, gen)},
+            batch_size=[],
+        ),
+    }
+    if cfg.num_shared_experts:
+        tree["shared"] = init_mlp(cfg, gen, width=cfg.num_shared_experts * width)
+    return TensorDict(tree, batch_size=[])
+
+
+def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
+    pairs = num_tokens * cfg.top_k
+    if cfg.moe_capacity_factor is None:
+        return num_tokens  # an expert is chosen at most once per token
+    return min(num_tokens, max(1, math.ceil(cfg.moe_capacity_factor * pairs / cfg.num_experts)))
+
+
+def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
+    """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors)."""
+    logits = F.linear(x, router).float()  # [N, E]
+    probs = logits.softmax(dim=-1)
+    weights, experts = probs.topk(cfg.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    chosen = F.one_hot(experts, cfg.num_experts).sum(dim=1).float()  # [N, E]
+    fraction_routed = chosen.mean(dim=0) / cfg.top_k
+    load_balance = cfg.num_experts * (fraction_routed * probs.mean(dim=0)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return weights.to(x.dtype), experts, {"moe_aux_loss": load_balance, "router_z_loss": z_loss}
+
+
+def run_experts(experts: TensorDict, buffer: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """buffer: [E, C, D] -> [E, C, D], each expert's MLP as one batched matmul."""
+    act = activation_fn(cfg.activation)
+    if cfg.use_glu:
+        gate, up = torch.bmm(buffer, experts["w13"].transpose(1, 2)).chunk(2, dim=-1)
+        hidden = act(gate) * up
+    else:
+        hidden = act(torch.bmm(buffer, experts["w1"].transpose(1, 2)))
+    return torch.bmm(hidden, experts["w2"].transpose(1, 2))
+
+
+def moe(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+    """x: [B, T, D] -> ([B, T, D], {"moe_aux_loss", "router_z_loss"})."""
+    B, T, D = x.shape
+    tokens = x.reshape(B * T, D)
+    N, E, k = B * T, cfg.num_experts, cfg.top_k
+    capacity = expert_capacity(N, cfg)
+    weights, experts, losses = route(params["router"], tokens, cfg)
+
+    flat_expert = experts.reshape(-1)  # [N·k], token-major: earlier tokens win a full expert
+    one_hot = F.one_hot(flat_expert, E)  # [N·k, E]
+    rank_in_expert = (one_hot.cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+    kept = rank_in_expert < capacity
+    overflow_slot = E * capacity  # one spare row receives every skipped pair
+    slot = torch.where(kept, flat_expert * capacity + rank_in_expert, overflow_slot)
+
+    sources = tokens.repeat_interleave(k, dim=0)  # [N·k, D]
+    buffer = tokens.new_zeros(E * capacity + 1, D).index_add(0, slot, sources)
+    outputs = run_experts(params["experts"], buffer[:-1].view(E, capacity, D), cfg)
+    outputs = torch.cat([outputs.reshape(E * capacity, D), outputs.new_zeros(1, D)])
+    pair_weights = (weights.reshape(-1) * kept).unsqueeze(1)  # [N·k, 1]
+    combined = (outputs[slot] * pair_weights).view(N, k, D).sum(dim=1)
+    if "shared" in params.keys():
+        combined = combined + mlp(params["shared"], tokens, cfg)
+    return combined.view(B, T, D), losses

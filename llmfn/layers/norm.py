@@ -1,0 +1,29 @@
+"""RMSNorm and LayerNorm as pure functions: params {"weight": [D]} (+ {"bias": [D]})."""
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from llmfn.layers.init import ones, zeros
+from llmfn.model_config import ModelConfig
+
+
+def init_norm(cfg: ModelConfig) -> TensorDict:
+    leaves = {"weight": ones(cfg.hidden_size)}
+    if cfg.norm_type == "layernorm":
+        leaves["bias"] = zeros(cfg.hidden_size)
+    return TensorDict(leaves, batch_size=[])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D]. Normalises in float32, casts back, then scales (as HF Llama does)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def norm(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """x: [..., D] -> [..., D]."""
+    if cfg.norm_type == "rmsnorm":
+        return rms_norm(x, params["weight"], cfg.norm_eps)
+    return F.layer_norm(x, (x.shape[-1],), params["weight"], params["bias"], cfg.norm_eps)

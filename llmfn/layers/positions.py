@@ -1,0 +1,90 @@
+"""Position encodings: RoPE (with linear / dynamic-NTK / llama3 scaling), ALiBi, learned and
+sinusoidal absolute embeddings."""
+
+import math
+
+import torch
+from tensordict import TensorDict
+
+from llmfn.layers.init import normal
+from llmfn.model_config import ModelConfig
+
+
+# --- RoPE -------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[head_dim/2] inverse frequencies, with llama3 band scaling applied when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_scaling == "llama3":
+        factor = cfg.rope_scaling_factor
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        low_wavelen = original / cfg.rope_low_freq_factor
+        high_wavelen = original / cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, inv_freq)
+    return inv_freq.float()
+
+
+def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] int -> (cos, sin), each [B, 1, T, head_dim] float32."""
+    inv_freq = rope_inv_freq(cfg).to(positions.device)
+    pos = positions.float()
+    if cfg.rope_scaling == "linear":
+        pos = pos / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "dynamic":
+        # Dynamic NTK: grow the base once the sequence outruns the original context.
+        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+        seq_len = torch.clamp(positions.max().float() + 1, min=original)
+        dim = cfg.head_dim
+        scale = cfg.rope_scaling_factor * seq_len / original - (cfg.rope_scaling_factor - 1)
+        base = cfg.rope_theta * scale ** (dim / (dim - 2))
+        exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
+        inv_freq = 1.0 / base ** exponents
+    angles = pos[..., None] * inv_freq  # [B, T, hd/2]
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd], rotate-half convention (dim i pairs with i + hd/2, as in HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# --- ALiBi ------------------------------------------------------------------------------------
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """[H] head slopes of Press et al. (geometric; interleaved for non-powers of two)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-8.0 / closest)
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest < num_heads:
+        extra = 2.0 ** (-4.0 / closest)
+        slopes += [extra ** (2 * i + 1) for i in range(num_heads - closest)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """q_pos: [B, Tq], k_pos: [B, Tk] -> additive bias [B, H, Tq, Tk] = -slope · (q - k)."""
+    slopes = alibi_slopes(num_heads).to(q_pos.device)
+    distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).float()
+    return -slopes[None, :, None, None] * distance
+
+
+# --- Absolute embeddings ----------------------------------------------------------------------
+def init_learned_positions(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
+    return TensorDict({"weight": normal((cfg.max_seq_len, cfg.hidden_size), cfg.init_std, gen)}, [])
+
+
+def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """positions: [B, T] -> [B, T, dim] of Vaswani et al.'s sin/cos embeddings."""
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
+    angles = positions.float()[..., None] / (10000.0**exponents)
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1)  # interleave sin, cos
+    return table.flatten(-2)[..., :dim]

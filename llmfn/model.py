@@ -1,0 +1,216 @@
+"""The decoder as pure functions over a TensorDict of parameters.
+
+    params = init_params(cfg, seed=0)           # TensorDict: embed, layers/0/attn/wqkv, ...
+    logits = forward(params, tokens, cfg)       # tokens [B, T] -> logits [B, T, V]
+    value, metrics = loss(params, batch, cfg)   # next-token cross-entropy (+ MoE losses)
+
+Every function here works under `torch.func.grad`, `torch.func.vmap` and `torch.compile`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from tensordict import TensorDict
+
+from llmfn.layers.block import block, init_block
+from llmfn.layers.dropout import dropout, fold_in
+from llmfn.layers.init import normal
+from llmfn.layers.norm import init_norm, norm
+from llmfn.layers.positions import init_learned_positions, sinusoidal_table
+from llmfn.model_config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+def init_params(
+    cfg: ModelConfig, *, seed: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> TensorDict:
+    """A fresh parameter tree, deterministic from `seed` (drawn on CPU, then moved).
+
+    Weights are [out, in]; residual projections (attn wo, mlp w2) are scaled by 1/sqrt(2·L).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tree = {"embed": TensorDict({"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, [])}
+    if cfg.position == "learned":
+        tree["pos"] = init_learned_positions(cfg, gen)
+    tree["layers"] = TensorDict({str(i): init_block(cfg, gen) for i in range(cfg.num_layers)}, [])
+    if cfg.norm_position == "pre":
+        tree["final_norm"] = init_norm(cfg)
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = TensorDict({"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, [])
+    params = TensorDict(tree, batch_size=[])
+    if dtype is not None:
+        params = params.to(dtype)
+    return params.to(device) if device is not None else params
+
+
+def init_cache(
+    cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32, device=None
+) -> TensorDict:
+    """A zeroed KV cache: layers/{i}/k and /v, each [B, num_kv_heads, max_len, head_dim]."""
+    shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+    layer = lambda: TensorDict(  # noqa: E731
+        {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}, []
+    )
+    return TensorDict({"layers": TensorDict({str(i): layer() for i in range(cfg.num_layers)}, [])}, [])
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    cache: TensorDict | None  # the updated KV cache, when one was passed in
+    losses: dict[str, torch.Tensor]  # MoE losses averaged over layers (empty for dense models)
+
+
+def default_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None, start) -> torch.Tensor:
+    """[B, T] positions: start + t, or the count of real tokens before t when padding is masked
+    (so left-padded rows start at 0)."""
+    if attention_mask is not None and attention_mask.shape == tokens.shape:
+        return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    steps = torch.arange(tokens.shape[1], device=tokens.device)
+    return (steps + (0 if start is None else start)).expand(tokens.shape)
+
+
+def embed(params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """tokens, positions: [B, T] -> [B, T, D]: token embedding plus absolute positions, if any."""
+    x = F.embedding(tokens, params["embed", "weight"])
+    if cfg.position == "learned":
+        x = x + F.embedding(positions, params["pos", "weight"])
+    elif cfg.position == "sinusoidal":
+        x = x + sinusoidal_table(positions, cfg.hidden_size).to(x.dtype)
+    return x
+
+
+def apply(
+    params: TensorDict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cache: TensorDict | None = None,
+    cache_start: torch.Tensor | None = None,
+    training: bool = False,
+    rng: torch.Tensor | None = None,
+) -> ModelOutput:
+    """The full model. tokens: [B, T] long.
+
+    positions: [B, T] (default: see `default_positions`). attention_mask: 1 for real tokens,
+    0 for padding; [B, T], or [B, max_len] over the cache slots when a cache is given.
+    cache / cache_start: a tree from `init_cache` and the first slot this call writes (0-d long).
+    training + rng (0-d int64 key): dropout, as a pure function of the key.
+    """
+    if training and cfg.dropout > 0 and rng is None:
+        raise ValueError("forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)")
+    if positions is None:
+        positions = default_positions(tokens, attention_mask, cache_start)
+    dropout_key = rng if training and cfg.dropout > 0 else None
+    x = dropout(embed(params, tokens, positions, cfg), cfg.dropout, dropout_key)
+
+    new_layers, layer_losses = {}, []
+    for i in range(cfg.num_layers):
+        name = str(i)
+        layer_cache = None if cache is None else cache["layers", name]
+        layer_key = None if dropout_key is None else fold_in(dropout_key, i + 1)
+        run = lambda h, p=params["layers", name], c=layer_cache, k=layer_key: block(  # noqa: E731
+            p, h, cfg, positions=positions, key_valid=attention_mask, cache=c, cache_start=cache_start, dropout_key=k
+        )
+        if cfg.activation_checkpointing and torch.is_grad_enabled():
+            x, layer_cache, losses = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        else:
+            x, layer_cache, losses = run(x)
+        new_layers[name] = layer_cache
+        layer_losses.append(losses)
+
+    if cfg.norm_position == "pre":
+        x = norm(params["final_norm"], x, cfg)
+    head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
+    logits = F.linear(x, head)
+    new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
+    losses = {}
+    if layer_losses and layer_losses[0]:
+        losses = {key: torch.stack([lo[key] for lo in layer_losses]).mean() for key in layer_losses[0]}
+    return ModelOutput(logits, new_cache, losses)
+
+
+def forward(params: TensorDict, tokens: torch.Tensor, cfg: ModelConfig, **options) -> torch.Tensor:
+    """tokens: [B, T] -> logits [B, T, V]. Options as in `apply` (positions, attention_mask,
+    training, rng)."""
+    return apply(params, tokens, cfg, **options).logits
+
+
+def forward_with_aux(
+    params: TensorDict, tokens: torch.Tensor, cfg: ModelConfig, **options
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Like `forward`, plus the MoE losses {"moe_aux_loss", "router_z_loss"} (empty if dense)."""
+    out = apply(params, tokens, cfg, **options)
+    return out.logits, out.losses
+
+
+def forward_cached(
+    params: TensorDict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    cache: TensorDict,
+    cache_start: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor, TensorDict]:
+    """Run tokens [B, T] at cache slots cache_start.. and return (logits [B, T, V], new cache).
+
+    attention_mask, if given, is [B, max_len] over the cache slots (0 = padding)."""
+    out = apply(params, tokens, cfg, cache=cache, cache_start=cache_start, **options)
+    return out.logits, out.cache
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], targets [B, T] (IGNORE_INDEX = no loss) -> (mean loss, token count)."""
+    count = (targets != IGNORE_INDEX).sum()
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total / count.clamp(min=1), count
+
+
+def loss(
+    params: TensorDict, batch: dict, cfg: ModelConfig, *, training: bool = False, rng: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token loss of batch {"inputs": [B, T], "targets": [B, T], optional "attention_mask"}.
+
+    targets are the inputs shifted by one with IGNORE_INDEX (-100) where no loss is wanted.
+    Returns (loss, metrics): loss = cross-entropy + the weighted MoE losses; metrics hold
+    "ce_loss", "tokens" and the MoE losses, all tensors.
+    """
+    logits, aux = forward_with_aux(
+        params, batch["inputs"], cfg, attention_mask=batch.get("attention_mask"), training=training, rng=rng
+    )
+    ce, count = cross_entropy(logits, batch["targets"])
+    total = ce
+    if aux:
+        total = total + cfg.moe_aux_loss_coef * aux["moe_aux_loss"] + cfg.router_z_loss_coef * aux["router_z_loss"]
+    return total, {"ce_loss": ce.detach(), "tokens": count, **{k: v.detach() for k, v in aux.items()}}
+
+
+def count_params(params: TensorDict) -> int:
+    """Total number of parameters in the tree."""
+    return sum(leaf.numel() for leaf in params.values(include_nested=True, leaves_only=True))
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Weights touched by one token's matmuls (active experts only; LM head included, the
+    embedding lookup not)."""
+    D, hd = cfg.hidden_size, cfg.head_dim
+    attn = D * (cfg.num_heads + 2 * cfg.kv_heads) * hd + cfg.num_heads * hd * D
+    mlp_one = (3 if cfg.use_glu else 2) * D * cfg.ffn_size
+    if cfg.use_moe:
+        ff = cfg.num_experts * D + (cfg.top_k + cfg.num_shared_experts) * mlp_one
+    else:
+        ff = mlp_one
+    return cfg.num_layers * (attn + ff) + cfg.vocab_size * D
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6·N_matmul + 12·L·H·hd·T (PaLM / torchtitan, full attention)."""
+    return 6 * matmul_params_per_token(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

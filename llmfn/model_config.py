@@ -1,0 +1,132 @@
+"""`ModelConfig`: the architecture of a decoder, validated on construction.
+
+Every other module reads the architecture from here; nothing here knows about training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+NORM_TYPES = ("rmsnorm", "layernorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
+ROPE_SCALINGS = (None, "linear", "dynamic", "llama3")
+
+
+def _fail(field: str, value, expected: str) -> None:
+    raise ValueError(f"model.{field}={value!r} is invalid: expected {expected}")
+
+
+def _check_choice(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _check_positive(field: str, value, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        _fail(field, value, "a non-negative integer" if allow_zero else "a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer.
+
+    Defaults describe a small Llama-style model (RMSNorm, RoPE, SwiGLU, pre-norm).
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = MHA; < num_heads = GQA; 1 = MQA
+    intermediate_size: int | None = None  # None = 8/3·hidden (GLU, rounded to 64) or 4·hidden
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    use_glu: bool = True
+    activation: str = "silu"  # silu+glu = SwiGLU, gelu+glu = GeGLU
+    norm_type: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # None | "linear" | "dynamic" | "llama3"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_seq_len: int | None = None  # dynamic/llama3: the pre-scaling context
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    use_moe: bool = False
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared_experts: int = 0
+    moe_capacity_factor: float | None = None  # None = dropless; else tokens over capacity skip the expert
+    moe_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            _check_positive(name, getattr(self, name))
+        if self.num_kv_heads is not None:
+            _check_positive("num_kv_heads", self.num_kv_heads)
+        if self.intermediate_size is not None:
+            _check_positive("intermediate_size", self.intermediate_size)
+        if self.hidden_size % self.num_heads:
+            _fail("hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            _fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "a float in [0, 1)")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if not self.norm_eps > 0:
+            _fail("norm_eps", self.norm_eps, "a positive float")
+        if self.position == "rope" and self.head_dim % 2:
+            _fail("hidden_size", self.hidden_size, f"an even head_dim for RoPE (got {self.head_dim})")
+        if not self.rope_theta > 0:
+            _fail("rope_theta", self.rope_theta, "a positive float")
+        if self.rope_scaling is not None and not self.rope_scaling_factor >= 1.0:
+            _fail("rope_scaling_factor", self.rope_scaling_factor, "a float >= 1 when rope_scaling is set")
+        if self.sliding_window is not None:
+            _check_positive("sliding_window", self.sliding_window)
+        if self.use_moe:
+            _check_positive("num_experts", self.num_experts)
+            _check_positive("top_k", self.top_k)
+            _check_positive("num_shared_experts", self.num_shared_experts, allow_zero=True)
+            if self.top_k > self.num_experts:
+                _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
+            if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+                _fail("moe_capacity_factor", self.moe_capacity_factor, "None (dropless) or a positive float")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP's hidden width (per expert for MoE)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.use_glu:
+            return 64 * -(-int(8 * self.hidden_size / 3) // 64)
+        return 4 * self.hidden_size
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,332 @@
+"""Run configuration: one dataclass per section, loaded from YAML with overrides.
+
+Precedence, lowest first: dataclass defaults < YAML file < environment (`LLMFN_OPTIM__LR=3e-4`)
+< command line (`optim.lr=3e-4`). Every problem raises one `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llmfn.model_config import ModelConfig
+
+ENV_PREFIX = "LLMFN_"
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    module: str = "stdlib"  # stdlib | text | token_bin | sft | synthetic | regression
+    path: str | None = None  # text file/folder, token-bin folder, or SFT JSONL (by module)
+    tokenizer: str = "bpe"  # char | bpe | path/to/tokenizer.json
+    tokenizer_vocab_size: int = 2048  # when training a BPE tokenizer
+    batch_size: int = 8  # sequences per micro-batch per process
+    val_fraction: float = 0.05
+    val_batches: int = 8  # batches per validation pass
+    cache_dir: str = ".cache/llmfn"  # where prepared data of the stdlib/text modules lives
+    max_files: int | None = None  # stdlib/text: use at most this many files
+    pack: bool = True  # sft: pack examples into full rows (else pad each)
+    synthetic_size: int = 4096  # synthetic/regression: number of examples
+    regression_features: int = 16  # regression: input width
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lion
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # floor the schedule decays to
+    schedule: str = "cosine"  # constant | linear | cosine | wsd
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the share of steps spent decaying
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    decay_embeddings: bool = False  # apply weight decay to embeddings (norms and biases never)
+    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    task: str = "lm"  # lm | sft | regression
+    max_steps: int = 1000
+    epochs: int | None = None  # if set, run this many passes over the data instead of max_steps
+    grad_accum_steps: int = 1
+    compile: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    deterministic: bool = True  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    eval_every: int = 100
+    sample_every: int = 0  # lm: print a sample at eval time every N steps (0 = only at the end)
+    sample_tokens: int = 128
+    sample_prompt: str = ""
+    early_stopping_patience: int | None = None  # evals without improvement before stopping
+    early_stopping_min_delta: float = 0.0
+    nonfinite: str = "skip"  # skip | halt
+    max_nonfinite: int = 10  # skip: halt after this many non-finite steps in a row
+    run_dir: str = "runs"
+    run_name: str | None = None  # default: a timestamp
+    resume: str | None = None  # None | auto | path to a checkpoint folder
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between saves (0 = only at the end)
+    keep_last_n: int = 3
+    save_best: bool = True  # keep the checkpoint with the lowest validation loss as best/
+    save_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 10
+    console: bool = True
+    progress: bool = True  # tqdm bar with loss, tok/s, MFU (GPU) and ETA
+    jsonl: bool = True
+    tensorboard: bool = False  # needs the `tensorboard` extra
+    plot: bool = True  # loss curve PNG at the end (needs matplotlib)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+CHOICES = {
+    ("data", "module"): ("stdlib", "text", "token_bin", "sft", "synthetic", "regression"),
+    ("optim", "name"): ("adamw", "sgd", "lion"),
+    ("optim", "schedule"): ("constant", "linear", "cosine", "wsd"),
+    ("train", "task"): ("lm", "sft", "regression"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("train", "nonfinite"): ("skip", "halt"),
+    ("distributed", "backend"): ("auto", "nccl", "gloo"),
+}
+
+
+# --- typing helpers ---------------------------------------------------------------------------
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("null" if a is type(None) else a.__name__ for a in args)
+    return tp.__name__
+
+
+def _coerce(key: str, value, tp):
+    """Check `value` against the annotation `tp` (int widens to float); raise ConfigError."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+
+
+def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+# --- building ---------------------------------------------------------------------------------
+def _merge(tree: dict, updates: dict) -> dict:
+    out = dict(tree)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _build_section(section: str, cls, values: dict):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in types_:
+            raise _unknown(key, name, list(types_))
+        value = _coerce(key, value, types_[name])
+        allowed = CHOICES.get((section, name))
+        if allowed and value not in allowed:
+            raise ConfigError(f"{key}={value!r} is invalid: expected one of {', '.join(allowed)}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validate(cfg: Config) -> None:
+    def positive(key: str, value) -> None:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value!r} is invalid: expected a positive number")
+
+    positive("data.batch_size", cfg.data.batch_size)
+    positive("train.max_steps", cfg.train.max_steps)
+    positive("train.epochs", cfg.train.epochs)
+    positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
+    positive("train.eval_every", cfg.train.eval_every)
+    positive("optim.lr", cfg.optim.lr)
+    positive("optim.grad_clip", cfg.optim.grad_clip)
+    positive("logging.log_every", cfg.logging.log_every)
+    positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
+    if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is invalid: expected >= 0")
+    if not 0 < cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction} is invalid: expected a float in (0, 1]")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is invalid: expected a float in [0, 1)")
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} is invalid: expected >= 0 (0 = only at the end)")
+    needs_path = {"text", "token_bin", "sft"}
+    if cfg.data.module in needs_path and not cfg.data.path:
+        raise ConfigError(f"data.module={cfg.data.module!r} needs data.path (a file or folder to read)")
+    if cfg.train.task == "regression" and cfg.data.module != "regression":
+        raise ConfigError("train.task='regression' needs data.module='regression'")
+    if cfg.train.task == "sft" and cfg.data.module != "sft":
+        raise ConfigError("train.task='sft' needs data.module='sft'")
+
+
+def from_dict(tree: dict) -> Config:
+    """A validated Config from a nested dict of sections (missing keys keep their defaults)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
+    sections = _field_types(Config)
+    built = {}
+    for name, values in tree.items():
+        if name not in sections:
+            raise _unknown(name, name, list(sections))
+        built[name] = _build_section(name, sections[name], values or {})
+    cfg = Config(**built)
+    _validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML file; a missing, unreadable or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist (or is not a file)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def parse_value(text: str):
+    """A CLI/env value as YAML would read it: 3e-4 -> float, true -> bool, null -> None."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "3e-4" as a string; accept scientific notation as a float.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in "e.") else value
+        except ValueError:
+            return value
+    return value
+
+
+def env_overrides(environ: typing.Mapping[str, str]) -> dict:
+    """{section: {key: value}} from variables like LLMFN_OPTIM__LR=3e-4."""
+    tree: dict = {}
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, parse_value(text))
+    return tree
+
+
+def cli_overrides(args: list[str]) -> dict:
+    """{section: {key: value}} from arguments like optim.lr=3e-4."""
+    tree: dict = {}
+    for arg in args:
+        if "=" not in arg or arg.startswith("="):
+            raise ConfigError(f"override '{arg}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+        dotted, text = arg.split("=", 1)
+        if "." not in dotted:
+            raise ConfigError(f"override '{arg}' needs a section: write e.g. train.{dotted}={text}")
+        _set_dotted(tree, dotted, parse_value(text))
+    return tree
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] = (),
+    environ: typing.Mapping[str, str] | None = None,
+) -> Config:
+    """defaults < YAML file at `path` < LLMFN_* environment < `overrides` (section.key=value)."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = _merge(tree, env_overrides(os.environ if environ is None else environ))
+    tree = _merge(tree, cli_overrides(list(overrides)))
+    return from_dict(tree)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -166,8 +166,9 @@ def _coerce(key: str, value, tp):
 
 
 def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
+    prefix = key[: -len(name)]
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 

@@ -1,0 +1,89 @@
+"""Multi-process pieces: process-group setup from torchrun's environment, and the gradient
+all-reduce that runs *inside* the compiled step.
+
+Why not `DistributedDataParallel`: `torch.func.grad` through DDP does no averaging (ranks
+silently diverge, DESIGN.md §4). Instead every rank computes its gradients functionally and one
+functional all-reduce (over a single flattened buffer) averages them inside the same graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> cuda:local_rank when a GPU is present, else cpu."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available (use train.device=cpu)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_process(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> ProcessInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return ProcessInfo(rank, world_size, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is True on any rank (a host sync; call at step boundaries)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class GradientAllReduce:
+    """Average a list of tensors over all ranks with one functional all-reduce (traceable by
+    torch.compile): flatten into one float32 buffer, sum, divide, split back."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = funcol.all_reduce(flat, "sum", dist.group.WORLD) / self.world_size
+        pieces = flat.split([t.numel() for t in tensors])
+        return [p.view(t.shape).to(t.dtype) for p, t in zip(pieces, tensors, strict=True)]

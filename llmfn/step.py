@@ -1,0 +1,159 @@
+"""The train state tree and the one compiled `train_step(state, batch) -> (state, metrics)`.
+
+The state is one TensorDict:
+    params      the model parameters
+    opt_state   the optimizer's moments (a tree mirroring params)
+    step        0-d long: optimizer updates done (skipped non-finite updates count too)
+    rng         0-d long: the run's dropout key (folded with the step, so never updated)
+    loss_scale  0-d float: fp16 dynamic loss scale (1.0 otherwise)
+    good_steps  0-d long: finite steps since the loss scale last changed
+    nonfinite_streak  0-d long: non-finite steps in a row (the driver halts past a limit)
+
+Everything that changes from step to step is a tensor in the state, so one compiled graph
+serves the whole run (a Python float learning rate would recompile at every new value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from llmfn.distributed import GradientAllReduce
+from llmfn.layers.dropout import fold_in
+from llmfn.optim import Optimizer, clip_by_global_norm
+
+FP16_INITIAL_SCALE = 2.0**16
+FP16_GROWTH_INTERVAL = 2000
+
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def init_train_state(params: TensorDict, optimizer: Optimizer, *, seed: int, precision: str) -> TensorDict:
+    """A fresh state around `params` (already on their device)."""
+    device = next(iter(params.values(include_nested=True, leaves_only=True))).device
+    scalar = lambda value, dtype: torch.tensor(value, dtype=dtype, device=device)  # noqa: E731
+    return TensorDict(
+        {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": scalar(0, torch.long),
+            "rng": scalar(seed, torch.long),
+            "loss_scale": scalar(FP16_INITIAL_SCALE if precision == "fp16" else 1.0, torch.float32),
+            "good_steps": scalar(0, torch.long),
+            "nonfinite_streak": scalar(0, torch.long),
+        },
+        batch_size=[],
+    )
+
+
+def tree_where(condition: torch.Tensor, if_true: TensorDict, if_false: TensorDict) -> TensorDict:
+    """Leafwise torch.where with a 0-d condition."""
+    return if_true.apply(lambda a, b: torch.where(condition, a, b), if_false)
+
+
+def micro_batch(batch: dict, index: int) -> dict:
+    return {key: value[index] for key, value in batch.items()}
+
+
+def next_loss_scale(scale: torch.Tensor, good_steps: torch.Tensor, finite: torch.Tensor):
+    """fp16 dynamic loss scaling: halve on overflow, double after a run of finite steps."""
+    grown = good_steps + 1 >= FP16_GROWTH_INTERVAL
+    new_scale = torch.where(finite, torch.where(grown, scale * 2, scale), scale / 2)
+    new_good = torch.where(finite & ~grown, good_steps + 1, torch.zeros_like(good_steps))
+    return new_scale, new_good
+
+
+def make_train_step(
+    task,
+    config,
+    optimizer: Optimizer,
+    learning_rate: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    device_type: str = "cpu",
+    all_reduce: GradientAllReduce | None = None,
+) -> Callable[[TensorDict, dict], tuple[TensorDict, dict[str, torch.Tensor]]]:
+    """Build the pure step. `batch` holds [A, B, ...] tensors: A micro-batches of gradient
+    accumulation. `all_reduce` (multi-process) averages a list of tensors over ranks."""
+    precision = config.train.precision
+    amp_dtype = autocast_dtype(precision)
+    max_norm = config.optim.grad_clip
+
+    def loss_of(params, batch, rng, scale):
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            value, metrics = task.loss(params, batch, config, training=True, rng=rng)
+        return value * scale, (value.detach(), metrics)
+
+    grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
+
+    def train_step(state: TensorDict, batch: dict) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+        params, step, scale = state["params"], state["step"], state["loss_scale"]
+        step_key = fold_in(state["rng"], step)
+        num_micro = next(iter(batch.values())).shape[0]
+        grads, losses, task_metrics = None, [], []
+        for i in range(num_micro):
+            g, (_, (value, metrics)) = grad_and_value(params, micro_batch(batch, i), fold_in(step_key, i), scale)
+            grads = g if grads is None else grads.apply(torch.add, g)
+            losses.append(value)
+            task_metrics.append(metrics)
+        loss = torch.stack(losses).mean()
+        tokens = torch.stack([m["tokens"] for m in task_metrics]).sum()
+        extra = {k: torch.stack([m[k] for m in task_metrics]).float().mean() for k in task_metrics[0] if k != "tokens"}
+        grads = grads.apply(lambda g: g / (scale * num_micro))
+
+        if all_reduce is not None:
+            leaves, spec = tree_flatten(grads)
+            reduced = all_reduce(leaves + [loss.reshape(1), tokens.float().reshape(1)])
+            grads = tree_unflatten(reduced[:-2], spec)
+            loss, tokens = reduced[-2][0], reduced[-1][0]  # means over ranks; tokens rescaled below
+
+        grads, grad_norm = clip_by_global_norm(grads, max_norm)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        lr = learning_rate(step)
+        new_params, new_opt_state = optimizer.update(params, grads, state["opt_state"], lr=lr, step=step + 1)
+        new_scale, new_good = (scale, state["good_steps"])
+        if precision == "fp16":
+            new_scale, new_good = next_loss_scale(scale, state["good_steps"], finite)
+        new_state = TensorDict(
+            {
+                "params": tree_where(finite, new_params, params),
+                "opt_state": tree_where(finite, new_opt_state, state["opt_state"]),
+                "step": step + 1,
+                "rng": state["rng"],
+                "loss_scale": new_scale,
+                "good_steps": new_good,
+                "nonfinite_streak": torch.where(finite, 0, state["nonfinite_streak"] + 1),
+            },
+            batch_size=[],
+        )
+        world = 1 if all_reduce is None else all_reduce.world_size
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": tokens * world,
+            "nonfinite": (~finite).float(),
+            **extra,
+        }
+        if precision == "fp16":
+            metrics["loss_scale"] = scale
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(task, config, *, device_type: str = "cpu"):
+    """(params, batch) -> {"loss": mean loss, "tokens": count}; no gradients."""
+    amp_dtype = autocast_dtype(config.train.precision)
+
+    def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            value, metrics = task.loss(params, batch, config, training=False)
+        return {"loss": value.float(), "tokens": metrics["tokens"]}
+
+    return eval_step

@@ -1,0 +1,62 @@
+"""`python -m llmfn.train [CONFIG.yaml] [section.key=value ...]`: train a model.
+
+Configuration precedence, lowest first: built-in defaults < the YAML file < environment
+variables (LLMFN_SECTION__KEY=value, e.g. LLMFN_OPTIM__LR=3e-4) < command-line overrides
+(section.key=value, e.g. optim.lr=3e-4 model.num_layers=4).
+
+Multi-process: torchrun --nproc_per_node N -m llmfn.train CONFIG.yaml ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmfn.config import Config, ConfigError, load_config, to_yaml
+
+USAGE = """usage: python -m llmfn.train [CONFIG.yaml] [section.key=value ...] [--print-config]
+
+Trains a model. Sections: model, data, optim, train, checkpoint, logging, distributed
+(see docs/configuration.md). Precedence, lowest first: defaults < CONFIG.yaml <
+environment LLMFN_SECTION__KEY=value < command-line section.key=value.
+
+examples:
+  python -m llmfn.train configs/tiny.yaml
+  python -m llmfn.train configs/tiny.yaml optim.lr=1e-3 train.max_steps=200
+  LLMFN_TRAIN__COMPILE=false python -m llmfn.train configs/tiny.yaml
+  python -m llmfn.train configs/tiny.yaml train.resume=auto
+  torchrun --nproc_per_node 2 -m llmfn.train configs/tiny.yaml
+"""
+
+
+def parse_args(argv: list[str]) -> tuple[Config, bool]:
+    """(config, print_only) from the command line; raises ConfigError on bad input."""
+    print_only = "--print-config" in argv
+    args = [a for a in argv if a != "--print-config"]
+    unknown_flags = [a for a in args if a.startswith("-")]
+    if unknown_flags:
+        raise ConfigError(f"unknown option {unknown_flags[0]!r} (overrides are written section.key=value)")
+    path = args[0] if args and "=" not in args[0] else None
+    overrides = args[1:] if path is not None else args
+    return load_config(path, overrides), print_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        config, print_only = parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if print_only:
+        print(to_yaml(config))
+        return 0
+    from llmfn.trainer import main_entry
+
+    return main_entry(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,14 @@ from llmfn import checkpoint as ckpt
 from llmfn.callbacks import RunInfo, default_callbacks
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
-from llmfn.distributed import GradientAllReduce, ProcessInfo, any_rank, barrier, init_process, shutdown
+from llmfn.distributed import (
+    GradientAllReduce,
+    ProcessInfo,
+    any_rank,
+    barrier,
+    init_process,
+    shutdown,
+)
 from llmfn.model import flops_per_token
 from llmfn.optim import build_optimizer
 from llmfn.schedule import lr_schedule_from_config

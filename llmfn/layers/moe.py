@@ -90,6 +90,6 @@ def moe(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Te
     outputs = torch.cat([outputs.reshape(E * capacity, D), outputs.new_zeros(1, D)])
     pair_weights = (weights.reshape(-1) * kept).unsqueeze(1)  # [N·k, 1]
     combined = (outputs[slot] * pair_weights).view(N, k, D).sum(dim=1)
-    if "shared" in params.keys():
+    if "shared" in params:
         combined = combined + mlp(params["shared"], tokens, cfg)
     return combined.view(B, T, D), losses

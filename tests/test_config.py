@@ -1,0 +1,112 @@
+"""Config loading: precedence, type checks, and one clear error per bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from llmfn.config import ConfigError, load_config, read_yaml, to_yaml
+from llmfn.train import main
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_yaml_env_cli(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.001\n  warmup_steps: 7\ntrain:\n  max_steps: 50\nmodel:\n  num_layers: 3\n")
+    env = {"LLMFN_OPTIM__LR": "0.002", "LLMFN_TRAIN__MAX_STEPS": "60", "UNRELATED": "x"}
+    cfg = load_config(path, ["optim.lr=3e-4"], env)
+    assert cfg.optim.lr == 3e-4  # CLI beats env and YAML
+    assert cfg.train.max_steps == 60  # env beats YAML
+    assert cfg.optim.warmup_steps == 7  # YAML beats defaults
+    assert cfg.model.num_layers == 3
+    assert cfg.optim.beta1 == 0.9  # default kept
+
+
+def test_values_are_parsed_like_yaml():
+    cfg = load_config(None, ["train.compile=false", "optim.grad_clip=null", "model.num_kv_heads=2", "optim.lr=1e-3"], {})
+    assert cfg.train.compile is False and cfg.optim.grad_clip is None
+    assert cfg.model.num_kv_heads == 2 and cfg.optim.lr == 1e-3
+
+
+def test_int_widens_to_float_but_not_the_reverse():
+    assert load_config(None, ["optim.lr=1"], {}).optim.lr == 1.0
+    with pytest.raises(ConfigError, match=r"train.max_steps=1.5 has the wrong type: expected int"):
+        load_config(None, ["train.max_steps=1.5"], {})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
+        (["optimizer.lr=1"], r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"),
+        (["train.precision=fp8"], r"train.precision='fp8' is invalid: expected one of fp32, bf16, fp16"),
+        (["model.num_heads=3"], r"model.hidden_size=256 is invalid: expected a multiple of num_heads=3"),
+        (["model.num_kv_heads=3"], r"model.num_kv_heads=3 is invalid: expected a divisor of num_heads=4"),
+        (["model.position=xpos"], r"model.position='xpos' is invalid: expected one of"),
+        (["optim.lr=abc"], r"optim.lr='abc' has the wrong type: expected float"),
+        (["optim.min_lr=1.0"], r"optim.min_lr=1.0 is invalid: expected 0 <= min_lr <= optim.lr"),
+        (["data.module=text"], r"data.module='text' needs data.path"),
+        (["lr=1"], r"needs a section"),
+        (["optim.lr"], r"not of the form section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override, {})
+
+
+def test_bad_environment_variable_is_reported_like_cli():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'"):
+        load_config(None, [], {"LLMFN_OPTIM__LRR": "1"})
+
+
+def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"is not valid YAML"):
+        read_yaml(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match=r"must hold a mapping of sections"):
+        read_yaml(write(tmp_path, "- just\n- a list\n"))
+    with pytest.raises(ConfigError, match=r"config section 'model' must be a mapping"):
+        load_config(write(tmp_path, "model: 3\n"), [], {})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["model.num_layers=2", "optim.name=lion", "model.sliding_window=16"], {})
+    again = load_config(write(tmp_path, to_yaml(cfg)), [], {})
+    assert again == cfg
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path, [], {})
+
+
+def test_cli_prints_one_clear_error_and_exits_2(capsys):
+    assert main(["optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
+    assert "Traceback" not in err
+
+
+def test_cli_help_states_precedence():
+    out = subprocess.run([sys.executable, "-m", "llmfn.train", "--help"], capture_output=True, text=True, check=True)
+    assert "defaults < CONFIG.yaml" in out.stdout and "LLMFN_SECTION__KEY" in out.stdout
+
+
+def test_cli_missing_file_exits_nonzero_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "llmfn.train", "configs/does-not-exist.yaml"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "config file 'configs/does-not-exist.yaml' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_print_config_shows_overrides(capsys):
+    assert main(["optim.lr=0.005", "--print-config"]) == 0
+    assert "lr: 0.005" in capsys.readouterr().out

@@ -1,0 +1,43 @@
+"""The callbacks a run gets from its config (`logging.*` and `train.*`)."""
+
+from __future__ import annotations
+
+from llmfn.callbacks.base import CallbackList
+from llmfn.callbacks.console import ConsoleLogger
+from llmfn.callbacks.early_stopping import EarlyStopping
+from llmfn.callbacks.jsonl import JsonlLogger
+from llmfn.callbacks.loss_curve import LossCurvePlot
+from llmfn.callbacks.lr_monitor import LRMonitor
+from llmfn.callbacks.progress import ProgressBar
+from llmfn.callbacks.sample_text import SampleText
+from llmfn.callbacks.tensorboard_logger import TensorBoardLogger
+
+
+def default_callbacks(config, *, is_main: bool) -> CallbackList:
+    """The standard set for `config` (an llmfn.config.Config).
+
+    Callbacks that print or write are built on rank 0 only; EarlyStopping is built on every rank
+    so all ranks stop at the same step. SampleText comes first: the loggers restart their
+    throughput clocks in `on_eval`, after the sample, so sampling time is not counted as training.
+    """
+    log, train = config.logging, config.train
+    callbacks = []
+    if is_main and train.task != "regression":
+        callbacks.append(SampleText(train.sample_every, train.sample_prompt, train.sample_tokens))
+    if is_main and log.progress:
+        callbacks.append(ProgressBar(log.log_every))
+    if is_main and log.console:
+        callbacks.append(ConsoleLogger(log.log_every))
+    if is_main and log.jsonl:
+        callbacks.append(JsonlLogger(log.log_every))
+    if is_main and log.tensorboard:
+        callbacks.append(TensorBoardLogger(log.log_every))
+    if is_main:
+        callbacks.append(LRMonitor(log.log_every, print_schedule=log.console))
+    if train.early_stopping_patience is not None:
+        callbacks.append(
+            EarlyStopping(train.early_stopping_patience, train.early_stopping_min_delta)
+        )
+    if is_main and log.plot:
+        callbacks.append(LossCurvePlot(log.log_every))
+    return CallbackList(callbacks)

@@ -1,0 +1,90 @@
+"""ProgressBar: a tqdm bar over optimizer steps with loss, tok/s, MFU (GPU) and ETA; rank 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tqdm import tqdm
+
+from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.scalars import to_floats
+from llmfn.callbacks.throughput import Throughput
+
+
+def bar_postfix(values: dict[str, float], rates: dict[str, float]) -> dict[str, str]:
+    """The fields shown right of the bar: loss, val_loss (if seen), tok/s, MFU."""
+    postfix = {}
+    if "loss" in values:
+        postfix["loss"] = f"{values['loss']:.4f}"
+    if "val_loss" in values:
+        postfix["val_loss"] = f"{values['val_loss']:.4f}"
+    if "tok_per_s" in rates:
+        postfix["tok/s"] = f"{rates['tok_per_s']:,.0f}"
+    if "mfu" in rates:
+        postfix["MFU"] = f"{100 * rates['mfu']:.1f}%"
+    return postfix
+
+
+class ProgressBar(Callback):
+    """Advances every step (no device sync), refreshes loss/tok/s/MFU every `log_every` steps.
+
+    The bar starts at `run.start_step` on resume, so its ETA counts only the steps left.
+    MFU appears only when `run.peak_flops` is known (GPU).
+    """
+
+    every = 1
+
+    def __init__(self, log_every: int = 10, file: TextIO | None = None):
+        if log_every <= 0:
+            raise ValueError(
+                f"ProgressBar.log_every={log_every!r} is invalid: expected a positive int"
+            )
+        self.log_every = log_every
+        self.file = file
+        self.bar: tqdm | None = None
+        self.throughput = Throughput()
+        self.shown: dict[str, float] = {}
+        self.rates: dict[str, float] = {}
+
+    def on_train_start(self, run: RunInfo) -> None:
+        self.throughput.restart(run.start_step)
+        if run.is_main:
+            self.bar = tqdm(
+                total=run.max_steps,
+                initial=run.start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=self.file,
+            )
+
+    def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        if self.bar is None:
+            return
+        if step % self.log_every == 0:
+            self.shown.update(to_floats(metrics))
+            self.rates = self.throughput.measure(run, step)
+            self.bar.set_postfix(bar_postfix(self.shown, self.rates), refresh=False)
+        self.bar.update(max(0, step - self.bar.n))
+
+    def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
+        self.throughput.restart(step)
+        if self.bar is not None:
+            self.shown.update(to_floats(metrics))
+            self.bar.set_postfix(bar_postfix(self.shown, self.rates))
+
+    def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
+        self.throughput.restart(step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, run: RunInfo, step: int) -> None:
+        self.close()
+
+    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
+        self.close()

@@ -82,8 +82,10 @@ class ModelConfig:
             _fail("hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
             _fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             _fail("dropout", self.dropout, "a float in [0, 1)")
+        if not self.init_std >= 0:
+            _fail("init_std", self.init_std, "a non-negative float")
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
@@ -97,6 +99,11 @@ class ModelConfig:
             _fail("rope_theta", self.rope_theta, "a positive float")
         if self.rope_scaling is not None and not self.rope_scaling_factor >= 1.0:
             _fail("rope_scaling_factor", self.rope_scaling_factor, "a float >= 1 when rope_scaling is set")
+        if self.rope_original_max_seq_len is not None:
+            _check_positive("rope_original_max_seq_len", self.rope_original_max_seq_len)
+        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+            expected = f"< rope_high_freq_factor={self.rope_high_freq_factor} for llama3 scaling"
+            _fail("rope_low_freq_factor", self.rope_low_freq_factor, expected)
         if self.sliding_window is not None:
             _check_positive("sliding_window", self.sliding_window)
         if self.use_moe:
@@ -107,6 +114,9 @@ class ModelConfig:
                 _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
             if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
                 _fail("moe_capacity_factor", self.moe_capacity_factor, "None (dropless) or a positive float")
+            for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
+                if not getattr(self, name) >= 0:
+                    _fail(name, getattr(self, name), "a non-negative float")
 
     @property
     def kv_heads(self) -> int:

@@ -1,0 +1,106 @@
+"""`ModelConfig` validation: every bad value raises ValueError naming the field, the value and
+what is allowed; good configs construct and derive the right sizes."""
+
+import pytest
+
+from llmfn.model_config import ModelConfig
+
+# (overrides, field named in the message, text describing what is allowed)
+INVALID = [
+    ({"vocab_size": 0}, "vocab_size", "positive integer"),
+    ({"hidden_size": -8}, "hidden_size", "positive integer"),
+    ({"num_layers": 0}, "num_layers", "positive integer"),
+    ({"num_heads": 0}, "num_heads", "positive integer"),
+    ({"max_seq_len": 0}, "max_seq_len", "positive integer"),
+    ({"vocab_size": 2.5}, "vocab_size", "positive integer"),
+    ({"num_layers": True}, "num_layers", "positive integer"),
+    ({"num_kv_heads": 0}, "num_kv_heads", "positive integer"),
+    ({"intermediate_size": 0}, "intermediate_size", "positive integer"),
+    ({"sliding_window": 0}, "sliding_window", "positive integer"),
+    ({"hidden_size": 30, "num_heads": 4}, "hidden_size", "multiple of num_heads=4"),
+    ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads", "divisor of num_heads=4"),
+    ({"num_heads": 4, "num_kv_heads": 8}, "num_kv_heads", "divisor of num_heads=4"),
+    ({"dropout": 1.0}, "dropout", "[0, 1)"),
+    ({"dropout": -0.1}, "dropout", "[0, 1)"),
+    ({"activation": "swish"}, "activation", "'silu'"),
+    ({"norm_type": "batchnorm"}, "norm_type", "'rmsnorm'"),
+    ({"norm_position": "sandwich"}, "norm_position", "'pre'"),
+    ({"position": "rotary"}, "position", "'rope'"),
+    ({"rope_scaling": "yarn"}, "rope_scaling", "'llama3'"),
+    ({"norm_eps": 0.0}, "norm_eps", "positive float"),
+    ({"rope_theta": -1.0}, "rope_theta", "positive float"),
+    ({"hidden_size": 12, "num_heads": 4}, "hidden_size", "even head_dim"),
+    ({"rope_scaling": "linear", "rope_scaling_factor": 0.5}, "rope_scaling_factor", ">= 1"),
+    ({"use_moe": True, "num_experts": 0}, "num_experts", "positive integer"),
+    ({"use_moe": True, "top_k": 0}, "top_k", "positive integer"),
+    ({"use_moe": True, "num_experts": 2, "top_k": 3}, "top_k", "<= num_experts=2"),
+    ({"use_moe": True, "num_shared_experts": -1}, "num_shared_experts", "non-negative integer"),
+    ({"use_moe": True, "moe_capacity_factor": 0.0}, "moe_capacity_factor", "positive float"),
+    ({"use_moe": True, "moe_aux_loss_coef": -0.01}, "moe_aux_loss_coef", "non-negative float"),
+    ({"use_moe": True, "router_z_loss_coef": -1.0}, "router_z_loss_coef", "non-negative float"),
+    ({"dropout": "0.1"}, "dropout", "[0, 1)"),
+    ({"init_std": -0.02}, "init_std", "non-negative float"),
+    ({"rope_original_max_seq_len": 0}, "rope_original_max_seq_len", "positive integer"),
+    (
+        {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_low_freq_factor": 4.0},
+        "rope_low_freq_factor",
+        "< rope_high_freq_factor=4.0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field", "allowed"), INVALID, ids=lambda v: str(v))
+def test_invalid_value_raises_naming_field_value_and_allowed(overrides, field, allowed):
+    with pytest.raises(ValueError) as err:
+        ModelConfig(**overrides)
+    message = str(err.value)
+    assert f"model.{field}=" in message
+    assert repr(overrides.get(field, ModelConfig.__dataclass_fields__[field].default)) in message
+    assert allowed in message
+
+
+def test_enum_error_lists_every_allowed_choice():
+    with pytest.raises(ValueError, match="model.position='rotary'") as err:
+        ModelConfig(position="rotary")
+    for choice in ("rope", "learned", "sinusoidal", "alibi", "none"):
+        assert repr(choice) in str(err.value)
+
+
+def test_moe_fields_are_ignored_when_moe_is_off():
+    cfg = ModelConfig(use_moe=False, num_experts=2, top_k=3)
+    assert cfg.top_k == 3
+
+
+def test_odd_head_dim_is_fine_without_rope():
+    assert ModelConfig(hidden_size=12, num_heads=4, position="alibi").head_dim == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kv_heads"),
+    [({}, 4), ({"num_kv_heads": 2}, 2), ({"num_kv_heads": 1}, 1), ({"num_kv_heads": 4}, 4)],
+)
+def test_kv_heads_mha_gqa_mqa(overrides, kv_heads):
+    assert ModelConfig(num_heads=4, **overrides).kv_heads == kv_heads
+
+
+def test_derived_sizes():
+    cfg = ModelConfig(hidden_size=96, num_heads=6)
+    assert cfg.head_dim == 16
+    assert cfg.ffn_size == 256  # 8/3·96 = 256, already a multiple of 64
+    assert ModelConfig(hidden_size=100, num_heads=5).ffn_size == 320  # 266 rounded up to 64
+    assert ModelConfig(hidden_size=64, use_glu=False).ffn_size == 256
+    assert ModelConfig(hidden_size=64, intermediate_size=100).ffn_size == 100
+
+
+def test_config_is_frozen_and_replace_revalidates():
+    cfg = ModelConfig()
+    with pytest.raises(AttributeError):
+        cfg.hidden_size = 8  # type: ignore[misc]
+    assert cfg.replace(num_layers=2).num_layers == 2
+    with pytest.raises(ValueError, match="model.num_kv_heads=3"):
+        cfg.replace(num_kv_heads=3)
+
+
+def test_to_dict_round_trips():
+    cfg = ModelConfig(num_kv_heads=2, use_moe=True, position="alibi")
+    assert ModelConfig(**cfg.to_dict()) == cfg

@@ -57,13 +57,12 @@ TRASH_PREFIX = ".trash-"
 # Model fields that change how a run trains, not what its parameters mean: they may differ on resume.
 RUNTIME_ONLY_MODEL_FIELDS = frozenset({"dropout", "activation_checkpointing", "init_std"})
 _CHUNK = 1 << 20
-_YAML_LOADER = getattr(
-    yaml, "CSafeLoader", yaml.SafeLoader
-)  # libyaml is ~50x faster; both are safe
+# libyaml's safe loader is ~50x faster than the pure-Python one; both build no Python objects.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _safe_load_yaml(text: str):
-    return yaml.load(text, Loader=_YAML_LOADER)  # a SafeLoader: builds no Python objects
+    return yaml.load(text, Loader=_YAML_LOADER)
 
 
 class CheckpointError(RuntimeError):
@@ -301,6 +300,36 @@ def _check_config_yaml(config_yaml: str) -> None:
         )
 
 
+def _write_folder(
+    final: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    config_yaml: str,
+    extra_files: dict[str, dict | str],
+    tokenizer_dir: str | os.PathLike | None,
+) -> Path:
+    """Write a complete folder beside `final` (tensors as safetensors, text as is), add the
+    manifest, fsync, then rename it to `final`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        _write_tensors(tmp / PARAMS_FILE, params)
+        _write_text(tmp / CONFIG_FILE, config_yaml)
+        for file_name, content in extra_files.items():
+            if isinstance(content, str):
+                _write_text(tmp / file_name, content)
+            else:
+                _write_tensors(tmp / file_name, content)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_DIR)
+        _write_text(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp, step), indent=2))
+        _fsync_dir(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -344,27 +373,38 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
-    final = root / (name or step_dir_name(step))
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
-    try:
-        _write_tensors(tmp / PARAMS_FILE, params)
-        _write_tensors(tmp / STATE_FILE, rest)
-        _write_text(tmp / CONFIG_FILE, config_yaml)
-        _write_text(tmp / TRAIN_STATE_FILE, train_state_json)
-        if tokenizer_dir is not None:
-            _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_DIR)
-        _write_text(tmp / MANIFEST_FILE, json.dumps(_manifest(tmp, step), indent=2))
-        _fsync_dir(tmp)
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = {STATE_FILE: rest, TRAIN_STATE_FILE: train_state_json}
+    final = _write_folder(
+        root / (name or step_dir_name(step)), step, params, config_yaml, files, tokenizer_dir
+    )
     if name is not None:
         return final
     _write_pointer(root, LATEST_POINTER, final)
     if keep_last_n is not None:
         prune_checkpoints(root, keep_last_n, keep=(final,))
     return final
+
+
+def save_params_folder(
+    out_dir: str | os.PathLike,
+    params: TensorDict,
+    *,
+    config_yaml: str,
+    step: int = 0,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write an inference-only checkpoint folder: params.safetensors, config.yaml, tokenizer/
+    and manifest.json, no optimizer state (`load_for_inference` reads it; resume does not).
+
+    out_dir must not exist or be empty; it is written beside and renamed into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"output folder {out_dir} already exists and is not empty: choose a new folder"
+        )
+    _check_config_yaml(config_yaml)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return _write_folder(out_dir, step, flat_tensors(params), config_yaml, {}, tokenizer_dir)
 
 
 def prune_checkpoints(
@@ -641,32 +681,43 @@ def load_checkpoint(
     return _fill(folder, template, specs), train_state
 
 
+def _empty_params(cfg: ModelConfig, dtype: torch.dtype) -> TensorDict:
+    """The `init_params(cfg)` tree (same keys, order, shapes) as uninitialized CPU tensors."""
+    from llmfn.model import init_params
+
+    with torch.device("meta"):
+        layout = init_params(cfg, dtype=dtype)
+    return layout.apply(lambda leaf: torch.empty(leaf.shape, dtype=leaf.dtype, device="cpu"))
+
+
 def load_for_inference(
     path: str | os.PathLike,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    with_tokenizer: bool = True,
 ):
     """(ModelConfig, params TensorDict, tokenizer or None) from a step folder, a `latest`/`best`
     pointer, a checkpoint root or a run folder (then its newest valid checkpoint).
 
-    The params are built with `init_params` from config.yaml's model section as the template and
-    filled from params.safetensors; then moved to `device` / cast to `dtype` if given. The
-    tokenizer is `llmfn.data.load_tokenizer(folder / "tokenizer")` if the checkpoint has one."""
-    from llmfn.model import init_params
-
+    The template is the `init_params` tree of config.yaml's model section (in the dtype the
+    params were saved in), filled from params.safetensors, then moved to `device` / cast to
+    `dtype` if given. The tokenizer is `llmfn.data.load_tokenizer(folder / "tokenizer")` when
+    the checkpoint has one and with_tokenizer is set."""
     folder = resolve_checkpoint(path)
     verify_checkpoint(folder)
     cfg = model_config_from_checkpoint(folder)
-    stored_dtype = _stored_embedding_dtype(folder)
-    params = load_params(folder, init_params(cfg, dtype=stored_dtype), verify=False)
+    params = load_params(folder, _empty_params(cfg, _stored_embedding_dtype(folder)), verify=False)
     if dtype is not None:
         params = params.to(dtype)
     if device is not None:
         params = params.to(device)
     tokenizer = None
-    if (folder / TOKENIZER_DIR).is_dir():
-        from llmfn.data import load_tokenizer
+    if with_tokenizer and (folder / TOKENIZER_DIR).is_dir():
+        try:
+            from llmfn.data import load_tokenizer
+        except ImportError:
+            from llmfn.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder / TOKENIZER_DIR)
     return cfg, params, tokenizer

@@ -1,0 +1,148 @@
+"""Export a checkpoint for inference elsewhere.
+
+    python -m llmfn.export runs/x/checkpoints/step_001000 --format hf --out exported/
+    python -m llmfn.export runs/x --format safetensors --out weights/ --dtype bfloat16
+
+CKPT is a step folder, a `latest`/`best` pointer, a checkpoint root or a run folder (then its
+newest valid checkpoint). Formats:
+
+  hf           config.json + model.safetensors that `transformers.AutoModelForCausalLM.
+               from_pretrained(out)` loads with the same logits (Llama; Mistral with a sliding
+               window; GPT-2 for learned positions; `--family qwen2` for Qwen2), plus the
+               tokenizer when it is an HF tokenizer (tokenizer.json + tokenizer_config.json).
+  safetensors  params.safetensors + config.yaml + tokenizer/ + manifest.json: the checkpoint
+               without optimizer state, loadable with `llmfn.checkpoint.load_for_inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from llmfn.checkpoint import (
+    CONFIG_FILE,
+    TOKENIZER_DIR,
+    CheckpointError,
+    load_for_inference,
+    read_manifest,
+    resolve_checkpoint,
+    save_params_folder,
+)
+
+FORMATS = ("hf", "safetensors")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_empty(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"--out {out_dir} already exists and is not empty: choose a new folder")
+
+
+def _is_hf_tokenizer(folder: Path) -> bool:
+    """An HF tokenizer folder: tokenizer.json plus a tokenizer_config.json naming its class."""
+    config = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    try:
+        return "tokenizer_class" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def export_hf(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    family: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write an HF transformers folder (config.json, model.safetensors, tokenizer files) from
+    a checkpoint. Raises ValueError for a model HF cannot express (e.g. MoE, post-norm)."""
+    from llmfn.hf import save_hf_pretrained, to_hf_config
+
+    out_dir = Path(out_dir)
+    _check_empty(out_dir)
+    folder = resolve_checkpoint(checkpoint)
+    cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
+    to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
+    save_hf_pretrained(params, cfg, out_dir, family)
+    tokenizer_dir = folder / TOKENIZER_DIR
+    if _is_hf_tokenizer(tokenizer_dir):
+        for name in HF_TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    elif tokenizer_dir.is_dir():
+        print(
+            f"note: the tokenizer in {tokenizer_dir} is not an HF tokenizer (no tokenizer.json + "
+            "tokenizer_config.json); it was not exported",
+            file=sys.stderr,
+        )
+    return out_dir
+
+
+def export_safetensors(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write params.safetensors + config.yaml + tokenizer/ + manifest.json (no optimizer state)."""
+    out_dir = Path(out_dir)
+    _check_empty(out_dir)
+    folder = resolve_checkpoint(checkpoint)
+    _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
+    tokenizer_dir = folder / TOKENIZER_DIR
+    return save_params_folder(
+        out_dir,
+        params,
+        config_yaml=(folder / CONFIG_FILE).read_text(encoding="utf-8"),
+        step=int(read_manifest(folder).get("step", 0)),
+        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmfn.export",
+        description="Export an llmfn checkpoint as an HF transformers folder or plain safetensors.",
+    )
+    parser.add_argument(
+        "checkpoint", help="a step folder, a latest/best pointer, a checkpoint root or a run folder"
+    )
+    parser.add_argument("--format", choices=FORMATS, required=True, help="hf or safetensors")
+    parser.add_argument("--out", required=True, help="the output folder (new or empty)")
+    parser.add_argument(
+        "--family",
+        choices=("llama", "mistral", "qwen2", "gpt2"),
+        default=None,
+        help="hf: the HF architecture (default: llama; mistral with a sliding window; gpt2 for learned positions)",
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: as saved)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        if args.format == "hf":
+            out = export_hf(args.checkpoint, args.out, family=args.family, dtype=dtype)
+        else:
+            if args.family is not None:
+                raise ValueError("--family applies to --format hf only")
+            out = export_safetensors(args.checkpoint, args.out, dtype=dtype)
+    except (CheckpointError, ValueError, ImportError) as err:
+        print(f"error: cannot export {args.checkpoint} as {args.format}: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} as {args.format} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""`python -m llmfn.export`: HF folders that transformers loads with equal logits, plain safetensors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from llmfn import ModelConfig, forward, init_params
+from llmfn.checkpoint import load_for_inference, save_checkpoint
+from llmfn.config import Config, to_yaml
+from llmfn.export import main
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=32,
+    rope_theta=500.0,
+)
+
+
+def sharpened_params(cfg: ModelConfig, seed: int = 0) -> TensorDict:
+    """Random params with q/k rows scaled x10, so attention is far from uniform and a wrong RoPE
+    or head layout shows in the logits."""
+    params = init_params(cfg, seed=seed)
+    qk_rows = (cfg.num_heads + cfg.kv_heads) * cfg.head_dim
+    for i in range(cfg.num_layers):
+        params["layers", str(i), "attn", "wqkv"][:qk_rows] *= 10
+    return params
+
+
+def write_checkpoint(
+    root: Path, cfg: ModelConfig, params: TensorDict, tokenizer_dir: Path | None = None
+) -> Path:
+    state = TensorDict(
+        {"params": params, "opt_state": {"mu": params.clone()}, "step": torch.tensor(12)}, []
+    )
+    return save_checkpoint(
+        root,
+        12,
+        state,
+        config_yaml=to_yaml(Config(model=cfg)),
+        train_state={"step": 12},
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
+def hf_tokenizer_dir(path: Path) -> Path:
+    """A tiny word-level HF tokenizer folder (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir(parents=True)
+    tokenizer.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
+    params = sharpened_params(LLAMA)
+    root = tmp_path / "run" / "checkpoints"
+    write_checkpoint(root, LLAMA, params, tokenizer_dir=hf_tokenizer_dir(tmp_path / "tok"))
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, LLAMA.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = forward(params, tokens, LLAMA)
+        actual = model(tokens).logits
+    assert expected.std() > 0.1  # the logits are not trivially small
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("w3 w7 w19")["input_ids"] == [5, 9, 21] and tokenizer.eos_token == "<eos>"
+
+
+def test_hf_export_of_tied_embeddings_in_bfloat16(tmp_path):
+    cfg = LLAMA.replace(tie_embeddings=True, num_kv_heads=None)
+    params = sharpened_params(cfg, seed=1)
+    step = write_checkpoint(tmp_path / "ckpt", cfg, params)
+    out = tmp_path / "hf"
+    assert main([str(step), "--format", "hf", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(
+        model.model.embed_tokens.weight, params["embed", "weight"].bfloat16().float()
+    )
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_safetensors_export_is_a_loadable_params_only_checkpoint(tmp_path):
+    params = sharpened_params(LLAMA)
+    step = write_checkpoint(
+        tmp_path / "ckpt", LLAMA, params, tokenizer_dir=hf_tokenizer_dir(tmp_path / "tok")
+    )
+    out = tmp_path / "weights"
+    assert (
+        main([str(step), "--format", "safetensors", "--out", str(out), "--dtype", "bfloat16"]) == 0
+    )
+    assert {p.name for p in out.iterdir()} == {
+        "params.safetensors",
+        "config.yaml",
+        "manifest.json",
+        "tokenizer",
+    }
+    assert (out / "config.yaml").read_text() == (step / "config.yaml").read_text()
+    assert json.loads((out / "manifest.json").read_text())["step"] == 12
+
+    cfg, loaded, tokenizer = load_for_inference(out)
+    assert cfg == LLAMA and tokenizer is not None and tokenizer.encode("w3 w7") == [5, 9]
+    for key, leaf in loaded.items(include_nested=True, leaves_only=True):
+        assert leaf.dtype == torch.bfloat16 and torch.equal(leaf, params[key].bfloat16()), key
+    tokens = torch.randint(0, LLAMA.vocab_size, (1, 8))
+    assert torch.equal(forward(loaded, tokens, cfg), forward(params.bfloat16(), tokens, LLAMA))
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (
+            lambda ckpt, out: [str(ckpt.parent / "missing"), "--format", "hf", "--out", str(out)],
+            "does not exist",
+        ),
+        (
+            lambda ckpt, out: [str(ckpt.parent.parent), "--format", "hf", "--out", str(out)],
+            "holds no checkpoint",
+        ),
+        (lambda ckpt, out: [str(ckpt), "--format", "hf", "--out", str(ckpt)], "not empty"),
+        (
+            lambda ckpt, out: [
+                str(ckpt),
+                "--format",
+                "safetensors",
+                "--out",
+                str(out),
+                "--family",
+                "gpt2",
+            ],
+            "--family",
+        ),
+    ],
+)
+def test_bad_paths_and_arguments_are_clear_errors(tmp_path, capsys, make_args, message):
+    ckpt = write_checkpoint(tmp_path / "run" / "ckpt", LLAMA, init_params(LLAMA))
+    out = tmp_path / "out"
+    assert main(make_args(ckpt, out)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_hf_export_of_an_moe_model_is_refused_before_writing(tmp_path, capsys):
+    cfg = LLAMA.replace(use_moe=True, num_experts=4, top_k=2)
+    ckpt = write_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg))
+    out = tmp_path / "hf"
+    assert main([str(ckpt), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.use_moe=True cannot be expressed as HF llama" in err and str(ckpt) in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_command_line_entry_point(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "llmfn.export", *args], capture_output=True, text=True, timeout=300
+    )
+    done = run(str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "w"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "w" / "params.safetensors").is_file()
+    failed = run(str(tmp_path / "nowhere"), "--format", "hf", "--out", str(tmp_path / "x"))
+    assert failed.returncode == 2 and "does not exist" in failed.stderr

@@ -61,6 +61,7 @@ def step_metrics(step: int) -> dict[str, torch.Tensor]:
         "grad_norm": torch.tensor(0.25 + step / 1000),
         "lr": torch.tensor(step * 1e-5),
         "tokens": torch.tensor(1000 * step, dtype=torch.long),
+        "nonfinite": torch.tensor(0.0),
     }
 
 

@@ -18,7 +18,7 @@ from llmfn.callbacks.scalars import to_floats
 from llmfn.callbacks.throughput import Throughput
 
 MAIN_METRICS = ("loss", "grad_norm", "lr")
-NOT_PRINTED = ("tokens", "step")  # bookkeeping counters, not worth a column
+NOT_PRINTED = ("tokens", "step", "nonfinite")  # bookkeeping; the driver reports non-finite steps
 
 
 def format_value(name: str, value: float) -> str:

@@ -7,7 +7,8 @@ The state is one TensorDict:
     rng         0-d long: the run's dropout key (folded with the step, so never updated)
     loss_scale  0-d float: fp16 dynamic loss scale (1.0 otherwise)
     good_steps  0-d long: finite steps since the loss scale last changed
-    nonfinite_streak  0-d long: non-finite steps in a row (the driver halts past a limit)
+    nonfinite_streak  0-d long: skipped (non-finite) steps in a row; at the limit (1 for
+                train.nonfinite=halt, else train.max_nonfinite) the state freezes and the driver stops
 
 Everything that changes from step to step is a tensor in the state, so one compiled graph
 serves the whole run (a Python float learning rate would recompile at every new value).
@@ -83,6 +84,7 @@ def make_train_step(
     precision = config.train.precision
     amp_dtype = autocast_dtype(precision)
     max_norm = config.optim.grad_clip
+    nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
     def loss_of(params, batch, rng, scale):
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -114,6 +116,10 @@ def make_train_step(
 
         grads, grad_norm = clip_by_global_norm(grads, max_norm)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        streak = state["nonfinite_streak"]
+        # Once the streak reaches the limit the state freezes until the driver stops, so the
+        # diagnostic checkpoint holds the last good values and the step of the first failure.
+        apply = finite & (streak < nonfinite_limit)
         lr = learning_rate(step)
         new_params, new_opt_state = optimizer.update(params, grads, state["opt_state"], lr=lr, step=step + 1)
         new_scale, new_good = (scale, state["good_steps"])
@@ -121,13 +127,13 @@ def make_train_step(
             new_scale, new_good = next_loss_scale(scale, state["good_steps"], finite)
         new_state = TensorDict(
             {
-                "params": tree_where(finite, new_params, params),
-                "opt_state": tree_where(finite, new_opt_state, state["opt_state"]),
+                "params": tree_where(apply, new_params, params),
+                "opt_state": tree_where(apply, new_opt_state, state["opt_state"]),
                 "step": step + 1,
                 "rng": state["rng"],
                 "loss_scale": new_scale,
                 "good_steps": new_good,
-                "nonfinite_streak": torch.where(finite, 0, state["nonfinite_streak"] + 1),
+                "nonfinite_streak": torch.where(apply, 0, streak + 1),
             },
             batch_size=[],
         )

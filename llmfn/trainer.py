@@ -277,6 +277,23 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
                     ckpt.mark_best(checkpoint_root, path)
         return metrics
 
+    def check_nonfinite(step: int, batch_for) -> None:
+        """Stop on non-finite steps: at once (halt) or after max_nonfinite in a row (skip)."""
+        streak = int(state["nonfinite_streak"])
+        limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
+        if streak == 0:
+            return
+        if streak < limit:
+            log(proc, f"step {step}: {streak} non-finite step(s) in a row, updates skipped")
+            return
+        first = step - streak + 1
+        where = nonfinite_report(task, config, state, batch_for(first))
+        path = save(step, name=f"nonfinite_step_{first:06d}")
+        raise TrainingHalted(
+            f"non-finite loss or gradients from step {first} (train.nonfinite={config.train.nonfinite}, "
+            f"limit {limit} in a row): {where}. Diagnostic checkpoint (last good values): {path}"
+        )
+
     stopped_by, step, val = "max_steps", start_step, {}
     callbacks.on_train_start(run)
     with StopSignal() as stop:
@@ -286,28 +303,20 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
                 state, metrics = step_fn(state, batch)
                 tokens_seen += metrics["tokens"]
                 callbacks.on_step_end(run, step, metrics)
-                if bool(metrics["nonfinite"]):
-                    streak = int(state["nonfinite_streak"])
-                    if config.train.nonfinite == "halt" or streak >= config.train.max_nonfinite:
-                        where = nonfinite_report(task, config, state, batch)
-                        path = save(step, name=f"nonfinite_step_{step:06d}")
-                        raise TrainingHalted(
-                            f"non-finite loss or gradients at step {step} ({streak} in a row; train.nonfinite="
-                            f"{config.train.nonfinite}): {where}. Diagnostic checkpoint: {path}"
-                        )
-                    log(proc, f"step {step}: non-finite loss or gradients, update skipped ({streak} in a row)")
+                if step % config.logging.log_every == 0 or step == max_steps:
+                    check_nonfinite(step, batch_for=lambda s: stacked_train_batch(data, s - 1, accum, device))
                 if step % config.train.eval_every == 0 and step < max_steps:
                     val = run_eval(step)
                 if config.checkpoint.every and step % config.checkpoint.every == 0 and step < max_steps:
                     save(step)
-                if any_rank(stop.received is not None, device):
+                checkpoint_now = step % config.logging.log_every == 0 or proc.world_size == 1
+                if checkpoint_now and any_rank(stop.received is not None, device):
                     save(step)
                     log(proc, f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
                               f"in {checkpoint_root}; continue with train.resume=auto")
                     stopped_by = "signal"
                     break
-                if any_rank(run.stop_requested, device):
-                    log(proc, f"early stopping at step {step}")
+                if run.stop_requested:  # EarlyStopping runs on every rank and agrees (same val data)
                     stopped_by = "early_stopping"
                     break
             if stopped_by != "signal":

@@ -1,0 +1,48 @@
+"""Two CPU processes (gloo) under torchrun: params identical on both ranks after N steps, and
+equal to one process stepping on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.step_fixtures import global_batch, small_config, state_and_step
+
+ROOT = Path(__file__).parent.parent
+STEPS = 3
+
+
+def run_two_ranks(out: Path, compiled: bool) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        str(ROOT / "tests" / "ddp_worker.py"), str(out), str(STEPS), "1" if compiled else "0",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def single_process_params():
+    config = small_config()
+    state, step = state_and_step(config)
+    for i in range(STEPS):
+        state, _ = step(state, global_batch(config, i, rows=2 * config.data.batch_size))
+    return {".".join(k): v for k, v in state["params"].items(include_nested=True, leaves_only=True)}
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_two_ranks_agree_and_match_one_process(tmp_path, compiled):
+    run_two_ranks(tmp_path, compiled)
+    rank0 = load_file(tmp_path / "rank0.safetensors")
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    reference = single_process_params()
+    assert rank0.keys() == rank1.keys() == reference.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+        torch.testing.assert_close(rank0[name], reference[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    start = small_config()
+    assert not torch.equal(rank0["embed.weight"], state_and_step(start)[0]["params", "embed", "weight"])  # it trained

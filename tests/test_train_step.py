@@ -1,0 +1,106 @@
+"""The compiled train step: compile == eager, accumulation, non-finite handling, fp16 scaling."""
+
+import pytest
+import torch
+
+from llmfn.step import FP16_GROWTH_INTERVAL, next_loss_scale
+from tests.step_fixtures import global_batch, small_config, state_and_step
+
+
+def run_steps(step, state, config, steps: int, *, rows: int = 2, accum: int = 1):
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, global_batch(config, i, rows=rows, accum=accum))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def assert_trees_close(a, b, **tol):
+    for key, leaf in a.items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(leaf, b[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def compiled_run():
+    config = small_config()
+    state, step = state_and_step(config)
+    return run_steps(torch.compile(step, fullgraph=True), state, config, 5)
+
+
+def test_compiled_step_equals_eager(compiled_run):
+    config = small_config()
+    state, step = state_and_step(config)
+    eager_state, eager_losses = run_steps(step, state, config, 5)
+    compiled_state, compiled_losses = compiled_run
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)
+    assert_trees_close(compiled_state["params"], eager_state["params"], rtol=1e-4, atol=1e-5)
+    assert int(compiled_state["step"]) == 5
+    assert eager_losses[-1] < eager_losses[0]
+
+
+def test_step_does_not_mutate_its_input_state():
+    config = small_config()
+    state, step = state_and_step(config)
+    before = state.clone()
+    step(state, global_batch(config, 0, rows=2))
+    assert_trees_close(state, before, rtol=0, atol=0)
+
+
+def test_compiled_step_does_not_recompile_across_steps():
+    config = small_config()
+    state, step = state_and_step(config)
+    compiled = torch.compile(step, fullgraph=True)
+    state, _ = compiled(state, global_batch(config, 0, rows=2))
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        run_steps(compiled, state, config, 3)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    config = small_config()
+    state, step = state_and_step(config)
+    big = global_batch(config, 0, rows=4)
+    halves = {k: v.view(2, 2, -1) for k, v in big.items()}
+    accum_config = small_config(grad_accum_steps=2)
+    state2, step2 = state_and_step(accum_config)
+    one, m1 = step(state, big)
+    two, m2 = step2(state2, halves)
+    assert_trees_close(one["params"], two["params"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m1["loss"], m2["loss"])
+    assert float(m2["tokens"]) == float(m1["tokens"]) == 4 * 16
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    config = small_config()
+    state, step = state_and_step(config)
+    poisoned = state.clone()
+    poisoned["params", "layers", "0", "attn", "wo"][0, 0] = float("nan")
+    new_state, metrics = step(poisoned, global_batch(config, 0, rows=2))
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(new_state["nonfinite_streak"]) == 1
+    assert_trees_close(new_state["opt_state"], poisoned["opt_state"], rtol=0, atol=0)
+    embed = new_state["params", "embed", "weight"]
+    assert torch.equal(embed, poisoned["params", "embed", "weight"])  # nothing moved
+    healthy, metrics = step(state, global_batch(config, 0, rows=2))
+    assert float(metrics["nonfinite"]) == 0.0 and int(healthy["nonfinite_streak"]) == 0
+
+
+def test_fp16_loss_scale_halves_on_overflow_and_grows_after_a_run():
+    scale, good = torch.tensor(1024.0), torch.tensor(5)
+    s, g = next_loss_scale(scale, good, torch.tensor(False))
+    assert float(s) == 512.0 and int(g) == 0
+    s, g = next_loss_scale(scale, good, torch.tensor(True))
+    assert float(s) == 1024.0 and int(g) == 6
+    s, g = next_loss_scale(scale, torch.tensor(FP16_GROWTH_INTERVAL - 1), torch.tensor(True))
+    assert float(s) == 2048.0 and int(g) == 0
+
+
+def test_metrics_are_tensors_with_lr_from_schedule():
+    config = small_config()
+    state, step = state_and_step(config)
+    _, metrics = step(state, global_batch(config, 0, rows=2))
+    assert {"loss", "grad_norm", "lr", "tokens", "nonfinite", "ce_loss"} <= set(metrics)
+    assert all(isinstance(v, torch.Tensor) for v in metrics.values())
+    assert 0 < float(metrics["lr"]) < config.optim.lr  # still warming up at step 0

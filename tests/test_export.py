@@ -90,7 +90,8 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
     with torch.no_grad():
         expected = forward(params, tokens, LLAMA)
         actual = model(tokens).logits
-    assert expected.std() > 0.1  # the logits are not trivially small
+        wrong_rope = forward(params, tokens, LLAMA.replace(rope_theta=10000.0))
+    assert (wrong_rope - expected).abs().max().item() > 1e-2  # the comparison can see a RoPE bug
     assert (actual - expected).abs().max().item() <= 1e-4
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

@@ -39,6 +39,8 @@ class DataConfig:
     pack: bool = True  # sft: pack examples into full rows (else pad each)
     synthetic_size: int = 4096  # synthetic/regression: number of examples
     regression_features: int = 16  # regression: input width
+    synthetic_vocab_size: int = 256  # synthetic: token ids drawn from [0, this)
+    errors: str = "strict"  # text/stdlib: undecodable UTF-8 -> strict (error) | replace | ignore
 
 
 @dataclass(frozen=True)

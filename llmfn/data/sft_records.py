@@ -1,0 +1,115 @@
+"""Supervised fine-tuning records: JSONL lines -> text pieces marked "learn this" or not.
+
+Each line is {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}]}
+with roles system / user / assistant. A conversation renders as plain text:
+
+    System: {content}\\n        (no loss)
+    User: {content}\\n          (no loss)
+    Assistant: {content}<eos>\\n   (loss on "{content}<eos>" only)
+
+`tokenize_example` encodes the pieces one by one, so the loss mask is exact at their borders.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llmfn.data.tokenizer import Tokenizer
+
+ROLES = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+Piece = tuple[str, bool]  # (text, learn: the loss covers it)
+EOS_PIECE = None  # stands for the end-of-text token in a rendered example
+
+
+class RecordError(ValueError):
+    """A malformed JSONL record; the message names the file and line."""
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise RecordError(
+                f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+            )
+        return messages
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        return [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
+    raise RecordError(
+        f'{where}: expected {{"prompt": str, "response": str}} or {{"messages": [...]}}, got keys {sorted(record)}'
+    )
+
+
+def render(record: dict, where: str = "record") -> list[Piece | None]:
+    """A record -> pieces (text, learn); None marks the end-of-text token after each answer."""
+    pieces: list[Piece | None] = []
+    messages = _messages(record, where)
+    for number, message in enumerate(messages):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
+            raise RecordError(
+                f'{where}: message {number} must be {{"role": one of {sorted(ROLES)}, "content": str}}, got {message!r}'
+            )
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            pieces += [(ROLES[role], False), (content, True), EOS_PIECE, ("\n", False)]
+        else:
+            pieces.append((ROLES[role] + content + "\n", False))
+    if not any(piece is not None and piece[1] for piece in pieces):
+        raise RecordError(f"{where}: no assistant message: nothing to learn")
+    return pieces
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each non-blank line of a JSONL file; where = "file:line"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data '{path}' does not exist (expected a JSONL file)")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def plain_text(pieces: list[Piece | None]) -> str:
+    """The rendered text (for training a tokenizer on the data)."""
+    return "".join(piece[0] for piece in pieces if piece is not None)
+
+
+def tokenize_example(
+    pieces: list[Piece | None], tokenizer: Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """pieces -> (ids int64 [n], learn bool [n]); a BOS first if the tokenizer has one."""
+    texts = [piece[0] for piece in pieces if piece is not None]
+    encoded = iter(tokenizer.encode_batch(texts))
+    ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    learn: list[bool] = [False] * len(ids)
+    for piece in pieces:
+        if piece is None:
+            if tokenizer.eos_id is None:
+                continue
+            piece_ids, piece_learn = [tokenizer.eos_id], True
+        else:
+            piece_ids, piece_learn = next(encoded), piece[1]
+        ids += piece_ids
+        learn += [piece_learn] * len(piece_ids)
+    return np.asarray(ids, dtype=np.int64), np.asarray(learn, dtype=bool)

@@ -1,0 +1,148 @@
+"""Text inputs: which files a path, folder or glob names, and reading them as a stream.
+
+`read_segments` yields the corpus as line-aligned pieces of at most `segment_chars` characters
+(a line longer than that is cut), never crossing a file, so memory stays bounded whatever the
+file sizes. Files are read as bytes and decoded incrementally, which also yields their SHA-256.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+READ_BYTES = 1 << 20  # bytes read per system call
+ERROR_POLICIES = ("strict", "replace", "ignore")
+SKIPPED_DIRS = ("__pycache__",)
+
+
+class InputError(ValueError):
+    """Bad input text: missing or empty files, undecodable bytes. The message names the file."""
+
+
+def _is_glob(spec: str) -> bool:
+    return any(char in spec for char in "*?[")
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every regular file under `folder`, recursively, hidden files and folders skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS)
+        found += [Path(dirpath) / name for name in sorted(filenames) if not name.startswith(".")]
+    return found
+
+
+def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
+    """The files named by paths, folders (recursive) and globs (`**` allowed), in order, each once.
+
+    Raises InputError naming the spec when nothing matches."""
+    specs = [specs] if isinstance(specs, str | Path) else list(specs)
+    if not specs:
+        raise InputError("no input given: expected a text file, a folder or a glob")
+    files: list[Path] = []
+    for spec in specs:
+        text = str(spec)
+        if _is_glob(text):
+            matched = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise InputError(f"input glob '{text}' matches no files")
+            files += matched
+        elif Path(text).is_dir():
+            matched = _folder_files(Path(text))
+            if not matched:
+                raise InputError(f"input folder '{text}' holds no files")
+            files += matched
+        elif Path(text).is_file():
+            files.append(Path(text))
+        else:
+            raise InputError(
+                f"input '{text}' does not exist (expected a text file, a folder or a glob)"
+            )
+    return list(dict.fromkeys(files))
+
+
+def total_bytes(files: Iterable[Path]) -> int:
+    return sum(path.stat().st_size for path in files)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    offset: int  # characters of the whole stream before this segment
+    ends_document: bool  # the last piece of its file
+
+
+def _decoded_chunks(
+    path: Path, errors: str, on_bytes: Callable[[int], None] | None, digest
+) -> Iterator[str]:
+    """The text of `path` in chunks of about READ_BYTES; digest.update() sees every byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    position = 0
+    with open(path, "rb") as handle:
+        while True:
+            raw = handle.read(READ_BYTES)
+            final = not raw
+            if digest is not None:
+                digest.update(raw)
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as err:
+                where = max(0, position + err.start - len(decoder.getstate()[0]))
+                raise InputError(
+                    f"{path}: invalid UTF-8 near byte {where} ({err.reason}); fix the file or pass "
+                    f"--errors replace (substitute U+FFFD) or --errors ignore (drop the bytes)"
+                ) from None
+            position += len(raw)
+            if on_bytes is not None and raw:
+                on_bytes(len(raw))
+            if text:
+                yield text
+            if final:
+                return
+
+
+def _pieces(text: str, start: int, size: int) -> Iterator[tuple[int, int]]:
+    """(begin, end) of the full pieces of `text[start:]`: at most `size` chars each, ending after
+    the last newline inside, else cut at `size`. A shorter remainder is left to the caller."""
+    while len(text) - start >= size:
+        newline = text.rfind("\n", start, start + size)
+        end = newline + 1 if newline >= start else start + size
+        yield start, end
+        start = end
+
+
+def read_segments(
+    files: Iterable[Path],
+    *,
+    segment_chars: int,
+    errors: str = "strict",
+    on_bytes: Callable[[int], None] | None = None,
+    digests: dict[Path, str] | None = None,
+) -> Iterator[Segment]:
+    """The files' text as Segments of at most `segment_chars` characters, cut after a newline
+    where there is one. `digests`, if given, receives each file's SHA-256 once it was read."""
+    if errors not in ERROR_POLICIES:
+        raise ValueError(
+            f"errors={errors!r} is invalid: expected one of {', '.join(ERROR_POLICIES)}"
+        )
+    offset = 0
+    for path in files:
+        digest = hashlib.sha256() if digests is not None else None
+        pending, had_text = "", False
+        for chunk in _decoded_chunks(path, errors, on_bytes, digest):
+            buffer, rest = pending + chunk, 0
+            for begin, end in _pieces(buffer, 0, segment_chars):
+                yield Segment(buffer[begin:end], offset, ends_document=False)
+                offset += end - begin
+                rest, had_text = end, True
+            pending = buffer[rest:]
+        if digests is not None:
+            digests[path] = digest.hexdigest()
+        if pending or had_text:  # an empty file is no document
+            yield Segment(pending, offset, ends_document=True)
+            offset += len(pending)

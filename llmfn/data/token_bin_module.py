@@ -1,0 +1,118 @@
+"""`TokenBinDataModule`: random windows of `seq_len + 1` tokens from memory-mapped bins.
+
+The windows of micro-batch `index` on `rank` are a pure function of (seed, index, rank,
+world_size) (see `sampling.WindowSampler`): resuming needs no loader state, and the ranks of
+one step never share a window. Validation is a fixed set of windows spread over val.bin.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmfn.data.sampling import WindowSampler, spread_starts
+from llmfn.data.token_bins import TokenBins
+from llmfn.data.tokenizer import Tokenizer, load_tokenizer
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """tokens [N] (memmap), starts [B] -> int64 [B, window]: tokens[s : s + window] per row."""
+    return tokens[starts[:, None] + np.arange(window)].astype(np.int64)
+
+
+def lm_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
+    """windows int64 [B, T + 1] -> {"inputs": [B, T], "targets": [B, T]} (targets = next token)."""
+    tokens = torch.from_numpy(windows)
+    return {"inputs": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()}
+
+
+class NotSetUp(RuntimeError):
+    pass
+
+
+class TokenBinDataModule:
+    """Batches {"inputs", "targets"}: long [batch_size, seq_len] from a prepared folder."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+        val_batches: int = 8,
+    ):
+        if seq_len <= 0 or batch_size <= 0 or val_batches < 0:
+            raise ValueError(
+                f"TokenBinDataModule: seq_len={seq_len} and batch_size={batch_size} must be positive, val_batches={val_batches} >= 0"
+            )
+        self.path = Path(path)
+        self.seq_len, self.batch_size, self.seed, self.num_val_batches = (
+            seq_len,
+            batch_size,
+            seed,
+            val_batches,
+        )
+        self.vocab_size: int | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.steps_per_epoch: int | None = None
+        self.bins: TokenBins | None = None
+
+    @property
+    def window(self) -> int:
+        return self.seq_len + 1
+
+    def prepare(self) -> None:
+        """Nothing to build: check that the folder is a complete token-bin folder."""
+        TokenBins.open(self.path)
+
+    def setup(self, *, rank: int = 0, world_size: int = 1) -> None:
+        self.bins = TokenBins.open(self.path)
+        self.rank, self.world_size = rank, world_size
+        self.vocab_size = self.bins.vocab_size
+        tokenizer_path = self.bins.tokenizer_path
+        self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+        try:
+            self.sampler = WindowSampler(
+                len(self.bins.train), self.window, self.batch_size, world_size, self.seed
+            )
+            self.steps_per_epoch = self.sampler.steps_per_epoch  # too little data fails here
+        except ValueError as err:
+            raise ValueError(f"{self.path / 'train.bin'}: {err}") from None
+        self.val_starts = self._val_starts()
+
+    def _val_starts(self) -> np.ndarray:
+        count = self.num_val_batches * self.batch_size
+        if count and len(self.bins.val) < self.window:
+            warnings.warn(
+                f"{self.path / 'val.bin'} holds {len(self.bins.val)} tokens, fewer than one window of {self.window}: "
+                "no validation batches (prepare with a larger val fraction)",
+                stacklevel=3,
+            )
+            count = 0
+        return (
+            spread_starts(len(self.bins.val), self.window, count)
+            if count
+            else np.empty(0, np.int64)
+        )
+
+    def _require_setup(self) -> None:
+        if self.bins is None:
+            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+
+    def train_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `index` of this rank: {"inputs", "targets"} long [batch_size, seq_len]."""
+        self._require_setup()
+        starts = self.sampler.starts(index, self.rank)
+        return lm_batch(gather_windows(self.bins.train, starts, self.window))
+
+    def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The same `val_batches` batches every call (and on every rank)."""
+        self._require_setup()
+        for first in range(0, len(self.val_starts), self.batch_size):
+            starts = self.val_starts[first : first + self.batch_size]
+            yield lm_batch(gather_windows(self.bins.val, starts, self.window))

@@ -1,0 +1,249 @@
+"""The prepare CLI: text files -> train.bin / val.bin / meta.json, streaming and atomic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llmfn.data.prepare as prepare_module
+import llmfn.data.sources as sources
+from llmfn.data import load_tokenizer
+from llmfn.data.atomic import atomic_folder
+from llmfn.data.prepare import SplitLayout, choose_dtype, main, prepare_bins
+from llmfn.data.sources import InputError, read_segments, resolve_inputs
+
+TEXTS = {
+    "a.txt": "Hello world.\nThe quick brown fox jumps over the lazy dog.\n" * 30,
+    "sub/b.py": "def f(x):\n    return x * 2  # ünïcödé ✓\n" * 40,
+    "sub/c.md": "# Title\n\nSome *markdown* text, 🎉 emoji and CJK 中文.\n" * 25,
+}
+
+
+def write_corpus(root: Path, texts: dict[str, str] = TEXTS) -> Path:
+    for name, text in texts.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+    return root
+
+
+def bins(folder: Path) -> dict[str, np.ndarray]:
+    meta = json.loads((folder / "meta.json").read_text())
+    return {
+        split: np.fromfile(folder / f"{split}.bin", dtype=meta["dtype"])
+        for split in ("train", "val")
+    }
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# --- end to end -------------------------------------------------------------------------------
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_round_trip_without_val_split(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "corpus")
+    code = main(["--input", str(corpus), "--tokenizer", tokenizer, "--out", str(tmp_path / "out"),
+                 "--val-fraction", "0", "--vocab-size", "300", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = tmp_path / "out"
+    assert {"meta.json", "tokenizer.json", "train.bin", "val.bin"} <= {
+        p.name for p in out.iterdir()
+    }
+    tok = load_tokenizer(out)
+    ids = bins(out)["train"]
+    files = resolve_inputs(corpus)
+    assert [f.relative_to(corpus).as_posix() for f in files] == ["a.txt", "sub/b.py", "sub/c.md"]
+    assert tok.decode(ids.tolist()) == "".join(f.read_text(encoding="utf-8") for f in files)
+    assert (ids == tok.eos_id).sum() == 3  # one separator after each document
+    meta = json.loads((out / "meta.json").read_text())
+    assert (
+        meta["dtype"] == "uint16" and meta["train_tokens"] == len(ids) and meta["val_tokens"] == 0
+    )
+    assert meta["tokenizer"]["vocab_size"] == tok.vocab_size and meta["documents"] == 3
+    import hashlib
+
+    assert [s["sha256"] for s in meta["sources"]] == [
+        hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+    ]
+
+
+def test_val_split_takes_the_fraction_spread_over_the_corpus(tmp_path):
+    corpus = write_corpus(
+        tmp_path / "corpus",
+        {f"doc{i:02d}.txt": f"line {i} of the corpus\n" * 200 for i in range(20)},
+    )
+    full = prepare_bins(corpus, tmp_path / "full", tokenizer="char", val_fraction=0, progress=False)
+    meta = prepare_bins(
+        corpus, tmp_path / "split", tokenizer="char", val_fraction=0.1, progress=False
+    )
+    total = full["train_tokens"]
+    assert meta["train_tokens"] + meta["val_tokens"] == total
+    assert 0.07 < meta["val_tokens"] / total < 0.13
+    tok = load_tokenizer(tmp_path / "split")
+    val_text = tok.decode(bins(tmp_path / "split")["val"].tolist())
+    represented = {i for i in range(20) if f"line {i} of" in val_text}
+    assert len(represented) >= 10  # blocks from all over the corpus, not only its tail
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: 10-30 s on a busy 2-core machine
+def test_cli_module_entry_point_and_progress(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    result = subprocess.run(
+        [sys.executable, "-m", "llmfn.data.prepare", "--input", str(corpus / "*.txt"), str(corpus / "sub"),
+         "--tokenizer", "char", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "tokenizing" in result.stderr and "100%" in result.stderr  # the progress bar
+    assert "from 3 file(s)" in result.stdout
+
+
+def test_existing_tokenizer_file_gives_the_same_ids(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    prepare_bins(
+        corpus, tmp_path / "first", tokenizer="bpe", vocab_size=300, val_fraction=0, progress=False
+    )
+    prepare_bins(corpus, tmp_path / "again", tokenizer=str(tmp_path / "first" / "tokenizer.json"), val_fraction=0, progress=False)  # fmt: skip
+    assert np.array_equal(bins(tmp_path / "first")["train"], bins(tmp_path / "again")["train"])
+    meta = json.loads((tmp_path / "again" / "meta.json").read_text())
+    assert meta["tokenizer"]["kind"] == "hf" and (tmp_path / "again" / "tokenizer.json").is_file()
+
+
+def test_tiny_buffers_give_identical_output(tmp_path, monkeypatch):
+    """Chunk and segment borders (mid-line, mid-UTF-8 character) do not change the tokens."""
+    corpus = write_corpus(tmp_path / "corpus")
+    prepare_bins(corpus, tmp_path / "big", tokenizer="char", val_fraction=0, progress=False)
+    monkeypatch.setattr(sources, "READ_BYTES", 7)
+    monkeypatch.setattr(prepare_module, "ENCODE_BATCH_CHARS", 50)
+    monkeypatch.setattr(prepare_module, "MAX_BLOCK_CHARS", 64)
+    prepare_bins(corpus, tmp_path / "small", tokenizer="char", val_fraction=0, progress=False)
+    assert np.array_equal(bins(tmp_path / "big")["train"], bins(tmp_path / "small")["train"])
+
+
+def test_segments_are_line_aligned_and_bounded(tmp_path):
+    path = tmp_path / "x.txt"
+    path.write_text("short\n" + "y" * 50 + "\nend")
+    segments = list(read_segments([path], segment_chars=16))
+    assert "".join(s.text for s in segments) == path.read_text()
+    assert all(len(s.text) <= 16 for s in segments)
+    assert segments[0].text == "short\n" and [s.ends_document for s in segments][-1]
+    assert [s.offset for s in segments] == list(
+        np.cumsum([0] + [len(s.text) for s in segments[:-1]])
+    )
+
+
+# --- errors -----------------------------------------------------------------------------------
+def run_cli(tmp_path, *args) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*args, "--no-progress"])
+    return code, err.getvalue()
+
+
+def test_empty_input_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    code, err = run_cli(
+        tmp_path, "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "input is empty" in err
+    code, err = run_cli(
+        tmp_path, "--input", str(tmp_path / "*.nothing"), "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "matches no files" in err
+    code, err = run_cli(
+        tmp_path, "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "missing.txt' does not exist" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_bytes_error_names_the_file_or_are_replaced(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    (corpus / "bad.txt").write_bytes(b"good text\n" * 10 + b"bad \xff\xfe byte\n")
+    code, err = run_cli(
+        tmp_path, "--input", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / "out")
+    )
+    assert code == 2 and "bad.txt: invalid UTF-8 near byte 104" in err and "--errors replace" in err
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)  # nothing half-written
+    code, _ = run_cli(tmp_path, "--input", str(corpus / "bad.txt"), "--tokenizer", "char",
+                      "--out", str(tmp_path / "out"), "--errors", "replace", "--val-fraction", "0")  # fmt: skip
+    assert code == 0
+    text = load_tokenizer(tmp_path / "out").decode(bins(tmp_path / "out")["train"].tolist())
+    assert text.endswith("bad \ufffd\ufffd byte\n")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    args = ["--input", str(corpus), "--tokenizer", "char", "--out", str(out), "--val-fraction", "0"]
+    assert run_cli(tmp_path, *args)[0] == 0
+    (corpus / "a.txt").write_text("changed\n")
+    code, err = run_cli(tmp_path, *args)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert run_cli(tmp_path, *args, "--overwrite")[0] == 0
+    assert "changed" in load_tokenizer(out).decode(bins(out)["train"].tolist())
+    assert no_leftovers(tmp_path)
+
+
+def test_vocabulary_beyond_uint16_switches_to_uint32(tmp_path):
+    alphabet = "".join(chr(0x20000 + i) for i in range(70_000))  # 70k distinct characters
+    (tmp_path / "wide.txt").write_text(alphabet, encoding="utf-8")
+    meta = prepare_bins(tmp_path / "wide.txt", tmp_path / "out", tokenizer="char", vocab_size=80_000,
+                        val_fraction=0, progress=False)  # fmt: skip
+    assert meta["tokenizer"]["vocab_size"] == 70_003 and meta["dtype"] == "uint32"
+    ids = bins(tmp_path / "out")["train"]
+    assert ids.max() >= 65_536 and load_tokenizer(tmp_path / "out").decode(ids.tolist()) == alphabet
+    with pytest.raises(ValueError, match="70003 ids does not fit --dtype uint16"):
+        prepare_bins(tmp_path / "wide.txt", tmp_path / "out16", tokenizer="char", vocab_size=80_000, dtype="uint16", progress=False)  # fmt: skip
+    assert not (tmp_path / "out16").exists()
+
+
+def test_choose_dtype():
+    assert choose_dtype(65_536) == np.uint16 and choose_dtype(65_537) == np.uint32
+    assert choose_dtype(100, "uint32") == np.uint32
+
+
+def test_split_layout_fraction():
+    layout = SplitLayout.for_corpus(10_000_000, 0.01)
+    held = sum(layout.is_val(offset) for offset in range(0, 10_000_000, 97))
+    assert abs(held / len(range(0, 10_000_000, 97)) - 0.01) < 0.002
+    assert not any(SplitLayout.for_corpus(1000, 0).is_val(o) for o in range(1000))
+    with pytest.raises(ValueError, match="val_fraction=1"):
+        SplitLayout.for_corpus(1000, 1)
+
+
+# --- atomic folders ---------------------------------------------------------------------------
+def test_a_failure_inside_leaves_no_folder(tmp_path):
+    with pytest.raises(KeyboardInterrupt), atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "train.bin").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_keep_lets_the_first_complete_writer_win(tmp_path):
+    with atomic_folder(tmp_path / "cache", if_exists="keep") as first:
+        with atomic_folder(tmp_path / "cache", if_exists="keep") as second:
+            (second / "meta.json").write_text("second")
+        (first / "meta.json").write_text("first")
+    assert (tmp_path / "cache" / "meta.json").read_text() == "second"
+    assert no_leftovers(tmp_path)
+
+
+def test_resolve_inputs_skips_hidden_files(tmp_path, monkeypatch):
+    write_corpus(tmp_path)
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.pyc").write_bytes(b"\0")
+    assert [p.name for p in resolve_inputs(tmp_path)] == ["a.txt", "b.py", "c.md"]
+    assert [p.name for p in resolve_inputs(str(tmp_path / "**" / "*.py"))] == ["b.py"]
+    with pytest.raises(InputError, match="no input"):
+        resolve_inputs([])
+    monkeypatch.chdir(tmp_path)
+    assert resolve_inputs("a.txt") == [Path("a.txt")]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tensordict import TensorDict
 
 import llmfn.data
@@ -96,6 +97,32 @@ def test_round_trip_is_bitwise_and_keeps_the_template_metadata(tmp_path):
         assert leaf.dtype == original.dtype and leaf.shape == original.shape
         assert torch.equal(leaf, original), key
     assert loaded.device is None or loaded.device == template.device
+
+
+def test_loaded_state_does_not_recompile_a_compiled_function(tmp_path):
+    path = save(tmp_path, 1, make_state(seed=5))
+
+    def total(state: TensorDict) -> torch.Tensor:
+        return sum(
+            leaf.float().sum() for leaf in state.values(include_nested=True, leaves_only=True)
+        )
+
+    compiled = torch.compile(total, backend="eager", fullgraph=True)
+    state = make_state()
+    compiled(state)
+    load_checkpoint(path, state)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert torch.equal(compiled(state), total(make_state(seed=5)))
+    # What the template avoids: a tree rebuilt from the files (sorted keys) recompiles.
+    stored = {f"params.{k}": v for k, v in load_file(path / "params.safetensors").items()}
+    rebuilt = TensorDict({**stored, **load_file(path / "state.safetensors")}, []).unflatten_keys(
+        "."
+    )
+    with (
+        pytest.raises(RuntimeError, match="recompile"),
+        torch.compiler.set_stance("fail_on_recompile"),
+    ):
+        compiled(rebuilt)
 
 
 def test_round_trip_of_shared_and_non_contiguous_leaves(tmp_path):

@@ -67,11 +67,13 @@ class ModelOutput(NamedTuple):
 
 def default_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None, start) -> torch.Tensor:
     """[B, T] positions: start + t, or the count of real tokens before t when padding is masked
-    (so left-padded rows start at 0)."""
-    if attention_mask is not None and attention_mask.shape == tokens.shape:
-        return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    steps = torch.arange(tokens.shape[1], device=tokens.device)
-    return (steps + (0 if start is None else start)).expand(tokens.shape)
+    (so left-padded rows start at 0). With a cache the mask is over slots, and the positions are
+    read at slots start .. start + T - 1 (so cached decode matches the uncached forward)."""
+    slots = torch.arange(tokens.shape[1], device=tokens.device) + (0 if start is None else start)
+    if attention_mask is None:
+        return slots.expand(tokens.shape)
+    real_before = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T or max_len]
+    return real_before.index_select(1, slots)
 
 
 def embed(params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -1,0 +1,340 @@
+"""Functional optimizers over TensorDict trees, weight-decay masks and gradient clipping.
+
+    optimizer = adamw(weight_decay=0.1)              # decays matrices, not embeddings/norms/biases
+    opt_state = optimizer.init(params)               # {"exp_avg": tree, "exp_avg_sq": tree}
+    params, opt_state = optimizer.update(params, grads, opt_state, lr=lr, step=step)
+    grads, grad_norm = clip_by_global_norm(grads, max_norm=1.0)
+
+`lr` is a 0-d float tensor and `step` a 0-d long tensor (the 1-based count of this update), so
+one `torch.compile(..., fullgraph=True)` graph serves every step without recompiling. Updates are
+pure: they return new trees and never write into their inputs. The math runs on lists of leaves
+with `torch._foreach_*` ops (TensorDict operators break inside compile); under compile inductor
+fuses each leaf's update into one pass that reads p, g and the moments once and writes the new
+ones once, the same memory traffic as an in-place fused kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from tensordict import TensorDict
+
+Path = tuple[str, ...]
+DecayMask = dict[Path | str, bool] | Callable[[Path, torch.Tensor], bool] | None
+
+EMBEDDING_ROOTS = ("embed", "pos")
+_BIAS_NAME = re.compile(r"bias|.*_bias|b(qkv|q|k|v|o|13|1|2|3)?")
+
+
+class Optimizer(NamedTuple):
+    """`init(params) -> opt_state`; `update(params, grads, opt_state, *, lr, step) -> (params, opt_state)`."""
+
+    init: Callable[[TensorDict], TensorDict]
+    update: Callable[..., tuple[TensorDict, TensorDict]]
+
+
+# --- trees as lists of leaves ------------------------------------------------------------------
+def leaf_paths(tree: TensorDict) -> list[Path]:
+    """Every leaf's key path, in the tree's own order (top-level leaves as 1-tuples)."""
+    return [
+        key if isinstance(key, tuple) else (key,)
+        for key in tree.keys(include_nested=True, leaves_only=True)
+    ]
+
+
+def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.Tensor]:
+    """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path."""
+    out = []
+    for path in paths:
+        leaf = tree.get(path, None)
+        if leaf is None:
+            raise KeyError(
+                f"{name} has no leaf at {'/'.join(path)} (it must mirror the params tree)"
+            )
+        out.append(leaf)
+    return out
+
+
+def tree_like(template: TensorDict, paths: list[Path], leaves: list[torch.Tensor]) -> TensorDict:
+    """A new tree with `template`'s structure and metadata holding `leaves` at `paths`."""
+    out = template.empty(recurse=True)
+    for path, leaf in zip(paths, leaves, strict=True):
+        out.set(path, leaf)
+    return out
+
+
+def zeros_tree(params: TensorDict) -> TensorDict:
+    return params.apply(torch.zeros_like)
+
+
+def state_tree(params: TensorDict, **trees: TensorDict) -> TensorDict:
+    return TensorDict(trees, batch_size=params.batch_size, device=params.device)
+
+
+# --- weight-decay masks -------------------------------------------------------------------------
+def default_decay_mask(params: TensorDict, *, decay_embeddings: bool = False) -> dict[Path, bool]:
+    """{path: decay?}: matrices (>= 2-D per tree element) decay; norms and biases never do;
+    embeddings (`embed`, `pos`) only with `decay_embeddings`. `lm_head` decays.
+
+    Stacked trees (a TensorDict with batch dims, e.g. an ensemble) count dims per element."""
+    mask = {}
+    for path in leaf_paths(params):
+        element_dims = params.get(path).ndim - params.batch_dims
+        is_norm = any("norm" in part for part in path)
+        is_bias = _BIAS_NAME.fullmatch(path[-1]) is not None
+        is_embedding = path[0] in EMBEDDING_ROOTS
+        mask[path] = (
+            element_dims >= 2
+            and not is_norm
+            and not is_bias
+            and (decay_embeddings or not is_embedding)
+        )
+    return mask
+
+
+def _mask_key(key: Path | str) -> Path:
+    return tuple(key.split(".")) if isinstance(key, str) else tuple(key)
+
+
+def resolve_decay_mask(params: TensorDict, paths: list[Path], decay_mask: DecayMask) -> list[bool]:
+    """One bool per path. `decay_mask`: None (default_decay_mask), a dict {path or "a.b.c": bool}
+    covering every leaf, or a callable (path, leaf) -> bool."""
+    if decay_mask is None:
+        decay_mask = default_decay_mask(params)
+    if callable(decay_mask):
+        return [bool(decay_mask(path, params.get(path))) for path in paths]
+    if not isinstance(decay_mask, dict):
+        raise TypeError(
+            f"decay_mask must be None, a dict path->bool or a callable, got {type(decay_mask).__name__}"
+        )
+    table = {_mask_key(key): bool(value) for key, value in decay_mask.items()}
+    missing = [path for path in paths if path not in table]
+    if missing:
+        shown = ", ".join("/".join(path) for path in missing[:5])
+        raise KeyError(f"decay_mask has no entry for {len(missing)} param leaves: {shown}")
+    return [table[path] for path in paths]
+
+
+def split_by_mask(items: list, mask: list[bool]) -> tuple[list, list]:
+    """(items where mask, items where not mask), each in order."""
+    yes = [x for x, m in zip(items, mask, strict=True) if m]
+    no = [x for x, m in zip(items, mask, strict=True) if not m]
+    return yes, no
+
+
+def merge_by_mask(yes: list, no: list, mask: list[bool]) -> list:
+    yes_iter, no_iter = iter(yes), iter(no)
+    return [next(yes_iter) if m else next(no_iter) for m in mask]
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def as_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor on `like`'s device (Python numbers are accepted, but recompile)."""
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device)
+
+
+def unpack(params: TensorDict, grads: TensorDict, opt_state: TensorDict, moments: tuple[str, ...]):
+    """(paths, param leaves, grad leaves, {moment: leaves})."""
+    paths = leaf_paths(params)
+    p = leaves_at(params, paths, name="params")
+    g = leaves_at(grads, paths, name="grads")
+    state = {}
+    for moment in moments:
+        tree = opt_state.get(moment, None)
+        if tree is None:
+            raise KeyError(
+                f"opt_state has no '{moment}' tree (got {list(opt_state.keys())}); build it with init(params)"
+            )
+        state[moment] = leaves_at(tree, paths, name=f"opt_state/{moment}")
+    return paths, p, g, state
+
+
+def decay_and_apply(
+    p: list, decay: list[bool], lr_times_wd, apply_: Callable, apply: Callable, *operands: list
+) -> list:
+    """New leaves: apply_(p * (1 - lr·wd), *operands) on decayed leaves (in place on the fresh
+    product), apply(p, *operands) out of place elsewhere. `apply_`/`apply` are a foreach op pair."""
+    if lr_times_wd is None:
+        decay = [False] * len(p)
+    p_decay, p_keep = split_by_mask(p, decay)
+    split_operands = [split_by_mask(operand, decay) for operand in operands]
+    decayed, kept = [], []
+    if p_decay:
+        decayed = torch._foreach_mul(p_decay, 1 - lr_times_wd)
+        apply_(decayed, *(yes for yes, _ in split_operands))
+    if p_keep:
+        kept = apply(p_keep, *(no for _, no in split_operands))
+    return merge_by_mask(decayed, kept, decay)
+
+
+# --- optimizers ---------------------------------------------------------------------------------
+def adamw(
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    decay_mask: DecayMask = None,
+) -> Optimizer:
+    """AdamW (Loshchilov & Hutter) as torch.optim.AdamW: p *= 1 - lr·wd on masked leaves, then
+    p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps). State: {"exp_avg", "exp_avg_sq"}, each
+    mirroring params (same dtype). `decay_mask` None = default_decay_mask(params)."""
+
+    def init(params: TensorDict) -> TensorDict:
+        return state_tree(params, exp_avg=zeros_tree(params), exp_avg_sq=zeros_tree(params))
+
+    def update(params, grads, opt_state, *, lr, step):
+        paths, p, g, state = unpack(params, grads, opt_state, ("exp_avg", "exp_avg_sq"))
+        lr = as_scalar(lr, p[0])
+        t = torch.as_tensor(step, device=lr.device).to(torch.float32)
+        exp_avg = torch._foreach_lerp(state["exp_avg"], g, 1 - beta1)
+        exp_avg_sq = torch._foreach_mul(state["exp_avg_sq"], beta2)
+        torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
+        # p += exp_avg / denom with denom = -(sqrt(v / bc2) + eps) / (lr / bc1): one temporary.
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, torch.sqrt(1 - beta2**t))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_div_(denom, -lr / (1 - beta1**t))
+        decay = resolve_decay_mask(params, paths, decay_mask)
+        lr_times_wd = lr * weight_decay if weight_decay else None
+        new_p = decay_and_apply(
+            p, decay, lr_times_wd, torch._foreach_addcdiv_, torch._foreach_addcdiv, exp_avg, denom
+        )
+        new_state = state_tree(
+            opt_state,
+            exp_avg=tree_like(params, paths, exp_avg),
+            exp_avg_sq=tree_like(params, paths, exp_avg_sq),
+        )
+        return tree_like(params, paths, new_p), new_state
+
+    return Optimizer(init, update)
+
+
+def sgd(
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    decay_mask: DecayMask = None,
+) -> Optimizer:
+    """SGD as torch.optim.SGD (dampening 0): g += wd·p (L2, coupled, on masked leaves);
+    buf = momentum·buf + g; p -= lr · (g + momentum·buf if nesterov else buf).
+    State: {"momentum": tree} (empty when momentum == 0)."""
+    if nesterov and momentum <= 0:
+        raise ValueError(f"sgd: nesterov=True needs momentum > 0, got momentum={momentum}")
+
+    def init(params: TensorDict) -> TensorDict:
+        return state_tree(params, momentum=zeros_tree(params)) if momentum else state_tree(params)
+
+    def update(params, grads, opt_state, *, lr, step=None):
+        paths, p, g, state = unpack(params, grads, opt_state, ("momentum",) if momentum else ())
+        lr = as_scalar(lr, p[0])
+        decay = resolve_decay_mask(params, paths, decay_mask) if weight_decay else []
+        if any(decay):
+            g_decay, g_keep = split_by_mask(g, decay)
+            g_decay = torch._foreach_add(g_decay, split_by_mask(p, decay)[0], alpha=weight_decay)
+            g = merge_by_mask(g_decay, g_keep, decay)
+        new_state = state_tree(opt_state)
+        if momentum:
+            buf = torch._foreach_mul(state["momentum"], momentum)
+            torch._foreach_add_(buf, g)
+            g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
+            new_state = state_tree(opt_state, momentum=tree_like(params, paths, buf))
+        step_update = torch._foreach_mul(g, lr)
+        return tree_like(params, paths, torch._foreach_sub(p, step_update)), new_state
+
+    return Optimizer(init, update)
+
+
+def lion(
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    decay_mask: DecayMask = None,
+) -> Optimizer:
+    """Lion (Chen et al. 2023): p *= 1 - lr·wd (masked); p -= lr · sign(β1·m + (1-β1)·g);
+    m = β2·m + (1-β2)·g. State: {"exp_avg": tree}. Use a 3-10x smaller lr than AdamW."""
+
+    def init(params: TensorDict) -> TensorDict:
+        return state_tree(params, exp_avg=zeros_tree(params))
+
+    def update(params, grads, opt_state, *, lr, step=None):
+        paths, p, g, state = unpack(params, grads, opt_state, ("exp_avg",))
+        lr = as_scalar(lr, p[0])
+        direction = torch._foreach_lerp(state["exp_avg"], g, 1 - beta1)
+        torch._foreach_sign_(direction)
+        torch._foreach_mul_(direction, lr)
+        exp_avg = torch._foreach_lerp(state["exp_avg"], g, 1 - beta2)
+        decay = resolve_decay_mask(params, paths, decay_mask)
+        lr_times_wd = lr * weight_decay if weight_decay else None
+        new_p = decay_and_apply(
+            p, decay, lr_times_wd, torch._foreach_sub_, torch._foreach_sub, direction
+        )
+        return tree_like(params, paths, new_p), state_tree(
+            opt_state, exp_avg=tree_like(params, paths, exp_avg)
+        )
+
+    return Optimizer(init, update)
+
+
+def build_optimizer(optim_cfg, params: TensorDict) -> Optimizer:
+    """The optimizer an `llmfn.config.OptimConfig` names, with default_decay_mask(params)."""
+    mask = default_decay_mask(params, decay_embeddings=optim_cfg.decay_embeddings)
+    if optim_cfg.name == "adamw":
+        return adamw(
+            beta1=optim_cfg.beta1,
+            beta2=optim_cfg.beta2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            decay_mask=mask,
+        )
+    if optim_cfg.name == "sgd":
+        return sgd(
+            momentum=optim_cfg.momentum,
+            nesterov=optim_cfg.nesterov,
+            weight_decay=optim_cfg.weight_decay,
+            decay_mask=mask,
+        )
+    if optim_cfg.name == "lion":
+        return lion(
+            beta1=optim_cfg.beta1,
+            beta2=optim_cfg.beta2,
+            weight_decay=optim_cfg.weight_decay,
+            decay_mask=mask,
+        )
+    raise ValueError(f"optim.name={optim_cfg.name!r} is invalid: expected one of adamw, sgd, lion")
+
+
+# --- gradient norm and clipping -----------------------------------------------------------------
+def global_norm(grads: TensorDict) -> torch.Tensor:
+    """0-d float32: the L2 norm of all leaves together (as torch.nn.utils.clip_grad_norm_)."""
+    leaves = list(grads.values(include_nested=True, leaves_only=True))
+    if not leaves:
+        raise ValueError("global_norm: the grads tree has no leaves")
+    norms = torch._foreach_norm(leaves, 2)
+    device = leaves[0].device
+    return torch.linalg.vector_norm(
+        torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    )
+
+
+def clip_by_global_norm(
+    grads: TensorDict, max_norm: float | None
+) -> tuple[TensorDict, torch.Tensor]:
+    """(grads scaled by min(1, max_norm / (norm + 1e-6)), norm before clipping). max_norm None:
+    the grads are returned unchanged (the norm is still computed, for logging)."""
+    norm = global_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    if max_norm <= 0:
+        raise ValueError(
+            f"clip_by_global_norm: max_norm={max_norm} is invalid: expected a positive number or None"
+        )
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    paths = leaf_paths(grads)
+    clipped = torch._foreach_mul(leaves_at(grads, paths, name="grads"), scale)
+    return tree_like(grads, paths, clipped), norm

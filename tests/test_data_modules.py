@@ -1,0 +1,264 @@
+"""Data modules: fixed shapes, targets = next token, resumable pure batches, disjoint ranks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmfn.config import DataConfig
+from llmfn.data import (
+    DataModule,
+    RegressionDataModule,
+    StdlibDataModule,
+    SyntheticDataModule,
+    TextDataModule,
+    TokenBinDataModule,
+    build_data_module,
+    prepare_bins,
+    stdlib_files,
+)
+from llmfn.data.synthetic_module import BRANCHING
+
+SEQ, BATCH = 32, 4
+
+
+@pytest.fixture(scope="module")
+def bin_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bins")
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(
+            "".join(f"line {i}.{j}: the {j % 7} quick foxes\n" for j in range(120))
+        )
+    prepare_bins(root, root / "out", tokenizer="char", val_fraction=0.1, progress=False)
+    return root / "out"
+
+
+def ready(module, rank=0, world_size=1):
+    module.prepare()
+    module.setup(rank=rank, world_size=world_size)
+    return module
+
+
+def check_lm_batch(batch, batch_size=BATCH, seq_len=SEQ):
+    assert set(batch) == {"inputs", "targets"}
+    for value in batch.values():
+        assert (
+            value.shape == (batch_size, seq_len)
+            and value.dtype == torch.long
+            and value.is_contiguous()
+        )
+    assert torch.equal(batch["targets"][:, :-1], batch["inputs"][:, 1:])
+
+
+# --- token bins -------------------------------------------------------------------------------
+def test_token_bin_batches_are_windows_of_train_bin(bin_folder):
+    data = ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, seed=1))
+    assert isinstance(data, DataModule) and data.vocab_size == data.tokenizer.vocab_size
+    train = np.fromfile(bin_folder / "train.bin", dtype=np.uint16)
+    assert data.steps_per_epoch == (len(train) - SEQ) // (SEQ + 1) // BATCH
+    for index in (0, 1, 57):
+        batch = data.train_batch(index)
+        check_lm_batch(batch)
+        for row, start in enumerate(data.sampler.starts(index, 0)):
+            window = train[start : start + SEQ + 1]
+            assert batch["inputs"][row].tolist() == window[:-1].tolist()
+            assert batch["targets"][row].tolist() == window[1:].tolist()
+
+
+def test_resuming_needs_no_loader_state(bin_folder):
+    first = ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, seed=5))
+    uninterrupted = [first.train_batch(i) for i in range(12)]
+    resumed = ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, seed=5))
+    for i in (11, 7, 8):  # any order, any starting point
+        assert all(
+            torch.equal(resumed.train_batch(i)[k], uninterrupted[i][k])
+            for k in ("inputs", "targets")
+        )
+    other_seed = ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, seed=6))
+    assert not torch.equal(other_seed.train_batch(3)["inputs"], uninterrupted[3]["inputs"])
+
+
+def test_ranks_get_disjoint_windows_in_a_step(bin_folder):
+    ranks = [
+        ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, seed=0), r, 2)
+        for r in range(2)
+    ]
+    for step in range(20):
+        starts = np.sort(np.concatenate([m.sampler.starts(step, m.rank) for m in ranks]))
+        assert (np.diff(starts) > SEQ).all()  # windows of SEQ + 1 tokens never overlap
+        a, b = (m.train_batch(step)["inputs"] for m in ranks)
+        assert not any(torch.equal(x, y) for x in a for y in b)
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch
+
+
+def test_val_batches_are_fixed(bin_folder):
+    data = ready(TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, val_batches=3))
+    first, second = list(data.val_batches()), list(data.val_batches())
+    assert len(first) == 3
+    for a, b in zip(first, second, strict=True):
+        check_lm_batch(a)
+        assert torch.equal(a["inputs"], b["inputs"])
+    rank1 = ready(
+        TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH, val_batches=3), 1, 2
+    )
+    assert torch.equal(next(rank1.val_batches())["inputs"], first[0]["inputs"])  # rank-independent
+
+
+def test_token_bin_errors(tmp_path, bin_folder):
+    with pytest.raises(FileNotFoundError, match="does not exist.*llmfn.data.prepare"):
+        TokenBinDataModule(tmp_path / "nope", seq_len=SEQ, batch_size=BATCH).prepare()
+    with pytest.raises(RuntimeError, match="call setup"):
+        TokenBinDataModule(bin_folder, seq_len=SEQ, batch_size=BATCH).train_batch(0)
+    with pytest.raises(ValueError, match="train.bin: only .* tokens: fewer than one window"):
+        ready(TokenBinDataModule(bin_folder, seq_len=100_000, batch_size=BATCH))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("meta.json", "val.bin", "tokenizer.json"):
+        (broken / name).write_bytes((bin_folder / name).read_bytes())
+    (broken / "train.bin").write_bytes((bin_folder / "train.bin").read_bytes()[:-2])
+    with pytest.raises(ValueError, match="meta.json promises .* corrupt"):
+        ready(TokenBinDataModule(broken, seq_len=SEQ, batch_size=BATCH))
+
+
+def test_no_val_split_gives_no_val_batches(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefgh\n" * 200)
+    prepare_bins(
+        tmp_path / "t.txt", tmp_path / "out", tokenizer="char", val_fraction=0, progress=False
+    )
+    with pytest.warns(UserWarning, match="no validation batches"):
+        data = ready(TokenBinDataModule(tmp_path / "out", seq_len=SEQ, batch_size=BATCH))
+    assert list(data.val_batches()) == []
+
+
+# --- text and stdlib --------------------------------------------------------------------------
+def test_text_module_prepares_once_into_the_cache(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"document {i}\n" * 300)
+    options = dict(
+        seq_len=SEQ,
+        batch_size=BATCH,
+        tokenizer="char",
+        cache_dir=tmp_path / "cache",
+        val_fraction=0.1,
+    )
+    data = TextDataModule(corpus, **options)
+    with pytest.raises(FileNotFoundError, match="call prepare"):
+        data.setup(rank=0, world_size=1)
+    ready(data)
+    assert data.path.parent == tmp_path / "cache" and data.path.name.startswith("text-corpus-char-")
+    meta = data.path / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    again = ready(TextDataModule(corpus, **options))
+    assert again.path == data.path and meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    check_lm_batch(again.train_batch(0))
+    assert "document" in again.tokenizer.decode(again.train_batch(0)["inputs"][0].tolist())
+    (corpus / "0.txt").write_text("changed\n" * 400)
+    assert TextDataModule(corpus, **options).path != data.path  # a changed file, a new cache
+
+
+def test_stdlib_files_are_a_deterministic_subset():
+    files = stdlib_files(max_files=None)
+    assert files == stdlib_files(max_files=None) and len(files) > 100
+    names = {part for path in files for part in path.parts}
+    assert not names & {"site-packages", "test", "tests", "__pycache__", "encodings"}
+    assert all(path.suffix == ".py" for path in files)
+    subset = stdlib_files(max_files=10)
+    assert (
+        len(subset) == 10
+        and set(subset) <= set(files)
+        and subset == sorted(subset, key=files.index)
+    )
+    assert subset[0] == files[0] and subset[-1] == files[-1]  # spread over the whole library
+
+
+def test_stdlib_module_trains_on_python_source(tmp_path):
+    data = ready(
+        StdlibDataModule(
+            max_files=6,
+            tokenizer="char",
+            cache_dir=tmp_path,
+            seq_len=SEQ,
+            batch_size=BATCH,
+            progress=False,
+        )
+    )
+    assert data.path.name.startswith("stdlib-char-")
+    check_lm_batch(data.train_batch(0))
+    text = data.tokenizer.decode(data.bins.train[:20_000].tolist())
+    assert "def " in text and "import " in text
+
+
+# --- synthetic --------------------------------------------------------------------------------
+def test_synthetic_tokens_follow_a_learnable_chain():
+    data = ready(
+        SyntheticDataModule(vocab_size=50, seq_len=SEQ, batch_size=BATCH, size=256, seed=3)
+    )
+    batch = data.train_batch(0)
+    check_lm_batch(batch)
+    assert batch["inputs"].max() < 50 and data.vocab_size == 50 and data.tokenizer is None
+    successors: dict[int, set[int]] = {}
+    for tokens in data.train["tokens"]:
+        for a, b in zip(tokens[:-1], tokens[1:], strict=True):
+            successors.setdefault(int(a), set()).add(int(b))
+    assert max(len(s) for s in successors.values()) <= BRANCHING  # entropy floor ln(4)
+    assert torch.equal(batch["inputs"], ready(SyntheticDataModule(vocab_size=50, seq_len=SEQ, batch_size=BATCH, size=256, seed=3)).train_batch(0)["inputs"])  # fmt: skip
+    assert len(list(data.val_batches())) == 3  # 5% of 256 = 13 held out -> 3 full batches
+
+
+def test_regression_data_is_a_noisy_linear_map():
+    data = ready(RegressionDataModule(features=5, batch_size=16, size=2000, seed=0))
+    batch = data.train_batch(4)
+    assert (
+        batch["x"].shape == (16, 5)
+        and batch["y"].shape == (16, 1)
+        and batch["x"].dtype == torch.float32
+    )
+    x, y = data.train["x"], data.train["y"]
+    solution, residual, *_ = np.linalg.lstsq(x, y, rcond=None)
+    assert 0.005 < residual[0] / len(x) < 0.02  # the 0.1 noise: MSE floor 0.01
+    assert data.vocab_size is None and data.steps_per_epoch == (2000 - 100) // 16
+    for val in data.val_batches():
+        assert val["x"].shape == (16, 5)
+
+
+def test_synthetic_too_small_is_a_clear_error():
+    with pytest.raises(ValueError, match="synthetic_size=10 is too small"):
+        SyntheticDataModule(vocab_size=10, seq_len=8, batch_size=8, size=10)
+
+
+# --- build from config ------------------------------------------------------------------------
+def test_build_data_module_from_config(tmp_path, bin_folder):
+    built = build_data_module(
+        DataConfig(module="token_bin", path=str(bin_folder), batch_size=2), seq_len=16, seed=0
+    )
+    check_lm_batch(ready(built).train_batch(0), batch_size=2, seq_len=16)
+    synthetic = build_data_module(
+        DataConfig(module="synthetic", synthetic_vocab_size=17), seq_len=8, seed=0
+    )
+    assert isinstance(synthetic, SyntheticDataModule) and synthetic.vocab_size == 17
+    regression = build_data_module(
+        DataConfig(module="regression", regression_features=3), seq_len=8, seed=0
+    )
+    assert ready(regression).train_batch(0)["x"].shape == (8, 3)
+    stdlib = build_data_module(
+        DataConfig(module="stdlib", cache_dir=str(tmp_path), tokenizer="char"), seq_len=8, seed=0
+    )
+    assert isinstance(stdlib, StdlibDataModule) and len(stdlib.files) == 256
+    text = build_data_module(
+        DataConfig(module="text", path=str(bin_folder.parent / "doc*.txt"), max_files=2),
+        seq_len=8,
+        seed=0,
+    )
+    assert isinstance(text, TextDataModule) and [f.name for f in text.files] == [
+        "doc0.txt",
+        "doc5.txt",
+    ]
+    with pytest.raises(ValueError, match="needs data.path"):
+        build_data_module(DataConfig(module="sft"), seq_len=8, seed=0)
+    with pytest.raises(ValueError, match="data.module='nope'"):
+        build_data_module(DataConfig(module="nope"), seq_len=8, seed=0)
+    assert json.loads((bin_folder / "meta.json").read_text())["format"] == "llmfn-token-bin"

@@ -1,0 +1,180 @@
+"""SFT: JSONL records -> rows with a loss mask exactly on the answers, packed or padded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmfn.data import CharTokenizer, SFTDataModule
+from llmfn.data.sft_module import held_out, pack_rows
+from llmfn.data.sft_records import RecordError, read_records, render, tokenize_example
+
+SEQ, BATCH = 96, 4
+
+
+def records(count: int) -> list[dict]:
+    out = []
+    for i in range(count):
+        if i % 3 == 0:
+            out.append({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Say {i}."},
+                {"role": "assistant", "content": f"{i}!"},
+                {"role": "user", "content": "Again?"},
+                {"role": "assistant", "content": f"{i} again."},
+            ]})  # fmt: skip
+        else:
+            out.append({"prompt": f"What is {i} + 1?", "response": f"It is {i + 1}."})
+    return out
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n", encoding="utf-8")
+    return str(path)
+
+
+def module(tmp_path, count=60, **options) -> SFTDataModule:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_jsonl(tmp_path / "chat.jsonl", records(count))
+    defaults = dict(
+        seq_len=SEQ,
+        batch_size=BATCH,
+        tokenizer="char",
+        cache_dir=tmp_path / "cache",
+        val_fraction=0.1,
+    )
+    data = SFTDataModule(path, **{**defaults, **options})
+    data.prepare()
+    data.setup(rank=0, world_size=1)
+    return data
+
+
+def answers_in(batch, tokenizer) -> list[str]:
+    """The texts the rows are trained to produce: each run of kept targets, decoded."""
+    out = []
+    for row in batch["targets"].tolist():
+        runs, current = [], []
+        for token in row + [-100]:
+            if token != -100:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        out += [tokenizer.decode(run) for run in runs]
+    return out
+
+
+ANSWERS = (
+    {f"It is {i + 1}." for i in range(100)}
+    | {f"{i}!" for i in range(100)}
+    | {f"{i} again." for i in range(100)}
+)
+
+
+def test_render_marks_only_answers():
+    pieces = render({"prompt": "Hi?", "response": "Hello."})
+    assert pieces == [
+        ("User: Hi?\n", False),
+        ("Assistant: ", False),
+        ("Hello.", True),
+        None,
+        ("\n", False),
+    ]
+
+
+def test_tokenized_mask_covers_answer_and_eos():
+    tok = CharTokenizer.train(["User: Hi?\nAssistant: Hello.\n"])
+    ids, learn = tokenize_example(render({"prompt": "Hi?", "response": "Hello."}), tok)
+    assert tok.decode(ids.tolist()) == "User: Hi?\nAssistant: Hello.\n"
+    assert tok.decode(ids[learn].tolist()) == "Hello." and ids[learn][-1] == tok.eos_id
+    assert learn.sum() == len("Hello.") + 1
+
+
+def test_targets_are_next_tokens_on_answers_only(tmp_path):
+    data = module(tmp_path, pack=False)
+    batch = data.train_batch(0)
+    assert batch["inputs"].shape == batch["targets"].shape == (BATCH, SEQ)
+    assert batch["inputs"].dtype == batch["targets"].dtype == torch.long
+    kept = batch["targets"] != -100
+    assert torch.equal(batch["targets"][:, :-1][kept[:, :-1]], batch["inputs"][:, 1:][kept[:, :-1]])
+    answers = answers_in(batch, data.tokenizer)
+    assert len(answers) >= BATCH and set(answers) <= ANSWERS  # answers only, each complete
+
+
+def test_packing_fills_rows_and_padding_does_not(tmp_path):
+    packed = module(tmp_path / "p", pack=True)
+    padded = module(tmp_path / "q", pack=False)
+    train_examples = 60 - 6
+    assert len(padded.train_rows[0]) == train_examples
+    assert len(packed.train_rows[0]) < 0.8 * train_examples
+    for data in (packed, padded):
+        ids, learn = data.train_rows
+        assert ids.shape[1] == SEQ + 1 and learn.shape == ids.shape
+        assert (ids[~learn] >= 0).all() and not learn[ids == data.pad_id].any()
+        answers = [
+            a
+            for i in range(data.steps_per_epoch)
+            for a in answers_in(data.train_batch(i), data.tokenizer)
+        ]
+        assert len(answers) >= data.steps_per_epoch * BATCH and set(answers) <= ANSWERS
+
+
+def test_pack_rows_keeps_examples_whole_and_truncates_long_ones():
+    a = (np.arange(1, 5), np.array([0, 1, 1, 1], dtype=bool))
+    b = (np.arange(5, 8), np.ones(3, dtype=bool))
+    long = (np.arange(10, 30), np.ones(20, dtype=bool))
+    ids, learn, truncated = pack_rows([a, b, a, long], window=8, pad_id=0, pack=True)
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 0], [1, 2, 3, 4, 0, 0, 0, 0], list(range(10, 18))]
+    assert (
+        learn[0].tolist() == [False, True, True, True, True, True, True, False] and truncated == 1
+    )
+
+
+def test_batches_are_pure_and_val_is_fixed_with_fixed_shapes(tmp_path):
+    data = module(tmp_path, count=100, val_batches=2, pack=False)  # 10 val rows
+    assert torch.equal(data.train_batch(5)["inputs"], data.train_batch(5)["inputs"])
+    vals = list(data.val_batches())
+    assert len(vals) == 2 and all(v["inputs"].shape == (BATCH, SEQ) for v in vals)
+    short = list(
+        module(tmp_path / "short", count=25, val_batches=4, pack=False).val_batches()
+    )  # 2 val examples
+    assert len(short) == 1 and short[0]["inputs"].shape == (BATCH, SEQ)
+    assert (short[0]["targets"][2:] == -100).all() and (short[0]["targets"][:2] != -100).any()
+
+
+def test_held_out_spreads_the_val_examples():
+    mask = held_out(100, 0.05)
+    assert mask.sum() == 5 and np.flatnonzero(mask).tolist() == [19, 39, 59, 79, 99]
+    assert not held_out(10, 0).any()
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "only"}\n')
+    with pytest.raises(
+        RecordError, match=r"bad.jsonl:2: expected .*prompt.*response.*got keys \['prompt'\]"
+    ):
+        [render(r, where) for where, r in read_records(path)]
+    path.write_text("{oops\n")
+    with pytest.raises(RecordError, match="bad.jsonl:1: not valid JSON"):
+        list(read_records(path))
+    with pytest.raises(RecordError, match="no assistant message"):
+        render({"messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(RecordError, match="message 0 must be"):
+        render({"messages": [{"role": "robot", "content": "hi"}]})
+    with pytest.raises(FileNotFoundError, match="nope.jsonl' does not exist"):
+        SFTDataModule(tmp_path / "nope.jsonl", seq_len=8, batch_size=2)
+
+
+def test_bpe_sft_and_too_few_rows(tmp_path):
+    data = module(tmp_path, tokenizer="bpe", vocab_size=300)
+    assert data.vocab_size <= 300 and data.tokenizer.eos_id is not None
+    answers = [
+        a
+        for i in range(data.steps_per_epoch)
+        for a in answers_in(data.train_batch(i), data.tokenizer)
+    ]
+    assert any(a.startswith("It is ") for a in answers) and not any("User:" in a for a in answers)
+    with pytest.raises(ValueError, match="only 3 examples for batch_size=4"):
+        module(tmp_path / "few", count=3, pack=False)

@@ -213,7 +213,7 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
         if resume_from is None:
             log(proc, "train.resume=auto: no checkpoint found, starting fresh")
     elif config.train.resume:
-        resume_from = Path(config.train.resume)
+        resume_from = ckpt.resolve_checkpoint(config.train.resume)
     if resume_from is not None:
         state, train_state = ckpt.load_checkpoint(resume_from, state, expected_model=config.model.to_dict())
         run_dir = resume_from.parent.parent
@@ -252,7 +252,12 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
     tokens_seen = torch.tensor(float(train_state.get("tokens_seen", 0)), device=device)
     best_val = train_state.get("best_val_loss")
 
+    saved: dict[int, Path | None] = {}
+
     def save(step: int, *, name: str | None = None) -> Path | None:
+        """Checkpoint the state at `step` (once per step; rank 0 writes, every rank waits)."""
+        if name is None and step in saved:
+            return saved[step]
         path = None
         if proc.is_main:
             info = {"step": step, "tokens_seen": float(tokens_seen), "callbacks": callbacks.state_dict(),
@@ -263,6 +268,8 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
             )
             callbacks.on_checkpoint(run, step, path)
         barrier()
+        if name is None:
+            saved[step] = path
         return path
 
     def run_eval(step: int) -> dict[str, float]:

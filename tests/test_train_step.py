@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     state2, step2 = state_and_step(accum_config)
     one, m1 = step(state, big)
     two, m2 = step2(state2, halves)
-    assert_trees_close(one["params"], two["params"], rtol=1e-5, atol=1e-6)
+    assert_trees_close(one["params"], two["params"], rtol=1e-4, atol=1e-5)  # Adam step 1 ~ sign(g)
     torch.testing.assert_close(m1["loss"], m2["loss"])
     assert float(m2["tokens"]) == float(m1["tokens"]) == 4 * 16
 

@@ -1,0 +1,127 @@
+"""Driver-level faults: SIGKILL then resume is bitwise identical, SIGTERM saves and exits
+cleanly, non-finite steps halt with a diagnosis, a corrupted newest checkpoint falls back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmfn.config import load_config
+from llmfn.trainer import TrainingHalted, train
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
+    "model.num_kv_heads=2", "model.max_seq_len=16", "model.dropout=0.1",
+    "data.module=synthetic", "data.synthetic_vocab_size=64", "data.batch_size=4", "data.synthetic_size=512",
+    "optim.warmup_steps=2", "train.compile=false", "train.eval_every=1000", "logging.log_every=1",
+    "logging.progress=false", "logging.plot=false", "checkpoint.save_best=false",
+]
+
+
+def launch(run_dir: Path, name: str, *extra: str) -> subprocess.Popen:
+    args = [*TINY, f"train.run_dir={run_dir}", f"train.run_name={name}", *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmfn.train", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r.get("kind") == "train"}
+
+
+def final_params(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    return load_file(run / "checkpoints" / latest / "params.safetensors")
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training exited early: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    steps, half = 24, 12
+    straight = launch(tmp_path, "straight", f"train.max_steps={steps}", "checkpoint.every=1000")
+    interrupted = launch(tmp_path, "cut", f"train.max_steps={steps}", f"checkpoint.every={half}")
+    checkpoint = tmp_path / "cut" / "checkpoints" / f"step_{half:06d}"
+    wait_for(lambda: (checkpoint / "manifest.json").exists(), interrupted)
+    interrupted.send_signal(signal.SIGKILL)
+    interrupted.wait()
+    code, _, err = finish(launch(tmp_path, "cut", f"train.max_steps={steps}", "checkpoint.every=1000", "train.resume=auto"))
+    assert code == 0, err[-2000:]
+    assert finish(straight)[0] == 0
+
+    expected, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "cut")
+    assert sorted(resumed) == sorted(expected) == list(range(1, steps + 1))
+    assert resumed == expected  # bitwise: identical floats at every step
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
+    proc = launch(tmp_path, "term", "train.max_steps=100000", "checkpoint.every=1000")
+    wait_for(lambda: (tmp_path / "term" / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc)
+    assert code == 0, err[-2000:]
+    assert "received SIGTERM: saved a checkpoint at step" in out
+    step = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert (tmp_path / "term" / "checkpoints" / f"step_{step:06d}" / "manifest.json").exists()
+    code, out, err = finish(launch(tmp_path, "term", f"train.max_steps={step + 2}", "train.resume=auto"))
+    assert code == 0, err[-2000:]
+    assert f"at step {step}" in out and train_losses(tmp_path / "term").keys() >= {step + 1, step + 2}
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY, f"train.run_dir={tmp_path}", "train.run_name=nan", *extra], {})
+
+
+def test_nonfinite_halt_saves_a_diagnostic_checkpoint_and_names_tensors(tmp_path):
+    config = tiny_config(tmp_path, "train.nonfinite=halt", "optim.lr=1e30", "optim.min_lr=0", "optim.warmup_steps=0",
+                         "optim.grad_clip=null", "train.max_steps=50")
+    with pytest.raises(TrainingHalted, match=r"non-finite loss or gradients from step (\d+) .*train.nonfinite=halt") as info:
+        train(config)
+    message = str(info.value)
+    assert "grad:" in message or "layers." in message or "embed" in message
+    diagnostic = next((tmp_path / "nan" / "checkpoints").glob("nonfinite_step_*"))
+    params = load_file(diagnostic / "params.safetensors")
+    assert all(torch.isfinite(t).all() for t in params.values())  # the last good values
+
+
+def test_nonfinite_skip_halts_after_the_limit(tmp_path):
+    config = tiny_config(tmp_path, "train.nonfinite=skip", "train.max_nonfinite=3", "optim.lr=1e30", "optim.min_lr=0",
+                         "optim.warmup_steps=0", "optim.grad_clip=null", "train.max_steps=50")
+    with pytest.raises(TrainingHalted, match=r"limit 3 in a row"):
+        train(config)
+
+
+def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
+    result = train(tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every=3", "train.run_name=c"))
+    root = result.run_dir / "checkpoints"
+    newest = root / "step_000006" / "params.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"step_000006.*sha256"):
+        resumed = train(tiny_config(tmp_path, "train.max_steps=8", "train.resume=auto", "train.run_name=c"))
+    assert resumed.step == 8
+    losses = train_losses(result.run_dir)
+    assert {4, 5, 6, 7, 8} <= losses.keys()

@@ -78,7 +78,10 @@ def test_short_stream_falls_back_to_distinct_overlapping_windows():
     assert sampler.stride == 1 and sampler.steps_per_epoch == 3  # 31 starts // 8
     starts = np.concatenate([sampler.starts(0, r) for r in range(2)])
     assert len(np.unique(starts)) == 8 and starts.max() <= 30
-    with pytest.raises(ValueError, match="only 5 examples for batch_size=4 × world_size=2"):
+    with pytest.raises(
+        ValueError,
+        match="only 5 distinct windows of 10 tokens .* fit in 14 tokens, fewer than batch_size=4 × world_size=2",
+    ):
         WindowSampler(num_tokens=14, window=10, batch_size=4, world_size=2).steps_per_epoch  # noqa: B018
     with pytest.raises(ValueError, match="fewer than one window"):
         WindowSampler(num_tokens=5, window=10, batch_size=1)

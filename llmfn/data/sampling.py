@@ -150,6 +150,12 @@ class WindowSampler:
     @cached_property
     def slot_sampler(self) -> SlotSampler:
         num_slots = (self.num_tokens - self.window + 1) // self.stride
+        if num_slots < self.batch_size * self.world_size:
+            raise ValueError(
+                f"only {num_slots} distinct windows of {self.window} tokens (max_seq_len + 1) fit in "
+                f"{self.num_tokens} tokens, fewer than batch_size={self.batch_size} × world_size="
+                f"{self.world_size}: use more data, a shorter max_seq_len or a smaller data.batch_size"
+            )
         return SlotSampler(num_slots, self.batch_size, self.world_size, self.seed)
 
     @property

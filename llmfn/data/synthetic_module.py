@@ -3,8 +3,9 @@
 `SyntheticDataModule`: token sequences from a random Markov chain in which every token has
 `branching` equally likely successors; the best possible loss is ln(branching) (1.386 for 4),
 far below the ln(vocab_size) of guessing, so a model visibly learns.
-`RegressionDataModule`: x ~ N(0, 1) [features], y = x·w + 0.1·noise [1]; the best possible
-mean squared error is 0.01.
+`RegressionDataModule`: x ~ N(0, 1) [features], y = f(x) + 0.1·noise [1], where f is a random
+smooth function (a fixed random tanh network, scaled to unit variance); the best possible mean
+squared error is 0.01, while a linear fit stays far above it.
 
 Both hold `synthetic_size` examples, hold out `val_fraction` of them (at least one batch), and
 sample like the other modules: micro-batch `index` on `rank` is a pure function of
@@ -23,6 +24,7 @@ from llmfn.data.token_bin_module import NotSetUp, lm_batch
 
 BRANCHING = 4
 REGRESSION_NOISE = 0.1
+TEACHER_WIDTH = 32
 
 
 def split_count(size: int, batch_size: int, val_fraction: float, val_batches: int) -> int:
@@ -139,7 +141,7 @@ class SyntheticDataModule(_InMemoryModule):
 
 
 class RegressionDataModule(_InMemoryModule):
-    """{"x": float [batch_size, features], "y": float [batch_size, 1]}: y = x·w + noise."""
+    """{"x": float [batch_size, features], "y": float [batch_size, 1]}: y = f(x) + noise."""
 
     vocab_size = None
 
@@ -164,10 +166,17 @@ class RegressionDataModule(_InMemoryModule):
 
     def _examples(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 2])
-        weights = rng.normal(size=(self.features, 1)) / np.sqrt(self.features)
+        hidden = rng.normal(size=(self.features, TEACHER_WIDTH)) * 2 / np.sqrt(self.features)
+        out = rng.normal(size=(TEACHER_WIDTH, 1))
         x = rng.normal(size=(self.size, self.features))
-        y = x @ weights + REGRESSION_NOISE * rng.normal(size=(self.size, 1))
-        return {"x": x.astype(np.float32), "y": y.astype(np.float32)}
+        clean = np.tanh(x @ hidden) @ out
+        clean = (clean - clean.mean()) / clean.std()
+        y = clean + REGRESSION_NOISE * rng.normal(size=(self.size, 1))
+        return {
+            "x": x.astype(np.float32),
+            "y": y.astype(np.float32),
+            "clean": clean.astype(np.float32),
+        }
 
     def _batch(self, rows: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {"x": torch.tensor(rows["x"]), "y": torch.tensor(rows["y"])}  # copies

@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from tensordict import TensorDict
 
 from llmfn.layers.block import block, init_block
@@ -21,6 +20,7 @@ from llmfn.layers.dropout import dropout, fold_in
 from llmfn.layers.init import normal
 from llmfn.layers.norm import init_norm, norm
 from llmfn.layers.positions import init_learned_positions, sinusoidal_table
+from llmfn.layers.remat import remat
 from llmfn.model_config import ModelConfig
 
 IGNORE_INDEX = -100
@@ -86,6 +86,34 @@ def embed(params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg
     return x
 
 
+def checkpointed_block(
+    layer: TensorDict,
+    x: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    dropout_key: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`block` without a cache, its activations recomputed in the backward (`layers.remat`), so
+    it works under torch.func.grad / vmap and torch.compile. x: [B, T, D] -> (x, MoE losses)."""
+    flat = layer.flatten_keys(".")
+    names = list(flat.keys())
+    options = {"key_valid": key_valid, "dropout_key": dropout_key}
+    option_names = [option for option, value in options.items() if value is not None]
+    loss_names = ("moe_aux_loss", "router_z_loss") if cfg.use_moe else ()
+
+    def run(h, *tensors):
+        leaves, (pos, *option_values) = tensors[: len(names)], tensors[len(names) :]
+        params = TensorDict(dict(zip(names, leaves, strict=True)), []).unflatten_keys(".")
+        out, _, losses = block(params, h, cfg, positions=pos, **dict(zip(option_names, option_values, strict=True)))
+        return (out, *(losses[loss_name] for loss_name in loss_names))
+
+    constants = [positions, *(options[option] for option in option_names)]
+    out, *loss_values = remat(run, [x, *flat.values()], constants)
+    return out, dict(zip(loss_names, loss_values, strict=True))
+
+
 def apply(
     params: TensorDict,
     tokens: torch.Tensor,
@@ -117,13 +145,15 @@ def apply(
         name = str(i)
         layer_cache = None if cache is None else cache["layers", name]
         layer_key = None if dropout_key is None else fold_in(dropout_key, i + 1)
-        run = lambda h, p=params["layers", name], c=layer_cache, k=layer_key: block(  # noqa: E731
-            p, h, cfg, positions=positions, key_valid=attention_mask, cache=c, cache_start=cache_start, dropout_key=k
-        )
-        if cfg.activation_checkpointing and torch.is_grad_enabled():
-            x, layer_cache, losses = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        if cfg.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            x, losses = checkpointed_block(
+                params["layers", name], x, cfg, positions=positions, key_valid=attention_mask, dropout_key=layer_key
+            )
         else:
-            x, layer_cache, losses = run(x)
+            x, layer_cache, losses = block(
+                params["layers", name], x, cfg, positions=positions, key_valid=attention_mask,
+                cache=layer_cache, cache_start=cache_start, dropout_key=layer_key,
+            )
         new_layers[name] = layer_cache
         layer_losses.append(losses)
 

@@ -36,7 +36,8 @@ def one_thread():
 @st.composite
 def model_configs(draw, *, moe=None, sliding_window=None, position=None) -> ModelConfig:
     """A tiny random architecture: MHA / GQA / MQA, every position kind, norm type and position,
-    GLU or not, biases, tied embeddings, sliding window, dropless MoE (with shared experts)."""
+    GLU or not, biases, tied embeddings, sliding window, dropless MoE (with shared experts),
+    activation checkpointing (the forward runs through `layers.remat` when grad is enabled)."""
     num_heads = draw(st.sampled_from([2, 4]))
     num_kv_heads = draw(st.sampled_from([None, *[k for k in (1, 2, 4) if num_heads % k == 0]]))
     position = draw(st.sampled_from(POSITIONS)) if position is None else position
@@ -69,6 +70,7 @@ def model_configs(draw, *, moe=None, sliding_window=None, position=None) -> Mode
         num_experts=num_experts,
         top_k=draw(st.integers(1, num_experts)),
         num_shared_experts=draw(st.integers(0, 1)),
+        activation_checkpointing=draw(st.booleans()),
         init_std=0.3,
     )
 

@@ -45,13 +45,19 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return min(num_tokens, max(1, math.ceil(cfg.moe_capacity_factor * pairs / cfg.num_experts)))
 
 
+def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """indices [...] -> [..., num_classes] long. Unlike F.one_hot, no data-dependent check, so
+    it works under torch.func.vmap."""
+    return (indices[..., None] == torch.arange(num_classes, device=indices.device)).long()
+
+
 def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
     """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors)."""
     logits = F.linear(x, router).float()  # [N, E]
     probs = logits.softmax(dim=-1)
     weights, experts = probs.topk(cfg.top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    chosen = F.one_hot(experts, cfg.num_experts).sum(dim=1).float()  # [N, E]
+    chosen = one_hot(experts, cfg.num_experts).sum(dim=1).float()  # [N, E]
     fraction_routed = chosen.mean(dim=0) / cfg.top_k
     load_balance = cfg.num_experts * (fraction_routed * probs.mean(dim=0)).sum()
     z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -78,8 +84,7 @@ def moe(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Te
     weights, experts, losses = route(params["router"], tokens, cfg)
 
     flat_expert = experts.reshape(-1)  # [N·k], token-major: earlier tokens win a full expert
-    one_hot = F.one_hot(flat_expert, E)  # [N·k, E]
-    rank_in_expert = (one_hot.cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+    rank_in_expert = (one_hot(flat_expert, E).cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
     kept = rank_in_expert < capacity
     overflow_slot = E * capacity  # one spare row receives every skipped pair
     slot = torch.where(kept, flat_expert * capacity + rank_in_expert, overflow_slot)

@@ -1,0 +1,43 @@
+"""Activation checkpointing (rematerialization) that works under `torch.func` transforms.
+
+`torch.utils.checkpoint` relies on saved-tensor hooks, which `torch.func.grad` / `vjp` reject
+(eager and compiled), so a train step built on `grad_and_value` could not checkpoint.
+`remat(fn, differentiable, constants)` is an `autograd.Function` instead: its forward keeps no
+intermediates, only the inputs, and its backward re-runs `fn` under `torch.func.vjp`. It works
+under plain autograd, `torch.func.grad`, `vmap(grad)` and `torch.compile`.
+
+Every tensor `fn` reads must be passed in: a tensor captured by a closure from inside a
+transformed function breaks `vmap` of the backward.
+"""
+
+import torch
+
+
+class _Remat(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(fn, num_differentiable, *tensors):
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        fn, num_differentiable, *tensors = inputs
+        ctx.fn, ctx.num_differentiable = fn, num_differentiable
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        tensors = ctx.saved_tensors
+        differentiable, constants = tensors[: ctx.num_differentiable], tensors[ctx.num_differentiable :]
+        _, vjp = torch.func.vjp(lambda *inputs: ctx.fn(*inputs, *constants), *differentiable)
+        return (None, None, *vjp(output_grads), *[None] * len(constants))
+
+
+def remat(fn, differentiable: list[torch.Tensor], constants: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """fn(*differentiable, *constants) -> tuple of float tensors, recomputed in the backward.
+
+    differentiable: float tensors that get gradients; constants: any other tensors (positions,
+    masks, keys) that get none.
+    """
+    return _Remat.apply(fn, len(differentiable), *differentiable, *constants)

@@ -28,7 +28,7 @@ from llmfn.data import (
     SyntheticDataModule,
     TokenBinDataModule,
 )
-from llmfn.data.prepare import FORMAT, FORMAT_VERSION
+from llmfn.data.binarize import FORMAT, FORMAT_VERSION
 
 
 def fake_bins(folder: Path, num_tokens: int, vocab_size: int = 50_257) -> Path:

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import llmfn.data.prepare as prepare_module
+import llmfn.data.binarize as prepare_module
 import llmfn.data.sources as sources
 from llmfn.data import load_tokenizer
 from llmfn.data.atomic import atomic_folder
-from llmfn.data.prepare import SplitLayout, choose_dtype, main, prepare_bins
+from llmfn.data.binarize import SplitLayout, choose_dtype, prepare_bins
+from llmfn.data.prepare import main
 from llmfn.data.sources import InputError, read_segments, resolve_inputs
 
 TEXTS = {

@@ -4,10 +4,10 @@ tok = load_tokenizer("runs/x/tokenizer")
 data = build_data_module(config.data, seq_len=256, seed=0)
 """
 
+from llmfn.data.binarize import prepare_bins
 from llmfn.data.bpe_tokenizer import BPETokenizer
 from llmfn.data.char_tokenizer import CharTokenizer
 from llmfn.data.data_module import MODULES, DataModule, build_data_module
-from llmfn.data.prepare import prepare_bins
 from llmfn.data.sft_module import SFTDataModule
 from llmfn.data.stdlib_module import StdlibDataModule, stdlib_files
 from llmfn.data.synthetic_module import RegressionDataModule, SyntheticDataModule

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfn.data.prepare import FORMAT_VERSION, prepare_bins
+from llmfn.data.binarize import FORMAT_VERSION, prepare_bins
 from llmfn.data.sources import resolve_inputs
 from llmfn.data.token_bin_module import TokenBinDataModule
 from llmfn.data.tokenizer import TRAINABLE, tokenizer_file

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfn.data.prepare import FORMAT
+from llmfn.data.binarize import FORMAT
 
 
 def _memmap(path: Path, dtype: np.dtype, expected: int) -> np.ndarray:

@@ -1,0 +1,257 @@
+"""Tokenize text files into `train.bin` / `val.bin` token bins, streaming (`prepare_bins`; the
+command line is `python -m llmfn.data.prepare`).
+
+Output folder (written under a temporary name, renamed into place when complete):
+    train.bin, val.bin   raw token ids, little-endian uint16 (vocabulary <= 65536) or uint32
+    tokenizer.json       the tokenizer used (trained here for char/bpe), + tokenizer_config.json for BPE
+    meta.json            tokenizer, dtype, token counts, source files with SHA-256 (written last)
+
+Files are separated by the tokenizer's end-of-text id. The validation split takes `val_fraction`
+of the text in line-aligned blocks spread evenly through the corpus (not only its tail). Memory
+is bounded by the read/encode buffers, never by the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llmfn.data.atomic import atomic_folder, check_writable
+from llmfn.data.char_tokenizer import CharTokenizer
+from llmfn.data.sources import (
+    ERROR_POLICIES,
+    InputError,
+    read_segments,
+    resolve_inputs,
+    total_bytes,
+)
+from llmfn.data.tokenizer import TRAINABLE, Tokenizer, build_tokenizer
+
+FORMAT = "llmfn-token-bin"
+FORMAT_VERSION = 1
+DTYPES = ("auto", "uint16", "uint32")
+ENCODE_BATCH_CHARS = 4 << 20  # text encoded per batch (bounds memory)
+VAL_BLOCKS = 32  # the validation split is spread over about this many blocks
+MIN_BLOCK_CHARS, MAX_BLOCK_CHARS = 64, 1 << 20
+DEFAULT_MAX_TOKENIZER_CHARS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Every `period` characters of the stream, the first `block` go to validation."""
+
+    block: int  # also the segment size: the unit of reading, encoding and splitting
+    period: int | None  # None = no validation split
+
+    @classmethod
+    def for_corpus(cls, corpus_chars: int, val_fraction: float) -> SplitLayout:
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction} is invalid: expected a float in [0, 1)")
+        if val_fraction == 0:
+            return cls(block=MAX_BLOCK_CHARS, period=None)
+        held_out = corpus_chars * val_fraction
+        block = int(
+            min(MAX_BLOCK_CHARS, max(MIN_BLOCK_CHARS, held_out / VAL_BLOCKS), max(1, held_out))
+        )
+        return cls(block=block, period=max(block + 1, round(block / val_fraction)))
+
+    def is_val(self, offset: int) -> bool:
+        return self.period is not None and offset % self.period < self.block
+
+
+def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32; an explicit choice that
+    cannot hold the vocabulary is an error."""
+    if requested not in DTYPES:
+        raise ValueError(f"dtype={requested!r} is invalid: expected one of {', '.join(DTYPES)}")
+    fits16 = vocab_size <= np.iinfo(np.uint16).max + 1
+    if requested == "uint16" and not fits16:
+        raise ValueError(
+            f"a vocabulary of {vocab_size} ids does not fit --dtype uint16 (ids up to 65535): use --dtype uint32 or auto"
+        )
+    if requested == "auto":
+        requested = "uint16" if fits16 else "uint32"
+    return np.dtype(requested)
+
+
+class _Progress:
+    """A tqdm bar over the bytes read (a no-op when disabled)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = tqdm(
+            total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, file=sys.stderr
+        )
+
+    def __call__(self, num_bytes: int) -> None:
+        self.bar.update(num_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _corpus_texts(
+    files, layout: SplitLayout, errors: str, max_chars: int, progress: _Progress
+) -> Iterator[str]:
+    """The corpus text (both splits: the tokenizer needs every character, the model is what the
+    validation split is held out from), stopping after `max_chars` characters."""
+    seen = 0
+    for segment in read_segments(
+        files, segment_chars=layout.block, errors=errors, on_bytes=progress
+    ):
+        if segment.text:
+            yield segment.text
+            seen += len(segment.text)
+            if seen >= max_chars:
+                break
+    progress.close()
+
+
+def _batches(segments: Iterable, max_chars: int) -> Iterator[list]:
+    batch, size = [], 0
+    for segment in segments:
+        batch.append(segment)
+        size += len(segment.text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_segments(tokenizer: Tokenizer, segments: list) -> list[np.ndarray]:
+    """Token ids of each segment (int64), the end-of-text id appended after a document's end."""
+    texts = [segment.text for segment in segments]
+    encode_arrays = getattr(tokenizer, "encode_arrays", None)  # the fast path of our tokenizers
+    if encode_arrays is not None:
+        encoded = encode_arrays(texts)
+    else:
+        encoded = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
+    eos = tokenizer.eos_id
+    if eos is not None:
+        encoded = [
+            np.append(ids, eos) if seg.ends_document else ids
+            for ids, seg in zip(encoded, segments, strict=True)
+        ]
+    return encoded
+
+
+def _write_split(handle, arrays: list[np.ndarray], dtype: np.dtype) -> int:
+    if not arrays:
+        return 0
+    ids = np.concatenate(arrays).astype(dtype.newbyteorder("<"), copy=False)
+    ids.tofile(handle)
+    return int(ids.size)
+
+
+def _sources_digest(sources: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(f"{source['path']}\0{source['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_kind(tokenizer: Tokenizer) -> str:
+    return "char" if isinstance(tokenizer, CharTokenizer) else "hf"
+
+
+def prepare_bins(
+    inputs: str | Path | Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    tokenizer: str = "bpe",
+    vocab_size: int = 8192,
+    val_fraction: float = 0.005,
+    errors: str = "strict",
+    dtype: str = "auto",
+    overwrite: bool = False,
+    if_exists: str | None = None,
+    max_tokenizer_chars: int = DEFAULT_MAX_TOKENIZER_CHARS,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `inputs` (files, folders, globs) into `out_dir`; returns the meta.json dict.
+
+    tokenizer: "char" | "bpe" (trained on the corpus, at most `max_tokenizer_chars`
+    characters, `vocab_size` ids) or a tokenizer.json path / folder. if_exists overrides
+    `overwrite`: "error" | "replace" | "keep" (keep: another writer's complete folder wins).
+    """
+    out_dir = Path(out_dir)
+    if_exists = if_exists or ("replace" if overwrite else "error")
+    if errors not in ERROR_POLICIES:
+        raise ValueError(
+            f"errors={errors!r} is invalid: expected one of {', '.join(ERROR_POLICIES)}"
+        )
+    check_writable(out_dir, if_exists)
+    files = resolve_inputs(inputs)
+    corpus_bytes = total_bytes(files)
+    if corpus_bytes == 0:
+        raise InputError(f"the input is empty: {len(files)} file(s), 0 bytes of text")
+    layout = SplitLayout.for_corpus(corpus_bytes, val_fraction)
+
+    def texts() -> Iterator[str]:
+        bar = _Progress(corpus_bytes, f"training {tokenizer} tokenizer", progress)
+        return _corpus_texts(files, layout, errors, max_tokenizer_chars, bar)
+
+    tok = build_tokenizer(tokenizer, texts, vocab_size=vocab_size)
+    bin_dtype = choose_dtype(tok.vocab_size, dtype)
+
+    digests: dict[Path, str] = {}
+    counts = {"train": 0, "val": 0}
+    bar = _Progress(corpus_bytes, "tokenizing", progress)
+    with atomic_folder(out_dir, if_exists=if_exists) as tmp:
+        with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
+            segments = read_segments(
+                files, segment_chars=layout.block, errors=errors, on_bytes=bar, digests=digests
+            )
+            for batch in _batches(segments, ENCODE_BATCH_CHARS):
+                encoded = _encode_segments(tok, batch)
+                is_val = [layout.is_val(segment.offset) for segment in batch]
+                counts["train"] += _write_split(
+                    train_file,
+                    [e for e, v in zip(encoded, is_val, strict=True) if not v],
+                    bin_dtype,
+                )
+                counts["val"] += _write_split(
+                    val_file, [e for e, v in zip(encoded, is_val, strict=True) if v], bin_dtype
+                )
+        bar.close()
+        if counts["train"] + counts["val"] == 0:
+            raise InputError(f"the input holds no text once decoded ({len(files)} file(s))")
+        tok.save(tmp)
+        sources = [
+            {"path": str(path), "bytes": path.stat().st_size, "sha256": digests[path]}
+            for path in files
+        ]
+        meta = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "tokenizer": {
+                "spec": tokenizer if tokenizer in TRAINABLE else str(Path(tokenizer)),
+                "kind": tokenizer_kind(tok),
+                "file": "tokenizer.json",
+                "vocab_size": tok.vocab_size,
+                "eos_id": tok.eos_id,
+                "bos_id": tok.bos_id,
+                "pad_id": tok.pad_id,
+            },
+            "dtype": bin_dtype.name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "val_fraction": val_fraction,
+            "val_block_chars": layout.block if layout.period else 0,
+            "errors": errors,
+            "documents": len(files),
+            "bytes": corpus_bytes,
+            "sources_sha256": _sources_digest(sources),
+            "sources": sources,
+        }
+        (tmp / "meta.json").write_text(
+            json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+    return meta

@@ -266,3 +266,5 @@ def test_build_data_module_from_config(tmp_path, bin_folder):
     with pytest.raises(ValueError, match="data.module='nope'"):
         build_data_module(DataConfig(module="nope"), seq_len=8, seed=0)
     assert json.loads((bin_folder / "meta.json").read_text())["format"] == "llmfn-token-bin"
+    for module in (built, synthetic, regression, stdlib, text):
+        assert isinstance(module, DataModule)  # the attributes and methods the trainer uses

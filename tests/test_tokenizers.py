@@ -118,10 +118,11 @@ def test_bpe_save_load_is_a_standard_tokenizer_json(tmp_path):
         assert loaded.encode(text) == tok.encode(text)
 
 
+@pytest.mark.slow  # importing transformers alone takes 10-40 s on a busy 2-core machine
 def test_bpe_saved_folder_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     small_bpe().save(tmp_path)
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
     assert hf.encode("def f(x):", add_special_tokens=False) == small_bpe().encode("def f(x):")
 

@@ -110,9 +110,11 @@ def make_train_step(
 
         if all_reduce is not None:
             leaves, spec = tree_flatten(grads)
-            reduced = all_reduce(leaves + [loss.reshape(1), tokens.float().reshape(1)])
-            grads = tree_unflatten(reduced[:-2], spec)
-            loss, tokens = reduced[-2][0], reduced[-1][0]  # means over ranks; tokens rescaled below
+            scalars = [loss, tokens.float(), *extra.values()]
+            reduced = all_reduce(leaves + [s.reshape(1) for s in scalars])
+            grads = tree_unflatten(reduced[: len(leaves)], spec)
+            loss, tokens, *rest = (r[0] for r in reduced[len(leaves) :])  # means over ranks
+            extra = dict(zip(extra, rest, strict=True))
 
         grads, grad_norm = clip_by_global_norm(grads, max_norm)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)

@@ -27,21 +27,31 @@ IGNORE_INDEX = -100
 
 
 def init_params(
-    cfg: ModelConfig, *, seed: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    cfg: ModelConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> TensorDict:
     """A fresh parameter tree, deterministic from `seed` (drawn on CPU, then moved).
 
     Weights are [out, in]; residual projections (attn wo, mlp w2) are scaled by 1/sqrt(2·L).
     """
     gen = torch.Generator().manual_seed(seed)
-    tree = {"embed": TensorDict({"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, [])}
+    tree = {
+        "embed": TensorDict(
+            {"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, []
+        )
+    }
     if cfg.position == "learned":
         tree["pos"] = init_learned_positions(cfg, gen)
     tree["layers"] = TensorDict({str(i): init_block(cfg, gen) for i in range(cfg.num_layers)}, [])
     if cfg.norm_position == "pre":
         tree["final_norm"] = init_norm(cfg)
     if not cfg.tie_embeddings:
-        tree["lm_head"] = TensorDict({"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, [])
+        tree["lm_head"] = TensorDict(
+            {"weight": normal((cfg.vocab_size, cfg.hidden_size), cfg.init_std, gen)}, []
+        )
     params = TensorDict(tree, batch_size=[])
     if dtype is not None:
         params = params.to(dtype)
@@ -49,14 +59,25 @@ def init_params(
 
 
 def init_cache(
-    cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32, device=None
+    cfg: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device=None,
 ) -> TensorDict:
     """A zeroed KV cache: layers/{i}/k and /v, each [B, num_kv_heads, max_len, head_dim]."""
     shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
     layer = lambda: TensorDict(  # noqa: E731
-        {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}, []
+        {
+            "k": torch.zeros(shape, dtype=dtype, device=device),
+            "v": torch.zeros(shape, dtype=dtype, device=device),
+        },
+        [],
     )
-    return TensorDict({"layers": TensorDict({str(i): layer() for i in range(cfg.num_layers)}, [])}, [])
+    return TensorDict(
+        {"layers": TensorDict({str(i): layer() for i in range(cfg.num_layers)}, [])}, []
+    )
 
 
 class ModelOutput(NamedTuple):
@@ -65,7 +86,9 @@ class ModelOutput(NamedTuple):
     losses: dict[str, torch.Tensor]  # MoE losses averaged over layers (empty for dense models)
 
 
-def default_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None, start) -> torch.Tensor:
+def default_positions(
+    tokens: torch.Tensor, attention_mask: torch.Tensor | None, start
+) -> torch.Tensor:
     """[B, T] positions: start + t, or the count of real tokens before t when padding is masked
     (so left-padded rows start at 0). With a cache the mask is over slots, and the positions are
     read at slots start .. start + T - 1 (so cached decode matches the uncached forward)."""
@@ -76,7 +99,9 @@ def default_positions(tokens: torch.Tensor, attention_mask: torch.Tensor | None,
     return real_before.index_select(1, slots)
 
 
-def embed(params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def embed(
+    params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig
+) -> torch.Tensor:
     """tokens, positions: [B, T] -> [B, T, D]: token embedding plus absolute positions, if any."""
     x = F.embedding(tokens, params["embed", "weight"])
     if cfg.position == "learned":
@@ -106,7 +131,9 @@ def checkpointed_block(
     def run(h, *tensors):
         leaves, (pos, *option_values) = tensors[: len(names)], tensors[len(names) :]
         params = TensorDict(dict(zip(names, leaves, strict=True)), []).unflatten_keys(".")
-        out, _, losses = block(params, h, cfg, positions=pos, **dict(zip(option_names, option_values, strict=True)))
+        out, _, losses = block(
+            params, h, cfg, positions=pos, **dict(zip(option_names, option_values, strict=True))
+        )
         return (out, *(losses[loss_name] for loss_name in loss_names))
 
     constants = [positions, *(options[option] for option in option_names)]
@@ -134,7 +161,9 @@ def apply(
     training + rng (0-d int64 key): dropout, as a pure function of the key.
     """
     if training and cfg.dropout > 0 and rng is None:
-        raise ValueError("forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)")
+        raise ValueError(
+            "forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)"
+        )
     if positions is None:
         positions = default_positions(tokens, attention_mask, cache_start)
     dropout_key = rng if training and cfg.dropout > 0 else None
@@ -147,12 +176,23 @@ def apply(
         layer_key = None if dropout_key is None else fold_in(dropout_key, i + 1)
         if cfg.activation_checkpointing and cache is None and torch.is_grad_enabled():
             x, losses = checkpointed_block(
-                params["layers", name], x, cfg, positions=positions, key_valid=attention_mask, dropout_key=layer_key
+                params["layers", name],
+                x,
+                cfg,
+                positions=positions,
+                key_valid=attention_mask,
+                dropout_key=layer_key,
             )
         else:
             x, layer_cache, losses = block(
-                params["layers", name], x, cfg, positions=positions, key_valid=attention_mask,
-                cache=layer_cache, cache_start=cache_start, dropout_key=layer_key,
+                params["layers", name],
+                x,
+                cfg,
+                positions=positions,
+                key_valid=attention_mask,
+                cache=layer_cache,
+                cache_start=cache_start,
+                dropout_key=layer_key,
             )
         new_layers[name] = layer_cache
         layer_losses.append(losses)
@@ -164,7 +204,9 @@ def apply(
     new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
     losses = {}
     if layer_losses and layer_losses[0]:
-        losses = {key: torch.stack([lo[key] for lo in layer_losses]).mean() for key in layer_losses[0]}
+        losses = {
+            key: torch.stack([lo[key] for lo in layer_losses]).mean() for key in layer_losses[0]
+        }
     return ModelOutput(logits, new_cache, losses)
 
 
@@ -207,7 +249,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 
 def loss(
-    params: TensorDict, batch: dict, cfg: ModelConfig, *, training: bool = False, rng: torch.Tensor | None = None
+    params: TensorDict,
+    batch: dict,
+    cfg: ModelConfig,
+    *,
+    training: bool = False,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss of batch {"inputs": [B, T], "targets": [B, T], optional "attention_mask"}.
 
@@ -216,13 +263,26 @@ def loss(
     "ce_loss", "tokens" and the MoE losses, all tensors.
     """
     logits, aux = forward_with_aux(
-        params, batch["inputs"], cfg, attention_mask=batch.get("attention_mask"), training=training, rng=rng
+        params,
+        batch["inputs"],
+        cfg,
+        attention_mask=batch.get("attention_mask"),
+        training=training,
+        rng=rng,
     )
     ce, count = cross_entropy(logits, batch["targets"])
     total = ce
     if aux:
-        total = total + cfg.moe_aux_loss_coef * aux["moe_aux_loss"] + cfg.router_z_loss_coef * aux["router_z_loss"]
-    return total, {"ce_loss": ce.detach(), "tokens": count, **{k: v.detach() for k, v in aux.items()}}
+        total = (
+            total
+            + cfg.moe_aux_loss_coef * aux["moe_aux_loss"]
+            + cfg.router_z_loss_coef * aux["router_z_loss"]
+        )
+    return total, {
+        "ce_loss": ce.detach(),
+        "tokens": count,
+        **{k: v.detach() for k, v in aux.items()},
+    }
 
 
 def count_params(params: TensorDict) -> int:
@@ -245,4 +305,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token: 6·N_matmul + 12·L·H·hd·T (PaLM / torchtitan, full attention)."""
-    return 6 * matmul_params_per_token(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return (
+        6 * matmul_params_per_token(cfg)
+        + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    )

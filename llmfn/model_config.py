@@ -25,7 +25,11 @@ def _check_choice(field: str, value, allowed: tuple) -> None:
 
 
 def _check_positive(field: str, value, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value >= 0 if allow_zero else value > 0)
+    )
     if not ok:
         _fail(field, value, "a non-negative integer" if allow_zero else "a positive integer")
 
@@ -65,7 +69,7 @@ class ModelConfig:
     num_experts: int = 8
     top_k: int = 2
     num_shared_experts: int = 0
-    moe_capacity_factor: float | None = None  # None = dropless; else tokens over capacity skip the expert
+    moe_capacity_factor: float | None = None  # None = dropless; else overflow skips the expert
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     activation_checkpointing: bool = False
@@ -94,14 +98,23 @@ class ModelConfig:
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "a positive float")
         if self.position == "rope" and self.head_dim % 2:
-            _fail("hidden_size", self.hidden_size, f"an even head_dim for RoPE (got {self.head_dim})")
+            _fail(
+                "hidden_size", self.hidden_size, f"an even head_dim for RoPE (got {self.head_dim})"
+            )
         if not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "a positive float")
         if self.rope_scaling is not None and not self.rope_scaling_factor >= 1.0:
-            _fail("rope_scaling_factor", self.rope_scaling_factor, "a float >= 1 when rope_scaling is set")
+            _fail(
+                "rope_scaling_factor",
+                self.rope_scaling_factor,
+                "a float >= 1 when rope_scaling is set",
+            )
         if self.rope_original_max_seq_len is not None:
             _check_positive("rope_original_max_seq_len", self.rope_original_max_seq_len)
-        if self.rope_scaling == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
+        if (
+            self.rope_scaling == "llama3"
+            and not self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
             expected = f"< rope_high_freq_factor={self.rope_high_freq_factor} for llama3 scaling"
             _fail("rope_low_freq_factor", self.rope_low_freq_factor, expected)
         if self.sliding_window is not None:
@@ -113,7 +126,11 @@ class ModelConfig:
             if self.top_k > self.num_experts:
                 _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
             if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
-                _fail("moe_capacity_factor", self.moe_capacity_factor, "None (dropless) or a positive float")
+                _fail(
+                    "moe_capacity_factor",
+                    self.moe_capacity_factor,
+                    "None (dropless) or a positive float",
+                )
             for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
                 if not getattr(self, name) >= 0:
                     _fail(name, getattr(self, name), "a non-negative float")

@@ -29,7 +29,10 @@ def init_moe(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
     tree = {
         "router": normal((E, D), cfg.init_std, gen),
         "experts": TensorDict(
-            {up: normal((E, up_rows, D), cfg.init_std, gen), "w2": normal((E, D, width), residual_std, gen)},
+            {
+                up: normal((E, up_rows, D), cfg.init_std, gen),
+                "w2": normal((E, D, width), residual_std, gen),
+            },
             batch_size=[],
         ),
     }
@@ -84,7 +87,9 @@ def moe(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Te
     weights, experts, losses = route(params["router"], tokens, cfg)
 
     flat_expert = experts.reshape(-1)  # [N·k], token-major: earlier tokens win a full expert
-    rank_in_expert = (one_hot(flat_expert, E).cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+    rank_in_expert = (
+        (one_hot(flat_expert, E).cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+    )
     kept = rank_in_expert < capacity
     overflow_slot = E * capacity  # one spare row receives every skipped pair
     slot = torch.where(kept, flat_expert * capacity + rank_in_expert, overflow_slot)

@@ -29,12 +29,17 @@ class _Remat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *output_grads):
         tensors = ctx.saved_tensors
-        differentiable, constants = tensors[: ctx.num_differentiable], tensors[ctx.num_differentiable :]
+        differentiable, constants = (
+            tensors[: ctx.num_differentiable],
+            tensors[ctx.num_differentiable :],
+        )
         _, vjp = torch.func.vjp(lambda *inputs: ctx.fn(*inputs, *constants), *differentiable)
         return (None, None, *vjp(output_grads), *[None] * len(constants))
 
 
-def remat(fn, differentiable: list[torch.Tensor], constants: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def remat(
+    fn, differentiable: list[torch.Tensor], constants: list[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """fn(*differentiable, *constants) -> tuple of float tensors, recomputed in the backward.
 
     differentiable: float tensors that get gradients; constants: any other tensors (positions,

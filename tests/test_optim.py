@@ -287,6 +287,19 @@ def test_default_decay_mask_moe_and_stacked_trees():
     assert default_decay_mask(stacked) == mask
 
 
+def test_default_decay_mask_uses_names_and_element_dims():
+    tree = TensorDict(
+        {
+            "block": {"scale": torch.ones(4), "proj": torch.ones(3, 4)},
+            "qk_norm": {"weight": torch.ones(2, 4)},
+        },
+        batch_size=[],
+    )
+    expected = {("block", "scale"): False, ("block", "proj"): True, ("qk_norm", "weight"): False}
+    assert default_decay_mask(tree) == expected
+    assert default_decay_mask(torch.stack([tree, tree, tree])) == expected
+
+
 def test_user_decay_masks_dict_and_callable():
     params = small_tree()
     grads_seq = grad_sequence(params)

@@ -4,7 +4,15 @@ Parameters are TensorDict trees, `forward` is a pure function, and the train ste
 compiled function over a state tree.
 """
 
-from llmfn.model import (
+import warnings
+
+# `python -m llmfn.generate` runs a module this package has already imported (for `generate`).
+warnings.filterwarnings(
+    "ignore", message="'llmfn.generate' found in sys.modules", category=RuntimeWarning
+)
+
+from llmfn.generate import generate, stream  # noqa: E402
+from llmfn.model import (  # noqa: E402
     IGNORE_INDEX,
     ModelOutput,
     apply,
@@ -17,7 +25,7 @@ from llmfn.model import (
     init_params,
     loss,
 )
-from llmfn.model_config import ModelConfig
+from llmfn.model_config import ModelConfig  # noqa: E402
 
 __all__ = [
     "IGNORE_INDEX",
@@ -29,7 +37,9 @@ __all__ = [
     "forward",
     "forward_cached",
     "forward_with_aux",
+    "generate",
     "init_cache",
     "init_params",
     "loss",
+    "stream",
 ]

@@ -1,0 +1,468 @@
+"""Generation: cached decode == full forward, greedy == a no-cache loop and HF `generate`,
+left-padded batches == prompts alone, seeded sampling, EOS, stop strings, the compiled step
+(no recompiles) and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tensordict import TensorDict
+
+import llmfn.generate  # noqa: F401  (the module; `llmfn.generate` is the function)
+from llmfn import generate as generate_fn
+from llmfn import stream as stream_fn
+from llmfn.generate import (
+    TextRow,
+    decode_step,
+    filter_top_k_top_p,
+    generate,
+    generate_text,
+    init_sampler,
+    main,
+    pad_prompts,
+    penalize_repeats,
+    prefill,
+    sample_step,
+    slot_mask,
+    slot_positions,
+    stream,
+    stream_text,
+)
+from llmfn.model import forward, init_cache, init_params
+from llmfn.model_config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+generate_module = sys.modules["llmfn.generate"]
+
+BASE = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64)
+CONFIGS = {
+    "llama_gqa": ModelConfig(**BASE, num_kv_heads=2),
+    "mqa_sliding_window": ModelConfig(**BASE, num_kv_heads=1, sliding_window=3),
+    "moe": ModelConfig(**BASE, use_moe=True, num_experts=4, top_k=2, num_shared_experts=1),
+    "gpt2_like": ModelConfig(
+        **BASE,
+        position="learned",
+        norm_type="layernorm",
+        use_glu=False,
+        activation="gelu_tanh",
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    ),  # fmt: skip
+    "alibi_post_norm": ModelConfig(**BASE, position="alibi", norm_position="post"),
+    "sinusoidal": ModelConfig(**BASE, position="sinusoidal", num_kv_heads=2),
+}
+
+
+def sharp_params(cfg: ModelConfig, seed: int = 0) -> TensorDict:
+    """Random params with q/k scaled by 10, so attention is far from uniform (DESIGN.md §5)."""
+    params = init_params(cfg, seed=seed)
+    qk_rows = (cfg.num_heads + cfg.kv_heads) * cfg.head_dim
+    for i in range(cfg.num_layers):
+        params["layers", str(i), "attn", "wqkv"][:qk_rows] *= 10
+    return params
+
+
+PARAMS = {name: sharp_params(cfg) for name, cfg in CONFIGS.items()}
+
+
+def greedy_without_cache(params, cfg, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(forward(params, torch.tensor([ids]), cfg)[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+# --- Cached decode == full forward ------------------------------------------------------------
+@settings(max_examples=12)
+@given(
+    name=st.sampled_from(sorted(CONFIGS)),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    steps=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_cached_decode_equals_full_forward_at_every_position(name, lengths, steps, seed):
+    cfg, params = CONFIGS[name], PARAMS[name]
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, cfg.vocab_size, (n + steps,), generator=gen).tolist() for n in lengths]
+    tokens, pad = pad_prompts([row[:n] for row, n in zip(rows, lengths, strict=True)])
+    prompt_len, max_len = tokens.shape[1], tokens.shape[1] + steps
+    key_valid = slot_mask(pad, max_len)
+    cache = init_cache(cfg, len(rows), max_len)
+    with torch.no_grad():
+        prompt_logits, cache = prefill(params, cache, tokens, pad, key_valid, cfg)
+        step_logits = []
+        for t in range(steps):
+            slot = torch.tensor(prompt_len + t)
+            next_tokens = torch.tensor([[row[n + t]] for row, n in zip(rows, lengths, strict=True)])
+            logits, cache = decode_step(
+                params, cache, next_tokens, slot, cfg,
+                attention_mask=key_valid, positions=slot_positions(slot, pad),
+            )  # fmt: skip
+            step_logits.append(logits)
+        for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            full = forward(params, torch.tensor([row]), cfg)[0]  # [n + steps, V]
+            cached = torch.cat(
+                [prompt_logits[b, prompt_len - n :], torch.stack([s[b] for s in step_logits])]
+            )
+            torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_step_is_pure():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    cache = init_cache(cfg, 2, 8)
+    before = cache.clone()
+    _, new_cache = decode_step(params, cache, torch.tensor([[3], [4]]), torch.tensor(0), cfg)
+    assert (cache == before).all()
+    assert not torch.equal(new_cache["layers", "0", "k"], before["layers", "0", "k"])
+
+
+# --- Greedy generation ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_equals_a_loop_without_cache(name):
+    cfg, params = CONFIGS[name], PARAMS[name]
+    prompt = [5, 17, 3, 42, 8, 9]
+    assert generate(params, cfg, [prompt], max_new_tokens=9) == [
+        greedy_without_cache(params, cfg, prompt, 9)
+    ]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mqa_sliding_window", "moe", "gpt2_like"])
+def test_left_padded_batch_equals_each_prompt_alone(name):
+    cfg, params = CONFIGS[name], PARAMS[name]
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [30, 31, 32, 33]]
+    batched = generate(params, cfg, prompts, max_new_tokens=8)
+    assert batched == [generate(params, cfg, [p], max_new_tokens=8)[0] for p in prompts]
+    assert len({tuple(row) for row in batched}) == 3  # the rows really differ
+
+
+def test_tensor_prompts_and_the_package_exports():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    tokens = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    expected = generate(params, cfg, tokens.tolist(), max_new_tokens=4)
+    assert generate_fn(params, cfg, tokens, max_new_tokens=4) == expected
+    steps = list(stream_fn(params, cfg, tokens, max_new_tokens=4))
+    assert [list(row) for row in zip(*steps, strict=True)] == expected
+
+
+def test_streaming_yields_one_token_per_row_per_step():
+    cfg, params = CONFIGS["moe"], PARAMS["moe"]
+    steps = list(stream(params, cfg, [[1, 2], [3, 4, 5]], max_new_tokens=5))
+    assert len(steps) == 5 and all(
+        len(s) == 2 and all(isinstance(t, int) for t in s) for s in steps
+    )
+    assert [list(r) for r in zip(*steps, strict=True)] == generate(
+        params, cfg, [[1, 2], [3, 4, 5]], max_new_tokens=5
+    )
+
+
+def test_each_row_stops_at_eos_and_the_loop_ends_when_all_have():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    prompts = [[5, 17, 3], [40, 2, 9, 11]]
+    free = generate(params, cfg, prompts, max_new_tokens=10)
+    k = next(k for k in range(1, 10) if free[0][k] not in free[0][:k])  # row 0 emits eos at step k
+    eos = free[0][k]
+    cut = [row[: row.index(eos) + 1] if eos in row else row for row in free]
+    steps = list(stream(params, cfg, prompts, max_new_tokens=10, eos_id=eos))
+    assert len(steps) == max(len(row) for row in cut)
+    assert [[t for t in row if t is not None] for row in zip(*steps, strict=True)] == cut
+    assert all(step[0] is None for step in steps[k + 1 :])  # row 0 is finished after its EOS
+    assert generate(params, cfg, prompts, max_new_tokens=10, eos_id=eos) == cut
+    both = list(stream(params, cfg, [prompts[0], prompts[0]], max_new_tokens=10, eos_id=eos))
+    assert both == [[t, t] for t in free[0][: k + 1]]  # both rows done: the loop ends
+
+
+# --- Sampling ---------------------------------------------------------------------------------
+def test_same_seed_same_samples_and_other_seeds_differ():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    options = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.2)
+    first = generate(params, cfg, [[1, 2, 3], [4]], seed=7, **options)
+    assert first == generate(params, cfg, [[1, 2, 3], [4]], seed=7, **options)
+    assert first != generate(params, cfg, [[1, 2, 3], [4]], seed=8, **options)
+    assert first != generate(params, cfg, [[1, 2, 3], [4]], max_new_tokens=12)  # not greedy
+
+
+def test_samples_follow_the_softmax_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    rows = 20000
+    logits = probs.log().expand(rows, -1)
+    tokens = torch.zeros(rows, 1, dtype=torch.long)
+    sampler, flags = init_sampler(
+        tokens, torch.zeros(rows, dtype=torch.long), 5, temperature=1.0, top_k=None,
+        top_p=None, repetition_penalty=1.0, eos_id=None, seed=3,
+    )  # fmt: skip
+    ids, _ = sample_step(logits, sampler, torch.tensor(0), flags)
+    freq = torch.bincount(ids, minlength=5).float() / rows
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+    hot, _ = sample_step(
+        logits, {**sampler, "temperature": torch.tensor(0.25)}, torch.tensor(0), flags
+    )
+    assert (hot == 0).float().mean() > 0.9  # a low temperature sharpens
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**16), top_k=st.integers(1, 12), top_p=st.floats(0.05, 1.0))
+def test_top_k_top_p_and_repetition_penalty_match_hf(seed, top_k, top_p):
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 12, generator=gen) * 3
+    ours = filter_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+    theirs = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logits.clone()))
+    assert torch.equal(ours.isinf(), theirs.isinf())
+    assert torch.equal(ours[~ours.isinf()], logits[~ours.isinf()])
+
+    history = torch.randint(0, 12, (3, 5), generator=gen)
+    seen = torch.zeros(3, 12, dtype=torch.bool).scatter(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    torch.testing.assert_close(penalize_repeats(logits, seen, torch.tensor(1.3)), expected)
+
+
+def test_bad_options_and_prompts_are_clear_errors():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    cases = [
+        (dict(temperature=-1.0), "temperature=-1.0 is invalid"),
+        (dict(top_k=0), "top_k=0 is invalid"),
+        (dict(top_p=1.5), "top_p=1.5 is invalid"),
+        (dict(max_new_tokens=0), "max_new_tokens=0 is invalid"),
+        (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is invalid"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            generate(params, cfg, [[1]], **{"max_new_tokens": 2, **options})
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected a non-empty list"):
+        generate(params, cfg, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="vocab_size=61"):
+        generate(params, cfg, [[1, 61]], max_new_tokens=2)
+    gpt2 = CONFIGS["gpt2_like"]
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        generate(PARAMS["gpt2_like"], gpt2, [[1] * 60], max_new_tokens=5)
+
+
+# --- Text and stop strings --------------------------------------------------------------------
+class LetterTokenizer:
+    """ids 0..25 -> 'a'..'z', 26 -> ' ', 27 = EOS (decodes to nothing)."""
+
+    eos_id, bos_id, pad_id, vocab_size = 27, None, None, 28
+
+    def encode(self, text):
+        return [26 if c == " " else ord(c) - ord("a") for c in text]
+
+    def decode(self, ids):
+        return "".join("" if i == 27 else " " if i == 26 else chr(ord("a") + i) for i in ids)
+
+
+def test_text_row_holds_back_a_possible_stop_string_and_cuts_at_it():
+    row = TextRow(LetterTokenizer(), ["cat"])
+    pieces = [row.add(t) for t in LetterTokenizer().encode("a cab c")]
+    assert pieces == ["a", " ", "", "", "cab", " ", ""]  # "c", "ca" may start "cat"; "cab" does not
+    assert row.add(0) == "" and row.add(19) == "" and row.done  # "...c" + "at" -> stop
+    assert row.emitted == len("a cab ")
+    row = TextRow(LetterTokenizer(), ["zz"])
+    assert [row.add(t) for t in (25,)] == [""] and row.finish() == "z"
+
+
+def test_stop_strings_and_eos_end_text_rows():
+    cfg = ModelConfig(**{**BASE, "vocab_size": 28})
+    params = sharp_params(cfg, seed=4)
+    params["lm_head", "weight"][27] = 0  # the tokenizer's EOS (27) has logit 0: never the argmax
+    tok = LetterTokenizer()
+    ids = generate(params, cfg, [tok.encode("hello")], max_new_tokens=16)[0]
+    free = generate_text(params, cfg, tok, ["hello"], max_new_tokens=16, temperature=0)[0]
+    assert free == tok.decode(ids) and 27 not in ids
+    eos = ids[5]  # an EOS id ends the row before it (EOS has no text)
+    assert generate_text(params, cfg, tok, ["hello"], max_new_tokens=16, eos_id=eos) == [
+        tok.decode(ids[: ids.index(eos)])
+    ]
+    stop = free[8:10]
+    expected = free[: free.index(stop)]
+    pieces = list(stream_text(params, cfg, tok, ["hello", "abc"], stop=[stop], max_new_tokens=16))
+    assert "".join(p for i, p in pieces if i == 0) == expected
+    assert generate_text(params, cfg, tok, ["hello"], stop=["zzzzz", stop], max_new_tokens=16) == [
+        expected
+    ]
+
+
+# --- Compiled decode --------------------------------------------------------------------------
+def check_compiled_decode(name: str) -> None:
+    """Compiled generation == eager generation, with one graph for every step and for a second
+    call with other prompts (same bucket) and another seed."""
+    from torch._dynamo.utils import counters
+
+    cfg, params = CONFIGS[name], PARAMS[name]
+    calls = [([[1, 2, 3, 4, 5], [6, 7]], 3), ([[9, 9, 9], [1, 2, 3, 4, 5, 6]], 4)]
+    options = dict(max_new_tokens=6, temperature=0.9, top_k=10, top_p=0.9)
+    torch._dynamo.reset()
+    counters.clear()
+    for prompts, seed in calls:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = generate(params, cfg, prompts, compile=True, seed=seed, **options)
+        assert counters["stats"]["unique_graphs"] == 1
+        assert compiled == generate(params, cfg, prompts, seed=seed, **options)
+
+
+@pytest.mark.parametrize(
+    "name", ["mqa_sliding_window", pytest.param("moe", marks=pytest.mark.slow)]
+)
+def test_compiled_step_never_recompiles(name, monkeypatch):
+    monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")  # dynamo only: fast
+    check_compiled_decode(name)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_step_matches_eager_and_never_recompiles():
+    check_compiled_decode("mqa_sliding_window")
+
+
+# --- HF parity --------------------------------------------------------------------------------
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    tokens = torch.tensor([prompt])
+    out = model.generate(
+        tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=steps, do_sample=False,
+        use_cache=True, pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def sharpen_hf_attention(model) -> None:
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if any(key in name for key in ("q_proj.weight", "k_proj.weight")):
+                weight.mul_(10)
+            if "c_attn.weight" in name:  # GPT-2 Conv1D [in, 3·D]: q and k columns
+                weight[:, : 2 * model.config.n_embd].mul_(10)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_generation_equals_hf_generate(family):
+    transformers = pytest.importorskip("transformers")
+    from llmfn.hf import from_hf
+
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(
+            vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)
+    model.eval()
+    sharpen_hf_attention(model)
+    cfg, params = from_hf(model)
+    prompts = [[3, 14, 15, 92, 65, 35], [8]]
+    with torch.no_grad():
+        expected = [hf_greedy(model, p, 20) for p in prompts]
+    assert generate(params, cfg, prompts, max_new_tokens=20) == expected
+    assert len(set(expected[0])) > 3  # not a degenerate repeat of one token
+
+
+# --- CLI --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from llmfn.checkpoint import save_checkpoint
+    from llmfn.config import Config, to_yaml
+    from llmfn.data import CharTokenizer
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tokenizer = CharTokenizer.train(["the quick brown fox jumps over the lazy dog. def main():"])
+    tokenizer.save(root / "tok")
+    cfg = ModelConfig(**{**BASE, "vocab_size": tokenizer.vocab_size})
+    params = sharp_params(cfg, seed=2)
+    state = TensorDict({"params": params}, batch_size=[])
+    save_checkpoint(
+        root / "run", 5, state, config_yaml=to_yaml(Config(model=cfg)), train_state={"step": 5},
+        tokenizer_dir=root / "tok",
+    )  # fmt: skip
+    return root / "run", cfg, params, tokenizer
+
+
+def test_cli_streams_the_completion_of_a_prompt(checkpoint, capsys):
+    path, cfg, params, tokenizer = checkpoint
+    argv = [
+        str(path),
+        "--prompt",
+        "the fox",
+        "--max-new-tokens",
+        "15",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "1",
+    ]
+    assert main(argv) == 0
+    expected = generate_text(
+        params, cfg, tokenizer, ["the fox"], max_new_tokens=15, temperature=0.7, top_k=50, seed=1
+    )
+    assert capsys.readouterr().out == "the fox" + expected[0] + "\n"
+
+
+def test_cli_prompt_file_batches_and_stop_strings(checkpoint, capsys, tmp_path):
+    path, cfg, params, tokenizer = checkpoint
+    prompts = ["the", "quick brown", "", "lazy dog"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    argv = [
+        str(path),
+        "--prompt-file",
+        str(tmp_path / "prompts.txt"),
+        "--batch-size",
+        "2",
+        "--temperature",
+        "0",
+    ]
+    free = generate_text(
+        params, cfg, tokenizer, ["the", "quick brown", "lazy dog"], max_new_tokens=12, temperature=0
+    )
+    assert len(free[1]) >= 5
+    stop = free[1][3:5]
+    assert main([*argv, "--max-new-tokens", "12", "--stop", stop]) == 0
+    out = capsys.readouterr().out
+    texts = [text.split(stop)[0] for text in free]
+    for number, (prompt, text) in enumerate(
+        zip(["the", "quick brown", "lazy dog"], texts, strict=True), 1
+    ):
+        assert f"=== {number}: {prompt}\n{prompt}{text}\n" in out
+
+
+def test_cli_bad_checkpoint_path_or_options_are_clear_errors(checkpoint, capsys, tmp_path):
+    missing = tmp_path / "missing"
+    assert main([str(missing), "--prompt", "hi"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: checkpoint path {missing} does not exist: expected a checkpoint or run folder\n"
+    )
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), "--prompt", "hi"]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main([str(checkpoint[0]), "--prompt", "hi", "--top-p", "0"]) == 2
+    assert "top_p=0.0 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point_streams_text(checkpoint):
+    path, cfg, params, tokenizer = checkpoint
+    result = subprocess.run(
+        [sys.executable, "-m", "llmfn.generate", str(path), "--prompt", "the", "--max-new-tokens", "9"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = generate_text(
+        params, cfg, tokenizer, ["the"], max_new_tokens=9, temperature=0.8, top_k=50
+    )
+    assert result.stdout == "the" + expected[0] + "\n"
+    assert "RuntimeWarning" not in result.stderr

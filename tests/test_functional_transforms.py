@@ -201,7 +201,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(name):
 @pytest.mark.slow
 def test_compiled_grad_and_value_with_activation_checkpointing():
     """The train step's shape: one fullgraph compile of grad_and_value over the loss."""
-    cfg = MOE.replace(activation_checkpointing=True)
+    cfg = DENSE.replace(activation_checkpointing=True, dropout=0.1)
     params, batch = init_params(cfg, seed=3), make_batch(cfg)
     step = torch.compile(
         lambda p, b: torch.func.grad_and_value(lambda q: loss_value(q, b, cfg))(p), fullgraph=True

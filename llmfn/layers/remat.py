@@ -8,6 +8,10 @@ under plain autograd, `torch.func.grad`, `vmap(grad)` and `torch.compile`.
 
 Every tensor `fn` reads must be passed in: a tensor captured by a closure from inside a
 transformed function breaks `vmap` of the backward.
+
+Memory (measured, CPU, 8 layers, D=256, B8×T512): under autograd the peak falls from 1035 to
+376 MiB; under eager `torch.func.grad` it does not fall (2310 vs 2567 MiB), because func.grad
+differentiates with create_graph=True and so keeps every recomputed layer alive until the end.
 """
 
 import torch

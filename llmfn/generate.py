@@ -289,14 +289,14 @@ def unflatten(keys: tuple, leaves: list[torch.Tensor]) -> TensorDict:
     return tree
 
 
-COMPILE_BACKEND = "inductor"
+COMPILE_BACKEND = "inductor"  # tests swap in "eager" to check dynamo's side quickly
+FULL_GUARDS_EVERY_STEP = False  # tests set it to prove that no step would recompile
 
 
 @functools.lru_cache(maxsize=32)
 def compiled_step(cfg: ModelConfig, flags: SamplingFlags, keys: tuple, backend: str):
     """The compiled donating step, built once per (model config, sampling flags, param and cache
-    keys); torch.compile
-    specializes it to the batch size and cache length (dynamic=False: nothing is dynamic)."""
+    keys); torch.compile specializes it to the batch size and cache length (dynamic=False)."""
     step = donating_step(cfg, flags, *keys)
     return torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
 
@@ -342,17 +342,31 @@ def stream(
     tokens, pad_lengths = tokens.to(device), pad_lengths.to(device)
     if tokens.max() >= cfg.vocab_size or tokens.min() < 0:
         raise ValueError(f"prompts: token ids must be in [0, model.vocab_size={cfg.vocab_size})")
-    prompt_len = tokens.shape[1]
-    if cfg.position == "learned" and prompt_len + max_new_tokens > cfg.max_seq_len:
+    if cfg.position == "learned" and tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
-            f"generate: prompt length {prompt_len} + max_new_tokens={max_new_tokens} exceeds "
-            f"model.max_seq_len={cfg.max_seq_len} (learned positions)"
+            f"generate: prompt length {tokens.shape[1]} + max_new_tokens={max_new_tokens} "
+            f"exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)"
         )
-    max_len = cache_length(prompt_len, max_new_tokens)
     sampler, flags = init_sampler(
         tokens, pad_lengths, cfg.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, eos_id=eos_id, seed=seed,
     )  # fmt: skip
+    return decode_loop(params, cfg, tokens, pad_lengths, sampler, flags, max_new_tokens, compile)
+
+
+def decode_loop(
+    params: TensorDict,
+    cfg: ModelConfig,
+    tokens: torch.Tensor,
+    pad_lengths: torch.Tensor,
+    sampler: dict,
+    flags: SamplingFlags,
+    max_new_tokens: int,
+    compile: bool,
+) -> Iterator[list[int | None]]:
+    """The generator behind `stream`: prefill, then one decode step per yielded step."""
+    device, prompt_len = tokens.device, tokens.shape[1]
+    max_len = cache_length(prompt_len, max_new_tokens)
     with torch.no_grad():
         dtype = params["embed", "weight"].dtype
         cache = init_cache(cfg, tokens.shape[0], max_len, dtype=dtype, device=device)
@@ -378,7 +392,11 @@ def stream(
                 ids, cache, sampler = decode_and_sample(params, cache, *inputs, cfg, flags)
             else:
                 ids, sampler = call_compiled(
-                    step, param_leaves, cache_leaves, inputs, guarded=i == 0
+                    step,
+                    param_leaves,
+                    cache_leaves,
+                    inputs,
+                    guarded=i == 0 or FULL_GUARDS_EVERY_STEP,
                 )
         slot = slot + 1
 

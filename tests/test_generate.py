@@ -153,7 +153,10 @@ def test_tensor_prompts_and_the_package_exports():
 
 def test_streaming_yields_one_token_per_row_per_step():
     cfg, params = CONFIGS["moe"], PARAMS["moe"]
-    steps = list(stream(params, cfg, [[1, 2], [3, 4, 5]], max_new_tokens=5))
+    steps = []
+    for step in stream(params, cfg, [[1, 2], [3, 4, 5]], max_new_tokens=5):
+        assert torch.is_grad_enabled()  # the generator holds no no_grad() across a yield
+        steps.append(step)
     assert len(steps) == 5 and all(
         len(s) == 2 and all(isinstance(t, int) for t in s) for s in steps
     )
@@ -240,6 +243,8 @@ def test_bad_options_and_prompts_are_clear_errors():
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             generate(params, cfg, [[1]], **{"max_new_tokens": 2, **options})
+    with pytest.raises(ValueError, match="top_k=0 is invalid"):
+        stream(params, cfg, [[1]], top_k=0)  # at the call, not at the first step
     with pytest.raises(ValueError, match=r"prompts\[1\]: expected a non-empty list"):
         generate(params, cfg, [[1], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="vocab_size=61"):
@@ -294,9 +299,10 @@ def test_stop_strings_and_eos_end_text_rows():
 
 
 # --- Compiled decode --------------------------------------------------------------------------
-def check_compiled_decode(name: str) -> None:
-    """Compiled generation == eager generation, with one graph for every step and for a second
-    call with other prompts (same bucket) and another seed."""
+def check_compiled_decode(name: str, monkeypatch) -> None:
+    """Compiled generation == eager generation, with one graph for every step (all guards
+    checked at every step) and for a second call with other prompts (same bucket) and seed;
+    then the same tokens when later steps check only the guards that tell graphs apart."""
     from torch._dynamo.utils import counters
 
     cfg, params = CONFIGS[name], PARAMS[name]
@@ -304,11 +310,13 @@ def check_compiled_decode(name: str) -> None:
     options = dict(max_new_tokens=6, temperature=0.9, top_k=10, top_p=0.9)
     torch._dynamo.reset()
     counters.clear()
-    for prompts, seed in calls:
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled = generate(params, cfg, prompts, compile=True, seed=seed, **options)
-        assert counters["stats"]["unique_graphs"] == 1
-        assert compiled == generate(params, cfg, prompts, seed=seed, **options)
+    for full_guards in (True, False):
+        monkeypatch.setattr(generate_module, "FULL_GUARDS_EVERY_STEP", full_guards)
+        for prompts, seed in calls:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = generate(params, cfg, prompts, compile=True, seed=seed, **options)
+            assert counters["stats"]["unique_graphs"] == 1
+            assert compiled == generate(params, cfg, prompts, seed=seed, **options)
 
 
 @pytest.mark.parametrize(
@@ -316,12 +324,12 @@ def check_compiled_decode(name: str) -> None:
 )
 def test_compiled_step_never_recompiles(name, monkeypatch):
     monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")  # dynamo only: fast
-    check_compiled_decode(name)
+    check_compiled_decode(name, monkeypatch)
 
 
 @pytest.mark.slow
-def test_inductor_compiled_step_matches_eager_and_never_recompiles():
-    check_compiled_decode("mqa_sliding_window")
+def test_inductor_compiled_step_matches_eager_and_never_recompiles(monkeypatch):
+    check_compiled_decode("mqa_sliding_window", monkeypatch)
 
 
 # --- HF parity --------------------------------------------------------------------------------

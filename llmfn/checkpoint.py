@@ -5,7 +5,7 @@ One folder per saved step under a checkpoint root:
     checkpoints/
       step_000100/
         params.safetensors   the "params" sub-tree, flat "layers.0.attn.wqkv" keys (a usable export)
-        state.safetensors    every other tensor of the train state ("opt_state.mu.embed.weight", "step")
+        state.safetensors    every other tensor of the train state ("opt_state.exp_avg.embed.weight", "step")
         config.yaml          the full run config (`llmfn.config.to_yaml`)
         train_state.json     caller's JSON dict: step, tokens seen, data position, callback states...
         tokenizer/           a copy of the tokenizer folder, if one was given

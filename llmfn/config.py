@@ -130,10 +130,10 @@ CHOICES = {
     ("data", "module"): ("stdlib", "text", "token_bin", "sft", "synthetic", "regression"),
     ("optim", "name"): ("adamw", "sgd", "lion"),
     ("optim", "schedule"): ("constant", "linear", "cosine", "wsd"),
-    ("train", "task"): ("lm", "sft", "regression"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "nonfinite"): ("skip", "halt"),
     ("distributed", "backend"): ("auto", "nccl", "gloo"),
+    ("data", "errors"): ("strict", "replace", "ignore"),
 }
 
 
@@ -162,6 +162,11 @@ def _coerce(key: str, value, tp):
             return value
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if option is str and isinstance(value, str):
             return value
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
@@ -229,6 +234,7 @@ def _validate(cfg: Config) -> None:
     positive("optim.grad_clip", cfg.optim.grad_clip)
     positive("logging.log_every", cfg.logging.log_every)
     positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
+    positive("train.max_nonfinite", cfg.train.max_nonfinite)
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}")
     if cfg.optim.warmup_steps < 0:
@@ -282,7 +288,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def parse_value(text: str):
-    """A CLI/env value as YAML would read it: 3e-4 -> float, true -> bool, null -> None."""
+    """A CLI/env value as YAML would read it: 3e-4 -> float, true -> bool, null (or None) -> None."""
+    if text in ("None", "none"):
+        return None
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

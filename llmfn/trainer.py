@@ -7,6 +7,7 @@ checkpoints into one loop that runs on one process or many (torchrun).
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
@@ -102,6 +103,15 @@ def find_run_to_resume(config: Config) -> Path | None:
     return None
 
 
+def check_batch_keys(task, batch: dict) -> None:
+    missing = [key for key in task.batch_keys if key not in batch]
+    if missing:
+        raise ValueError(
+            f"train.task={task.name!r} needs batches with {list(task.batch_keys)}, but the data module gives "
+            f"{sorted(batch)}: choose a data.module that fits the task"
+        )
+
+
 def batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -140,7 +150,8 @@ def make_sample_fn(config: Config, data, current_params):
             current_params(), config.model, [ids], max_new_tokens=min(max_new_tokens, config.model.max_seq_len - len(ids)),
             temperature=0.8, top_k=40, seed=config.train.seed,
         )
-        return prompt + tokenizer.decode(new[0])
+        known = [i for i in new[0] if i < tokenizer.vocab_size]  # a padded vocab's extra rows
+        return prompt + tokenizer.decode(known)
 
     return sample
 
@@ -178,15 +189,16 @@ def nonfinite_report(task, config: Config, state: TensorDict, batch: dict) -> st
 
 
 # --- the loop ---------------------------------------------------------------------------------
-def train(config: Config) -> TrainResult:
+def train(config: Config, *, callbacks: list | None = None) -> TrainResult:
+    """Train as `config` says; `callbacks` (Callback objects) run after the default ones."""
     proc = init_process(config.train.device, config.distributed.backend, config.distributed.timeout_s)
     try:
-        return _train(config, proc)
+        return _train(config, proc, callbacks or [])
     finally:
         shutdown()
 
 
-def _train(config: Config, proc: ProcessInfo) -> TrainResult:
+def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainResult:
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -199,6 +211,7 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
     data.setup(rank=proc.rank, world_size=proc.world_size)
     config = fit_vocab_to_tokenizer(config, data, proc)
     task = get_task(config.train.task)
+    check_batch_keys(task, data.train_batch(0))
     max_steps = resolve_max_steps(config, data)
     accum = config.train.grad_accum_steps
 
@@ -248,6 +261,8 @@ def _train(config: Config, proc: ProcessInfo) -> TrainResult:
         sample_fn=make_sample_fn(config, data, lambda: state["params"]) if task.generates_text else None,
     )
     callbacks = default_callbacks(config, is_main=proc.is_main)
+    for callback in extra_callbacks:
+        callbacks.append(callback)
     callbacks.load_state_dict(train_state.get("callbacks", {}))
     tokens_seen = torch.tensor(float(train_state.get("tokens_seen", 0)), device=device)
     best_val = train_state.get("best_val_loss")
@@ -344,8 +359,10 @@ def main_entry(config: Config) -> int:
     except TrainingHalted as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except ckpt.CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ckpt.CheckpointError, ValueError, OSError) as err:
+        if os.environ.get("LLMFN_DEBUG"):
+            raise
+        print(f"error: {err}\n(set LLMFN_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

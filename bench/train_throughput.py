@@ -25,8 +25,8 @@ from llmfn.step import init_train_state, make_train_step
 from llmfn.tasks import get_task
 
 PRESETS = {
-    # ~15M parameters (untied head): the CPU comparison point.
-    "llama-15m": dict(vocab_size=8192, hidden_size=320, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=864),
+    # ~14.8M parameters (untied head): the CPU comparison point.
+    "llama-15m": dict(vocab_size=8192, hidden_size=320, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1344),
     # SmolLM-135M shape: the GPU comparison point.
     "llama-135m": dict(
         vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, tie_embeddings=True

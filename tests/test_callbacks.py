@@ -428,6 +428,8 @@ def feed(
     """stop_requested after each eval."""
     flags = []
     for index, value in enumerate(values):
+        if run.stop_requested:  # the driver stops training: no more evals
+            break
         stopper.on_eval(
             run, first_step + index, {"val_loss": value, "val_ppl": math.exp(min(value, 50))}
         )

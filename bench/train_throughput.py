@@ -26,10 +26,23 @@ from llmfn.tasks import get_task
 
 PRESETS = {
     # ~14.8M parameters (untied head): the CPU comparison point.
-    "llama-15m": dict(vocab_size=8192, hidden_size=320, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1344),
+    "llama-15m": dict(
+        vocab_size=8192,
+        hidden_size=320,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1344,
+    ),
     # SmolLM-135M shape: the GPU comparison point.
     "llama-135m": dict(
-        vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, tie_embeddings=True
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        tie_embeddings=True,
     ),
 }
 
@@ -40,7 +53,13 @@ def run_config(preset: str, seq: int, batch: int, precision: str):
         {
             "model": model,
             "data": {"module": "synthetic", "batch_size": batch},
-            "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "weight_decay": 0.1, "grad_clip": 1.0},
+            "optim": {
+                "lr": 1e-3,
+                "min_lr": 1e-4,
+                "warmup_steps": 10,
+                "weight_decay": 0.1,
+                "grad_clip": 1.0,
+            },
             "train": {"precision": precision, "max_steps": 1000},
         }
     )
@@ -52,7 +71,11 @@ def llmfn_runner(config, device, *, compiled: bool):
     optimizer = build_optimizer(config.optim, params)
     state = init_train_state(params, optimizer, seed=0, precision=config.train.precision)
     step = make_train_step(
-        task, config, optimizer, lr_schedule_from_config(config.optim, config.train.max_steps), device_type=device.type
+        task,
+        config,
+        optimizer,
+        lr_schedule_from_config(config.optim, config.train.max_steps),
+        device_type=device.type,
     )
     if compiled:
         step = torch.compile(step, fullgraph=True)
@@ -70,10 +93,17 @@ def hf_runner(config, device, *, compiled: bool):
 
     m = config.model
     hf_config = transformers.LlamaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.kv_heads,
-        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa",
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.kv_heads,
+        max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        tie_word_embeddings=m.tie_embeddings,
+        attn_implementation="sdpa",
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).to(device)
@@ -82,15 +112,22 @@ def hf_runner(config, device, *, compiled: bool):
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.95), fused=device.type == "cuda", foreach=device.type != "cuda",
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+        foreach=device.type != "cuda",
     )
     forward = torch.compile(model) if compiled else model
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
 
     def run(batch):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             logits = forward(input_ids=batch["inputs"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].flatten()
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -121,14 +158,26 @@ def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-15m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="default: bf16 on GPU, fp32 on CPU",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--only", nargs="*", default=None, help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled",
+    )
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args()
 
@@ -168,18 +217,35 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n{args.preset}  B={args.batch} T={args.seq}  {precision}  device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
-    print(f"{'variant':<16}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)")
+    print(
+        f"\n{args.preset}  B={args.batch} T={args.seq}  {precision}  device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+    )
+    print(
+        f"{'variant':<16}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
+    )
     base = results.get("llmfn-compiled")
     for name, r in results.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
         ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        print(f"{name:<16}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}")
+        print(
+            f"{name:<16}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"preset": args.preset, "batch": args.batch, "seq": args.seq, "precision": precision,
-                               "device": str(device), "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "batch": args.batch,
+                "seq": args.seq,
+                "precision": precision,
+                "device": str(device),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
 
 

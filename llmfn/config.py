@@ -152,7 +152,11 @@ def _type_name(tp) -> str:
 
 def _coerce(key: str, value, tp):
     """Check `value` against the annotation `tp` (int widens to float); raise ConfigError."""
-    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    options = (
+        typing.get_args(tp)
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+        else (tp,)
+    )
     for option in options:
         if option is type(None) and value is None:
             return None
@@ -175,7 +179,11 @@ def _coerce(key: str, value, tp):
 def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
     prefix = key[: -len(name)]
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(sorted(known))})"
+    hint = (
+        f" (did you mean '{prefix}{close[0]}'?)"
+        if close
+        else f" (known: {', '.join(sorted(known))})"
+    )
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
@@ -202,7 +210,9 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 def _build_section(section: str, cls, values: dict):
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
+        raise ConfigError(
+            f"config section '{section}' must be a mapping of keys to values, got {values!r}"
+        )
     types_ = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
@@ -236,18 +246,28 @@ def _validate(cfg: Config) -> None:
     positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
     positive("train.max_nonfinite", cfg.train.max_nonfinite)
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
-        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}")
+        raise ConfigError(
+            f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}"
+        )
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is invalid: expected >= 0")
     if not 0 < cfg.optim.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction} is invalid: expected a float in (0, 1]")
+        raise ConfigError(
+            f"optim.decay_fraction={cfg.optim.decay_fraction} is invalid: expected a float in (0, 1]"
+        )
     if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} is invalid: expected a float in [0, 1)")
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction} is invalid: expected a float in [0, 1)"
+        )
     if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} is invalid: expected >= 0 (0 = only at the end)")
+        raise ConfigError(
+            f"checkpoint.every={cfg.checkpoint.every} is invalid: expected >= 0 (0 = only at the end)"
+        )
     needs_path = {"text", "token_bin", "sft"}
     if cfg.data.module in needs_path and not cfg.data.path:
-        raise ConfigError(f"data.module={cfg.data.module!r} needs data.path (a file or folder to read)")
+        raise ConfigError(
+            f"data.module={cfg.data.module!r} needs data.path (a file or folder to read)"
+        )
     if cfg.train.task == "regression" and cfg.data.module != "regression":
         raise ConfigError("train.task='regression' needs data.module='regression'")
     if cfg.train.task == "sft" and cfg.data.module != "sft":
@@ -283,7 +303,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of sections, got {type(tree).__name__}"
+        )
     return tree
 
 
@@ -319,7 +341,9 @@ def cli_overrides(args: list[str]) -> dict:
     tree: dict = {}
     for arg in args:
         if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"override '{arg}' is not of the form section.key=value (e.g. optim.lr=3e-4)")
+            raise ConfigError(
+                f"override '{arg}' is not of the form section.key=value (e.g. optim.lr=3e-4)"
+            )
         dotted, text = arg.split("=", 1)
         if "." not in dotted:
             raise ConfigError(f"override '{arg}' needs a section: write e.g. train.{dotted}={text}")

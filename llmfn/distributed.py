@@ -30,12 +30,16 @@ class ProcessInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:local_rank when a GPU is present, else cpu."""
+    """ "auto" -> cuda:local_rank when a GPU is present, else cpu."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available (use train.device=cpu)")
+        raise ValueError(
+            f"train.device={name!r} but no CUDA device is available (use train.device=cpu)"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device

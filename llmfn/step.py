@@ -30,12 +30,13 @@ FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
 
 
-
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def init_train_state(params: TensorDict, optimizer: Optimizer, *, seed: int, precision: str) -> TensorDict:
+def init_train_state(
+    params: TensorDict, optimizer: Optimizer, *, seed: int, precision: str
+) -> TensorDict:
     """A fresh state around `params` (already on their device)."""
     device = next(iter(params.values(include_nested=True, leaves_only=True))).device
     scalar = lambda value, dtype: torch.tensor(value, dtype=dtype, device=device)  # noqa: E731
@@ -87,7 +88,9 @@ def make_train_step(
     nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
     def loss_of(params, batch, rng, scale):
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(
+            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             value, metrics = task.loss(params, batch, config, training=True, rng=rng)
         return value * scale, (value.detach(), metrics)
 
@@ -99,13 +102,19 @@ def make_train_step(
         num_micro = next(iter(batch.values())).shape[0]
         grads, losses, task_metrics = None, [], []
         for i in range(num_micro):
-            g, (_, (value, metrics)) = grad_and_value(params, micro_batch(batch, i), fold_in(step_key, i), scale)
+            g, (_, (value, metrics)) = grad_and_value(
+                params, micro_batch(batch, i), fold_in(step_key, i), scale
+            )
             grads = g if grads is None else grads.apply(torch.add, g)
             losses.append(value)
             task_metrics.append(metrics)
         loss = torch.stack(losses).mean()
         tokens = torch.stack([m["tokens"] for m in task_metrics]).sum()
-        extra = {k: torch.stack([m[k] for m in task_metrics]).float().mean() for k in task_metrics[0] if k != "tokens"}
+        extra = {
+            k: torch.stack([m[k] for m in task_metrics]).float().mean()
+            for k in task_metrics[0]
+            if k != "tokens"
+        }
         grads = grads.apply(lambda g: g / (scale * num_micro))
 
         if all_reduce is not None:
@@ -123,7 +132,9 @@ def make_train_step(
         # diagnostic checkpoint holds the last good values and the step of the first failure.
         apply = finite & (streak < nonfinite_limit)
         lr = learning_rate(step)
-        new_params, new_opt_state = optimizer.update(params, grads, state["opt_state"], lr=lr, step=step + 1)
+        new_params, new_opt_state = optimizer.update(
+            params, grads, state["opt_state"], lr=lr, step=step + 1
+        )
         new_scale, new_good = (scale, state["good_steps"])
         if precision == "fp16":
             new_scale, new_good = next_loss_scale(scale, state["good_steps"], finite)
@@ -160,7 +171,12 @@ def make_eval_step(task, config, *, device_type: str = "cpu"):
     amp_dtype = autocast_dtype(config.train.precision)
 
     def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
-        with torch.no_grad(), torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ),
+        ):
             value, metrics = task.loss(params, batch, config, training=False)
         return {"loss": value.float(), "tokens": metrics["tokens"]}
 

@@ -34,7 +34,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
     args = [a for a in argv if a != "--print-config"]
     unknown_flags = [a for a in args if a.startswith("-")]
     if unknown_flags:
-        raise ConfigError(f"unknown option {unknown_flags[0]!r} (overrides are written section.key=value)")
+        raise ConfigError(
+            f"unknown option {unknown_flags[0]!r} (overrides are written section.key=value)"
+        )
     path = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if path is not None else args
     return load_config(path, overrides), print_only

@@ -69,7 +69,9 @@ def fit_vocab_to_tokenizer(config: Config, data, proc: ProcessInfo) -> Config:
     vocab = getattr(data, "vocab_size", None)
     if vocab is None or config.model.vocab_size >= vocab:
         return config
-    log(proc, f"model.vocab_size: {config.model.vocab_size} -> {vocab} (the tokenizer's vocabulary)")
+    log(
+        proc, f"model.vocab_size: {config.model.vocab_size} -> {vocab} (the tokenizer's vocabulary)"
+    )
     return config.replace(model=config.model.replace(vocab_size=vocab))
 
 
@@ -78,7 +80,9 @@ def resolve_max_steps(config: Config, data) -> int:
         return config.train.max_steps
     per_epoch = data.steps_per_epoch
     if not per_epoch:
-        raise ValueError(f"train.epochs={config.train.epochs} needs a finite dataset; data.module={config.data.module!r} has no epochs (use train.max_steps)")
+        raise ValueError(
+            f"train.epochs={config.train.epochs} needs a finite dataset; data.module={config.data.module!r} has no epochs (use train.max_steps)"
+        )
     return max(1, config.train.epochs * per_epoch // config.train.grad_accum_steps)
 
 
@@ -93,8 +97,14 @@ def shared_run_name(config: Config) -> str:
 def find_run_to_resume(config: Config) -> Path | None:
     """resume=auto: the named run, else the newest run folder under run_dir with a checkpoint."""
     root = Path(config.train.run_dir)
-    candidates = [root / config.train.run_name] if config.train.run_name else sorted(
-        (p for p in root.glob("*") if (p / "checkpoints").is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    candidates = (
+        [root / config.train.run_name]
+        if config.train.run_name
+        else sorted(
+            (p for p in root.glob("*") if (p / "checkpoints").is_dir()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
     )
     for run in candidates:
         found = ckpt.find_resume_checkpoint(run / "checkpoints")
@@ -144,11 +154,24 @@ def make_sample_fn(config: Config, data, current_params):
     from llmfn.generate import generate
 
     def sample(prompt: str, max_new_tokens: int) -> str:
-        ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
-        ids = ids[-(config.model.max_seq_len - max_new_tokens) :] if max_new_tokens < config.model.max_seq_len else ids[-1:]
+        ids = (
+            tokenizer.encode(prompt)
+            if prompt
+            else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+        )
+        ids = (
+            ids[-(config.model.max_seq_len - max_new_tokens) :]
+            if max_new_tokens < config.model.max_seq_len
+            else ids[-1:]
+        )
         new = generate(
-            current_params(), config.model, [ids], max_new_tokens=min(max_new_tokens, config.model.max_seq_len - len(ids)),
-            temperature=0.8, top_k=40, seed=config.train.seed,
+            current_params(),
+            config.model,
+            [ids],
+            max_new_tokens=min(max_new_tokens, config.model.max_seq_len - len(ids)),
+            temperature=0.8,
+            top_k=40,
+            seed=config.train.seed,
         )
         known = [i for i in new[0] if i < tokenizer.vocab_size]  # a padded vocab's extra rows
         return prompt + tokenizer.decode(known)
@@ -179,19 +202,31 @@ class StopSignal:
 def nonfinite_report(task, config: Config, state: TensorDict, batch: dict) -> str:
     """Names of parameters or gradients that are not finite, recomputed eagerly on `batch`."""
     params = state["params"]
-    bad = [".".join(k) for k, v in params.items(include_nested=True, leaves_only=True) if not torch.isfinite(v).all()]
+    bad = [
+        ".".join(k)
+        for k, v in params.items(include_nested=True, leaves_only=True)
+        if not torch.isfinite(v).all()
+    ]
     first = {k: v[0] for k, v in batch.items()}
     grads = torch.func.grad(lambda p: task.loss(p, first, config, training=False)[0])(params)
     bad += [
-        "grad:" + ".".join(k) for k, v in grads.items(include_nested=True, leaves_only=True) if not torch.isfinite(v).all()
+        "grad:" + ".".join(k)
+        for k, v in grads.items(include_nested=True, leaves_only=True)
+        if not torch.isfinite(v).all()
     ]
-    return ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else "") if bad else "loss only (all parameters and gradients finite)"
+    return (
+        ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else "")
+        if bad
+        else "loss only (all parameters and gradients finite)"
+    )
 
 
 # --- the loop ---------------------------------------------------------------------------------
 def train(config: Config, *, callbacks: list | None = None) -> TrainResult:
     """Train as `config` says; `callbacks` (Callback objects) run after the default ones."""
-    proc = init_process(config.train.device, config.distributed.backend, config.distributed.timeout_s)
+    proc = init_process(
+        config.train.device, config.distributed.backend, config.distributed.timeout_s
+    )
     try:
         return _train(config, proc, callbacks or [])
     finally:
@@ -217,7 +252,9 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
 
     params = task.init_params(config, config.train.seed).to(device)
     optimizer = build_optimizer(config.optim, params)
-    state = init_train_state(params, optimizer, seed=config.train.seed, precision=config.train.precision)
+    state = init_train_state(
+        params, optimizer, seed=config.train.seed, precision=config.train.precision
+    )
     train_state: dict = {}
 
     resume_from = None
@@ -228,7 +265,9 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     elif config.train.resume:
         resume_from = ckpt.resolve_checkpoint(config.train.resume)
     if resume_from is not None:
-        state, train_state = ckpt.load_checkpoint(resume_from, state, expected_model=config.model.to_dict())
+        state, train_state = ckpt.load_checkpoint(
+            resume_from, state, expected_model=config.model.to_dict()
+        )
         run_dir = resume_from.parent.parent
         log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
     else:
@@ -245,7 +284,9 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
 
     all_reduce = GradientAllReduce(proc.world_size) if proc.world_size > 1 else None
     lr_fn = lr_schedule_from_config(config.optim, max_steps)
-    step_fn = make_train_step(task, config, optimizer, lr_fn, device_type=device.type, all_reduce=all_reduce)
+    step_fn = make_train_step(
+        task, config, optimizer, lr_fn, device_type=device.type, all_reduce=all_reduce
+    )
     eval_fn = make_eval_step(task, config, device_type=device.type)
     if config.train.compile:
         step_fn = torch.compile(step_fn, fullgraph=all_reduce is None)
@@ -254,11 +295,20 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     start_step = int(state["step"])
     tokens_per_step = accum * proc.world_size * config.data.batch_size * config.model.max_seq_len
     run = RunInfo(
-        config=config, run_dir=run_dir, is_main=proc.is_main, max_steps=max_steps, start_step=start_step,
+        config=config,
+        run_dir=run_dir,
+        is_main=proc.is_main,
+        max_steps=max_steps,
+        start_step=start_step,
         tokens_per_step=0 if task.name == "regression" else tokens_per_step,
-        flops_per_token=0 if task.name == "regression" else flops_per_token(config.model, config.model.max_seq_len),
-        peak_flops=peak_flops(device), world_size=proc.world_size,
-        sample_fn=make_sample_fn(config, data, lambda: state["params"]) if task.generates_text else None,
+        flops_per_token=0
+        if task.name == "regression"
+        else flops_per_token(config.model, config.model.max_seq_len),
+        peak_flops=peak_flops(device),
+        world_size=proc.world_size,
+        sample_fn=make_sample_fn(config, data, lambda: state["params"])
+        if task.generates_text
+        else None,
     )
     callbacks = default_callbacks(config, is_main=proc.is_main)
     for callback in extra_callbacks:
@@ -275,11 +325,23 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
             return saved[step]
         path = None
         if proc.is_main:
-            info = {"step": step, "tokens_seen": float(tokens_seen), "callbacks": callbacks.state_dict(),
-                    "best_val_loss": best_val, "data_position": step * accum, "world_size": proc.world_size}
+            info = {
+                "step": step,
+                "tokens_seen": float(tokens_seen),
+                "callbacks": callbacks.state_dict(),
+                "best_val_loss": best_val,
+                "data_position": step * accum,
+                "world_size": proc.world_size,
+            }
             path = ckpt.save_checkpoint(
-                checkpoint_root, step, state, config_yaml=to_yaml(config), train_state=info,
-                tokenizer_dir=tokenizer_dir, keep_last_n=config.checkpoint.keep_last_n, name=name,
+                checkpoint_root,
+                step,
+                state,
+                config_yaml=to_yaml(config),
+                train_state=info,
+                tokenizer_dir=tokenizer_dir,
+                keep_last_n=config.checkpoint.keep_last_n,
+                name=name,
             )
             callbacks.on_checkpoint(run, step, path)
         barrier()
@@ -326,19 +388,30 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
                 tokens_seen += metrics["tokens"]
                 callbacks.on_step_end(run, step, metrics)
                 if step % config.logging.log_every == 0 or step == max_steps:
-                    check_nonfinite(step, batch_for=lambda s: stacked_train_batch(data, s - 1, accum, device))
+                    check_nonfinite(
+                        step, batch_for=lambda s: stacked_train_batch(data, s - 1, accum, device)
+                    )
                 if step % config.train.eval_every == 0 and step < max_steps:
                     val = run_eval(step)
-                if config.checkpoint.every and step % config.checkpoint.every == 0 and step < max_steps:
+                if (
+                    config.checkpoint.every
+                    and step % config.checkpoint.every == 0
+                    and step < max_steps
+                ):
                     save(step)
                 checkpoint_now = step % config.logging.log_every == 0 or proc.world_size == 1
                 if checkpoint_now and any_rank(stop.received is not None, device):
                     save(step)
-                    log(proc, f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
-                              f"in {checkpoint_root}; continue with train.resume=auto")
+                    log(
+                        proc,
+                        f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
+                        f"in {checkpoint_root}; continue with train.resume=auto",
+                    )
                     stopped_by = "signal"
                     break
-                if run.stop_requested:  # EarlyStopping runs on every rank and agrees (same val data)
+                if (
+                    run.stop_requested
+                ):  # EarlyStopping runs on every rank and agrees (same val data)
                     stopped_by = "early_stopping"
                     break
             if stopped_by != "signal":

@@ -24,7 +24,10 @@ def main(out_dir: str, steps: int, compiled: bool) -> None:
         full = global_batch(config, i, rows=config.data.batch_size * proc.world_size)
         rows = slice(proc.rank * config.data.batch_size, (proc.rank + 1) * config.data.batch_size)
         state, _ = step(state, {k: v[:, rows] for k, v in full.items()})
-    flat = {".".join(k): v.contiguous() for k, v in state["params"].items(include_nested=True, leaves_only=True)}
+    flat = {
+        ".".join(k): v.contiguous()
+        for k, v in state["params"].items(include_nested=True, leaves_only=True)
+    }
     save_file(flat, os.path.join(out_dir, f"rank{proc.rank}.safetensors"))
     shutdown()
 

@@ -13,7 +13,14 @@ from llmfn.tasks import get_task
 def small_config(**train):
     return from_dict(
         {
-            "model": {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "max_seq_len": 16},
+            "model": {
+                "vocab_size": 64,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "max_seq_len": 16,
+            },
             "data": {"module": "synthetic", "batch_size": 2},
             "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
             "train": {"max_steps": 20, **train},
@@ -24,7 +31,9 @@ def small_config(**train):
 def global_batch(config, index: int, *, rows: int, accum: int = 1) -> dict:
     """[accum, rows, T] token batch, a pure function of index."""
     gen = torch.Generator().manual_seed(1000 + index)
-    tokens = torch.randint(0, config.model.vocab_size, (accum, rows, config.model.max_seq_len + 1), generator=gen)
+    tokens = torch.randint(
+        0, config.model.vocab_size, (accum, rows, config.model.max_seq_len + 1), generator=gen
+    )
     return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
 
 
@@ -34,6 +43,10 @@ def state_and_step(config, all_reduce=None):
     optimizer = build_optimizer(config.optim, params)
     state = init_train_state(params, optimizer, seed=0, precision=config.train.precision)
     step = make_train_step(
-        task, config, optimizer, lr_schedule_from_config(config.optim, config.train.max_steps), all_reduce=all_reduce
+        task,
+        config,
+        optimizer,
+        lr_schedule_from_config(config.optim, config.train.max_steps),
+        all_reduce=all_reduce,
     )
     return state, step

@@ -16,7 +16,10 @@ def write(tmp_path, text: str):
 
 
 def test_precedence_defaults_yaml_env_cli(tmp_path):
-    path = write(tmp_path, "optim:\n  lr: 0.001\n  warmup_steps: 7\ntrain:\n  max_steps: 50\nmodel:\n  num_layers: 3\n")
+    path = write(
+        tmp_path,
+        "optim:\n  lr: 0.001\n  warmup_steps: 7\ntrain:\n  max_steps: 50\nmodel:\n  num_layers: 3\n",
+    )
     env = {"LLMFN_OPTIM__LR": "0.002", "LLMFN_TRAIN__MAX_STEPS": "60", "UNRELATED": "x"}
     cfg = load_config(path, ["optim.lr=3e-4"], env)
     assert cfg.optim.lr == 3e-4  # CLI beats env and YAML
@@ -27,7 +30,11 @@ def test_precedence_defaults_yaml_env_cli(tmp_path):
 
 
 def test_values_are_parsed_like_yaml():
-    cfg = load_config(None, ["train.compile=false", "optim.grad_clip=null", "model.num_kv_heads=2", "optim.lr=1e-3"], {})
+    cfg = load_config(
+        None,
+        ["train.compile=false", "optim.grad_clip=null", "model.num_kv_heads=2", "optim.lr=1e-3"],
+        {},
+    )
     assert cfg.train.compile is False and cfg.optim.grad_clip is None
     assert cfg.model.num_kv_heads == 2 and cfg.optim.lr == 1e-3
 
@@ -43,9 +50,18 @@ def test_int_widens_to_float_but_not_the_reverse():
     [
         (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
         (["optimizer.lr=1"], r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"),
-        (["train.precision=fp8"], r"train.precision='fp8' is invalid: expected one of fp32, bf16, fp16"),
-        (["model.num_heads=3"], r"model.hidden_size=256 is invalid: expected a multiple of num_heads=3"),
-        (["model.num_kv_heads=3"], r"model.num_kv_heads=3 is invalid: expected a divisor of num_heads=4"),
+        (
+            ["train.precision=fp8"],
+            r"train.precision='fp8' is invalid: expected one of fp32, bf16, fp16",
+        ),
+        (
+            ["model.num_heads=3"],
+            r"model.hidden_size=256 is invalid: expected a multiple of num_heads=3",
+        ),
+        (
+            ["model.num_kv_heads=3"],
+            r"model.num_kv_heads=3 is invalid: expected a divisor of num_heads=4",
+        ),
         (["model.position=xpos"], r"model.position='xpos' is invalid: expected one of"),
         (["optim.lr=abc"], r"optim.lr='abc' has the wrong type: expected float"),
         (["optim.min_lr=1.0"], r"optim.min_lr=1.0 is invalid: expected 0 <= min_lr <= optim.lr"),
@@ -76,7 +92,9 @@ def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config(None, ["model.num_layers=2", "optim.name=lion", "model.sliding_window=16"], {})
+    cfg = load_config(
+        None, ["model.num_layers=2", "optim.name=lion", "model.sliding_window=16"], {}
+    )
     again = load_config(write(tmp_path, to_yaml(cfg)), [], {})
     assert again == cfg
 
@@ -96,12 +114,18 @@ def test_cli_prints_one_clear_error_and_exits_2(capsys):
 
 
 def test_cli_help_states_precedence():
-    out = subprocess.run([sys.executable, "-m", "llmfn.train", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmfn.train", "--help"], capture_output=True, text=True, check=True
+    )
     assert "defaults < CONFIG.yaml" in out.stdout and "LLMFN_SECTION__KEY" in out.stdout
 
 
 def test_cli_missing_file_exits_nonzero_without_traceback():
-    out = subprocess.run([sys.executable, "-m", "llmfn.train", "configs/does-not-exist.yaml"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmfn.train", "configs/does-not-exist.yaml"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "config file 'configs/does-not-exist.yaml' does not exist" in out.stderr
     assert "Traceback" not in out.stderr

@@ -19,8 +19,16 @@ STEPS = 3
 def run_two_ranks(out: Path, compiled: bool) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(ROOT / "tests" / "ddp_worker.py"), str(out), str(STEPS), "1" if compiled else "0",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(out),
+        str(STEPS),
+        "1" if compiled else "0",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,6 +52,10 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, compiled):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
         # Adam divides by sqrt(v): a near-zero gradient element amplifies float noise to ~1e-5.
-        torch.testing.assert_close(rank0[name], reference[name], rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            rank0[name], reference[name], rtol=1e-4, atol=5e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
     start = small_config()
-    assert not torch.equal(rank0["embed.weight"], state_and_step(start)[0]["params", "embed", "weight"])  # it trained
+    assert not torch.equal(
+        rank0["embed.weight"], state_and_step(start)[0]["params", "embed", "weight"]
+    )  # it trained

@@ -18,11 +18,24 @@ from llmfn.trainer import TrainingHalted, train
 
 ROOT = Path(__file__).parent.parent
 TINY = [
-    "model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
-    "model.num_kv_heads=2", "model.max_seq_len=16", "model.dropout=0.1",
-    "data.module=synthetic", "data.synthetic_vocab_size=64", "data.batch_size=4", "data.synthetic_size=512",
-    "optim.warmup_steps=2", "train.compile=false", "train.eval_every=1000", "logging.log_every=1",
-    "logging.progress=false", "logging.plot=false", "checkpoint.save_best=false",
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.max_seq_len=16",
+    "model.dropout=0.1",
+    "data.module=synthetic",
+    "data.synthetic_vocab_size=64",
+    "data.batch_size=4",
+    "data.synthetic_size=512",
+    "optim.warmup_steps=2",
+    "train.compile=false",
+    "train.eval_every=1000",
+    "logging.log_every=1",
+    "logging.progress=false",
+    "logging.plot=false",
+    "checkpoint.save_best=false",
 ]
 
 
@@ -30,7 +43,12 @@ def launch(run_dir: Path, name: str, *extra: str) -> subprocess.Popen:
     args = [*TINY, f"train.run_dir={run_dir}", f"train.run_name={name}", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "llmfn.train", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "llmfn.train", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -65,7 +83,15 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     wait_for(lambda: (checkpoint / "manifest.json").exists(), interrupted)
     interrupted.send_signal(signal.SIGKILL)
     interrupted.wait()
-    code, _, err = finish(launch(tmp_path, "cut", f"train.max_steps={steps}", "checkpoint.every=1000", "train.resume=auto"))
+    code, _, err = finish(
+        launch(
+            tmp_path,
+            "cut",
+            f"train.max_steps={steps}",
+            "checkpoint.every=1000",
+            "train.resume=auto",
+        )
+    )
     assert code == 0, err[-2000:]
     assert finish(straight)[0] == 0
 
@@ -85,9 +111,14 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
     assert "received SIGTERM: saved a checkpoint at step" in out
     step = int(out.split("saved a checkpoint at step ")[1].split()[0])
     assert (tmp_path / "term" / "checkpoints" / f"step_{step:06d}" / "manifest.json").exists()
-    code, out, err = finish(launch(tmp_path, "term", f"train.max_steps={step + 2}", "train.resume=auto"))
+    code, out, err = finish(
+        launch(tmp_path, "term", f"train.max_steps={step + 2}", "train.resume=auto")
+    )
     assert code == 0, err[-2000:]
-    assert f"at step {step}" in out and train_losses(tmp_path / "term").keys() >= {step + 1, step + 2}
+    assert f"at step {step}" in out and train_losses(tmp_path / "term").keys() >= {
+        step + 1,
+        step + 2,
+    }
 
 
 def tiny_config(tmp_path, *extra):
@@ -95,9 +126,18 @@ def tiny_config(tmp_path, *extra):
 
 
 def test_nonfinite_halt_saves_a_diagnostic_checkpoint_and_names_tensors(tmp_path):
-    config = tiny_config(tmp_path, "train.nonfinite=halt", "optim.lr=1e30", "optim.min_lr=0", "optim.warmup_steps=0",
-                         "optim.grad_clip=null", "train.max_steps=50")
-    with pytest.raises(TrainingHalted, match=r"non-finite loss or gradients from step (\d+) .*train.nonfinite=halt") as info:
+    config = tiny_config(
+        tmp_path,
+        "train.nonfinite=halt",
+        "optim.lr=1e30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=null",
+        "train.max_steps=50",
+    )
+    with pytest.raises(
+        TrainingHalted, match=r"non-finite loss or gradients from step (\d+) .*train.nonfinite=halt"
+    ) as info:
         train(config)
     message = str(info.value)
     assert "grad:" in message or "layers." in message or "embed" in message
@@ -107,21 +147,67 @@ def test_nonfinite_halt_saves_a_diagnostic_checkpoint_and_names_tensors(tmp_path
 
 
 def test_nonfinite_skip_halts_after_the_limit(tmp_path):
-    config = tiny_config(tmp_path, "train.nonfinite=skip", "train.max_nonfinite=3", "optim.lr=1e30", "optim.min_lr=0",
-                         "optim.warmup_steps=0", "optim.grad_clip=null", "train.max_steps=50")
+    config = tiny_config(
+        tmp_path,
+        "train.nonfinite=skip",
+        "train.max_nonfinite=3",
+        "optim.lr=1e30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=null",
+        "train.max_steps=50",
+    )
     with pytest.raises(TrainingHalted, match=r"limit 3 in a row"):
         train(config)
 
 
 def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
-    result = train(tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every=3", "train.run_name=c"))
+    result = train(
+        tiny_config(tmp_path, "train.max_steps=6", "checkpoint.every=3", "train.run_name=c")
+    )
     root = result.run_dir / "checkpoints"
     newest = root / "step_000006" / "params.safetensors"
     data = bytearray(newest.read_bytes())
     data[-1] ^= 0xFF
     newest.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"step_000006.*sha256"):
-        resumed = train(tiny_config(tmp_path, "train.max_steps=8", "train.resume=auto", "train.run_name=c"))
+        resumed = train(
+            tiny_config(tmp_path, "train.max_steps=8", "train.resume=auto", "train.run_name=c")
+        )
     assert resumed.step == 8
     losses = train_losses(result.run_dir)
     assert {4, 5, 6, 7, 8} <= losses.keys()
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [
+        *TINY,
+        f"train.run_dir={tmp_path}",
+        "train.run_name=ddp",
+        "train.max_steps=4",
+        "checkpoint.every=1000",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "llmfn.train",
+        *args,
+    ]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads(
+        (tmp_path / "ddp" / "checkpoints" / "step_000004" / "train_state.json").read_text()
+    )
+    assert state["world_size"] == 2
+    resumed = train(
+        tiny_config(tmp_path, "train.run_name=ddp", "train.resume=auto", "train.max_steps=6")
+    )
+    assert resumed.step == 6
+    assert {5, 6} <= train_losses(tmp_path / "ddp").keys()

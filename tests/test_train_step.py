@@ -32,7 +32,9 @@ def test_compiled_step_equals_eager(compiled_run):
     state, step = state_and_step(config)
     eager_state, eager_losses = run_steps(step, state, config, 5)
     compiled_state, compiled_losses = compiled_run
-    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(compiled_losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-5
+    )
     assert_trees_close(compiled_state["params"], eager_state["params"], rtol=1e-4, atol=1e-5)
     assert int(compiled_state["step"]) == 5
     assert eager_losses[-1] < eager_losses[0]

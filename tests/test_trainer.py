@@ -5,11 +5,18 @@ import json
 from llmfn.config import load_config
 from llmfn.trainer import train
 
-QUIET = ["logging.progress=false", "logging.plot=false", "train.compile=false", "checkpoint.save_best=false"]
+QUIET = [
+    "logging.progress=false",
+    "logging.plot=false",
+    "train.compile=false",
+    "checkpoint.save_best=false",
+]
 
 
 def config(tmp_path, *overrides):
-    return load_config(None, [*QUIET, f"train.run_dir={tmp_path}", "train.run_name=run", *overrides], {})
+    return load_config(
+        None, [*QUIET, f"train.run_dir={tmp_path}", "train.run_name=run", *overrides], {}
+    )
 
 
 def evals(run_dir):
@@ -19,9 +26,18 @@ def evals(run_dir):
 
 def test_regression_trains_for_whole_epochs(tmp_path):
     cfg = config(
-        tmp_path, "train.task=regression", "data.module=regression", "data.batch_size=32", "data.synthetic_size=640",
-        "model.hidden_size=32", "model.num_layers=2", "train.epochs=3", "train.eval_every=5", "optim.lr=3e-3",
-        "optim.warmup_steps=2", "optim.weight_decay=0",
+        tmp_path,
+        "train.task=regression",
+        "data.module=regression",
+        "data.batch_size=32",
+        "data.synthetic_size=640",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "train.epochs=3",
+        "train.eval_every=5",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "optim.weight_decay=0",
     )
     result = train(cfg)
     per_epoch = (640 - 32) // 32  # 5% held out (at least one batch)
@@ -32,13 +48,28 @@ def test_regression_trains_for_whole_epochs(tmp_path):
 
 def test_sft_trains_only_on_responses(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    records = [{"prompt": f"add {a} {b}:", "response": f" {a + b}"} for a in range(12) for b in range(12)]
+    records = [
+        {"prompt": f"add {a} {b}:", "response": f" {a + b}"} for a in range(12) for b in range(12)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in records))
     cfg = config(
-        tmp_path, "train.task=sft", "data.module=sft", f"data.path={path}", "data.tokenizer=char",
-        f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=8", "data.val_fraction=0.1", "data.val_batches=2",
-        "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.max_seq_len=32",
-        "train.max_steps=30", "train.eval_every=10", "optim.lr=3e-3", "optim.warmup_steps=3",
+        tmp_path,
+        "train.task=sft",
+        "data.module=sft",
+        f"data.path={path}",
+        "data.tokenizer=char",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=8",
+        "data.val_fraction=0.1",
+        "data.val_batches=2",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.max_seq_len=32",
+        "train.max_steps=30",
+        "train.eval_every=10",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=3",
     )
     result = train(cfg)
     losses = [e["val_loss"] for e in evals(result.run_dir)]
@@ -48,15 +79,31 @@ def test_sft_trains_only_on_responses(tmp_path):
 
 def test_lm_with_moe_and_grad_accumulation_reports_router_losses(tmp_path):
     cfg = config(
-        tmp_path, "data.module=synthetic", "data.synthetic_vocab_size=64", "data.batch_size=4",
-        "model.vocab_size=64", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
-        "model.max_seq_len=16", "model.use_moe=true", "model.num_experts=4", "model.top_k=2",
-        "model.intermediate_size=32", "train.grad_accum_steps=2", "train.max_steps=6", "train.eval_every=3",
+        tmp_path,
+        "data.module=synthetic",
+        "data.synthetic_vocab_size=64",
+        "data.batch_size=4",
+        "model.vocab_size=64",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.max_seq_len=16",
+        "model.use_moe=true",
+        "model.num_experts=4",
+        "model.top_k=2",
+        "model.intermediate_size=32",
+        "train.grad_accum_steps=2",
+        "train.max_steps=6",
+        "train.eval_every=3",
         "logging.log_every=1",
     )
     result = train(cfg)
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     train_rows = [r for r in rows if r.get("kind") == "train"]
     assert len(train_rows) == 6
-    assert all(r["moe_aux_loss"] >= 0.99 and r["router_z_loss"] > 0 for r in train_rows)  # balance loss >= 1
+    assert all(
+        r["moe_aux_loss"] >= 0.99 and r["router_z_loss"] > 0 for r in train_rows
+    )  # balance loss >= 1
     assert train_rows[0]["tokens"] == 2 * 4 * 16

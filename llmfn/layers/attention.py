@@ -83,7 +83,9 @@ def attention(
         cos, sin = rope_angles(positions, cfg)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    start = torch.zeros((), dtype=torch.long, device=x.device) if cache_start is None else cache_start
+    start = (
+        torch.zeros((), dtype=torch.long, device=x.device) if cache_start is None else cache_start
+    )
     q_slots = start + torch.arange(T, device=x.device)
     if cache is not None:
         k = cache["k"].index_copy(2, q_slots, k.to(cache["k"].dtype))
@@ -91,15 +93,23 @@ def attention(
         cache = TensorDict({"k": k, "v": v}, batch_size=cache.batch_size)
 
     simple_causal = cache is None and key_valid is None and cfg.sliding_window is None
-    mask = None if simple_causal else attention_mask(q_slots, k.shape[2], key_valid, cfg.sliding_window)
+    mask = (
+        None
+        if simple_causal
+        else attention_mask(q_slots, k.shape[2], key_valid, cfg.sliding_window)
+    )
     if cfg.position == "alibi":
         k_slots = torch.arange(k.shape[2], device=x.device)
         bias = alibi_bias(q_slots[None].expand(B, T), k_slots[None].expand(B, -1), cfg.num_heads)
         visible = mask if mask is not None else attention_mask(q_slots, k.shape[2], None, None)
         mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
     out = F.scaled_dot_product_attention(
-        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-        is_causal=mask is None, enable_gqa=cfg.kv_heads != cfg.num_heads,
+        q,
+        k.to(q.dtype),
+        v.to(q.dtype),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=cfg.kv_heads != cfg.num_heads,
     )
     out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
     return F.linear(out, params["wo"], params.get("bo")), cache

@@ -15,7 +15,11 @@ from llmfn.model_config import ModelConfig
 
 
 def init_block(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
-    tree = {"attn_norm": init_norm(cfg), "attn": init_attention(cfg, gen), "mlp_norm": init_norm(cfg)}
+    tree = {
+        "attn_norm": init_norm(cfg),
+        "attn": init_attention(cfg, gen),
+        "mlp_norm": init_norm(cfg),
+    }
     if cfg.use_moe:
         tree["moe"] = init_moe(cfg, gen)
     else:
@@ -23,7 +27,9 @@ def init_block(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
     return TensorDict(tree, batch_size=[])
 
 
-def feed_forward(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
+def feed_forward(
+    params: TensorDict, x: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, dict]:
     """The block's second branch: dense MLP, or MoE with its routing losses."""
     if cfg.use_moe:
         return moe(params["moe"], x, cfg)
@@ -45,7 +51,13 @@ def block(
     attn_key = None if dropout_key is None else fold_in(dropout_key, 1)
     mlp_key = None if dropout_key is None else fold_in(dropout_key, 2)
     attend = lambda h: attention(  # noqa: E731
-        params["attn"], h, cfg, positions=positions, key_valid=key_valid, cache=cache, cache_start=cache_start
+        params["attn"],
+        h,
+        cfg,
+        positions=positions,
+        key_valid=key_valid,
+        cache=cache,
+        cache_start=cache_start,
     )
     if cfg.norm_position == "pre":
         attn_out, cache = attend(norm(params["attn_norm"], x, cfg))

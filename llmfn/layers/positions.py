@@ -45,7 +45,7 @@ def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
         scale = cfg.rope_scaling_factor * seq_len / original - (cfg.rope_scaling_factor - 1)
         base = cfg.rope_theta * scale ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
-        inv_freq = 1.0 / base ** exponents
+        inv_freq = 1.0 / base**exponents
     angles = pos[..., None] * inv_freq  # [B, T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
     return angles.cos(), angles.sin()

@@ -6,13 +6,17 @@ from llmfn.tasks.base import Task
 AVAILABLE_TASKS: dict[str, Task] = {
     "lm": lm.LM,
     "sft": lm.SFT,
-    "regression": Task("regression", regression.init_params, regression.regression_loss, batch_keys=("x", "y")),
+    "regression": Task(
+        "regression", regression.init_params, regression.regression_loss, batch_keys=("x", "y")
+    ),
 }
 
 
 def get_task(name: str) -> Task:
     if name not in AVAILABLE_TASKS:
-        raise ValueError(f"train.task={name!r} is unknown: expected one of {', '.join(AVAILABLE_TASKS)}")
+        raise ValueError(
+            f"train.task={name!r} is unknown: expected one of {', '.join(AVAILABLE_TASKS)}"
+        )
     return AVAILABLE_TASKS[name]
 
 

@@ -11,7 +11,11 @@ from tensordict import TensorDict
 
 def init_params(config, seed: int) -> TensorDict:
     gen = torch.Generator().manual_seed(seed)
-    widths = [config.data.regression_features] + [config.model.hidden_size] * config.model.num_layers + [1]
+    widths = (
+        [config.data.regression_features]
+        + [config.model.hidden_size] * config.model.num_layers
+        + [1]
+    )
     layers = {}
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         weight = torch.randn((fan_out, fan_in), generator=gen) / fan_in**0.5

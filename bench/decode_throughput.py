@@ -7,7 +7,9 @@ Both sides decode greedily for exactly --new-tokens tokens after a --prompt-len 
 min_new_tokens, llmfn with no eos_id) on the same threads. The compile / first call is warm-up and
 not timed; each side is then timed --repeats times, interleaved, and the best run is reported
 (the machine may be shared). tokens/s = batch · new tokens / wall time of one generate call
-(the prefill is included on both sides).
+(the prefill is included on both sides). "matmul floor" is the time of one step's weight
+matmuls alone (F.linear over every weight matrix at the batch size): what any eager or compiled
+implementation on the same BLAS pays per token, whatever its overhead.
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def tiny_llama(vocab_size: int):
     return LlamaForCausalLM(config).eval()
 
 
+def matmul_floor(params, cfg, batch: int, repeats: int) -> float:
+    """Seconds per step of the decode matmuls alone: x [batch, in] @ W.T for every weight
+    matrix (the LM head included), best of `repeats` runs of 10 steps."""
+    leaves = params.items(include_nested=True, leaves_only=True)
+    weights = [w for key, w in leaves if w.dim() == 2 and key != ("embed", "weight")]
+    if cfg.tie_embeddings:
+        weights.append(params["embed", "weight"])  # the LM head
+    inputs = [torch.randn(batch, w.shape[1]) for w in weights]
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for _ in range(10):
+            for x, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(x, w)
+        best = min(best, (time.perf_counter() - start) / 10)
+    return best
+
+
 def time_call(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -46,7 +66,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab-size", type=int, default=6144)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -60,7 +82,8 @@ def main(argv=None) -> None:
           f"{cfg.hidden_size}, vocab {cfg.vocab_size}; torch {torch.__version__}, "
           f"{args.threads} threads; {args.prompt_len}-token prompts, {args.new_tokens} new tokens")  # fmt: skip
     print(
-        f"{'batch':>5} {'llmfn tok/s':>12} {'HF tok/s':>10} {'ratio':>6}  (llmfn compile+first call)"
+        f"{'batch':>5} {'llmfn tok/s':>12} {'HF tok/s':>10} {'ratio':>6}   ms/step: "
+        f"{'llmfn':>6} {'HF':>6} {'matmul floor':>12}"
     )
     n = args.new_tokens
     for batch in args.batch_sizes:
@@ -87,9 +110,11 @@ def main(argv=None) -> None:
             for _ in range(args.repeats):
                 best_ours = min(best_ours, time_call(ours))
                 best_theirs = min(best_theirs, time_call(theirs))
+            floor = matmul_floor(params, cfg, batch, args.repeats)
         ours_rate, theirs_rate = batch * n / best_ours, batch * n / best_theirs
-        print(f"{batch:>5} {ours_rate:>12.1f} {theirs_rate:>10.1f} {ours_rate / theirs_rate:>5.2f}x  "
-              f"({warmup:.0f} s; same tokens as HF: {same})")  # fmt: skip
+        print(f"{batch:>5} {ours_rate:>12.1f} {theirs_rate:>10.1f} {ours_rate / theirs_rate:>5.2f}x"
+              f"   {1e3 * best_ours / n:>14.2f} {1e3 * best_theirs / n:>6.2f} {1e3 * floor:>12.2f}"
+              f"   (compile + first call {warmup:.0f} s; same tokens as HF: {same})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ Both sides decode greedily for exactly --new-tokens tokens after a --prompt-len 
 min_new_tokens, llmfn with no eos_id) on the same threads. The compile / first call is warm-up and
 not timed; each side is then timed --repeats times, interleaved, and the best run is reported
 (the machine may be shared). tokens/s = batch · new tokens / wall time of one generate call
-(the prefill is included on both sides). "matmul floor" is the time of one step's weight
-matmuls alone (F.linear over every weight matrix at the batch size): what any eager or compiled
-implementation on the same BLAS pays per token, whatever its overhead.
+(the prefill is included on both sides). llmfn's weights are converted once with
+`decode_weights` (column-major matmul weights; the one-time cost is printed), as a model is
+loaded once; HF keeps its nn.Linear layout. "matmul floor" is the time of one step's weight
+matmuls alone (F.linear over every weight matrix at the batch size, in llmfn's decode layout):
+what any eager or compiled implementation on the same BLAS and layout pays per token.
 """
 
 from __future__ import annotations
@@ -72,14 +74,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from llmfn.generate import generate
+    from llmfn.generate import decode_weights, generate
     from llmfn.hf import from_hf
     from llmfn.model import count_params
 
     hf_model = tiny_llama(args.vocab_size)
     cfg, params = from_hf(hf_model)
+    start = time.perf_counter()
+    params = decode_weights(params)
+    convert_s = time.perf_counter() - start
     print(f"model: {count_params(params) / 1e6:.1f}M params, {cfg.num_layers} layers, width "
-          f"{cfg.hidden_size}, vocab {cfg.vocab_size}; torch {torch.__version__}, "
+          f"{cfg.hidden_size}, vocab {cfg.vocab_size}; decode_weights {1e3 * convert_s:.0f} ms; "
+          f"torch {torch.__version__}, "
           f"{args.threads} threads; {args.prompt_len}-token prompts, {args.new_tokens} new tokens")  # fmt: skip
     print(
         f"{'batch':>5} {'llmfn tok/s':>12} {'HF tok/s':>10} {'ratio':>6}   ms/step: "

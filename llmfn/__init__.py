@@ -11,7 +11,7 @@ warnings.filterwarnings(
     "ignore", message="'llmfn.generate' found in sys.modules", category=RuntimeWarning
 )
 
-from llmfn.generate import generate, stream  # noqa: E402
+from llmfn.generate import decode_weights, generate, stream  # noqa: E402
 from llmfn.model import (  # noqa: E402
     IGNORE_INDEX,
     ModelOutput,
@@ -28,6 +28,7 @@ from llmfn.model import (  # noqa: E402
 from llmfn.model_config import ModelConfig  # noqa: E402
 
 __all__ = [
+    "decode_weights",
     "IGNORE_INDEX",
     "ModelConfig",
     "ModelOutput",

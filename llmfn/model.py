@@ -152,6 +152,7 @@ def apply(
     cache_start: torch.Tensor | None = None,
     training: bool = False,
     rng: torch.Tensor | None = None,
+    last_logits_only: bool = False,
 ) -> ModelOutput:
     """The full model. tokens: [B, T] long.
 
@@ -159,6 +160,7 @@ def apply(
     0 for padding; [B, T], or [B, max_len] over the cache slots when a cache is given.
     cache / cache_start: a tree from `init_cache` and the first slot this call writes (0-d long).
     training + rng (0-d int64 key): dropout, as a pure function of the key.
+    last_logits_only: logits of the last position only ([B, 1, V]; a prefill needs no more).
     """
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError(
@@ -199,6 +201,8 @@ def apply(
 
     if cfg.norm_position == "pre":
         x = norm(params["final_norm"], x, cfg)
+    if last_logits_only:
+        x = x[:, -1:]
     head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
     logits = F.linear(x, head)
     new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])

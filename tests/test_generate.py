@@ -20,6 +20,7 @@ from llmfn import stream as stream_fn
 from llmfn.generate import (
     TextRow,
     decode_step,
+    decode_weights,
     filter_top_k_top_p,
     generate,
     generate_text,
@@ -112,6 +113,36 @@ def test_cached_decode_equals_full_forward_at_every_position(name, lengths, step
                 [prompt_logits[b, prompt_len - n :], torch.stack([s[b] for s in step_logits])]
             )
             torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_last_only_is_the_last_row_of_the_full_prefill():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    tokens, pad = pad_prompts([[5, 6, 7, 8], [9, 10]])
+    key_valid = slot_mask(pad, 8)
+    with torch.no_grad():
+        full, full_cache = prefill(params, init_cache(cfg, 2, 8), tokens, pad, key_valid, cfg)
+        last, last_cache = prefill(
+            params, init_cache(cfg, 2, 8), tokens, pad, key_valid, cfg, last_only=True
+        )
+    assert last.shape == (2, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])
+    assert (last_cache == full_cache).all()
+
+
+def test_decode_weights_are_column_major_copies_with_the_same_values():
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    converted = decode_weights(params)
+    wqkv = converted["layers", "0", "attn", "wqkv"]
+    assert wqkv.stride() == (1, wqkv.shape[0])
+    assert torch.equal(wqkv, params["layers", "0", "attn", "wqkv"])
+    assert params["layers", "0", "attn", "wqkv"].is_contiguous()  # the input is untouched
+    assert converted["embed", "weight"] is params["embed", "weight"]  # a lookup table
+    again = decode_weights(converted)
+    assert again["layers", "0", "attn", "wqkv"] is wqkv  # already converted: no copy
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    assert generate(converted, cfg, prompts, max_new_tokens=5) == generate(
+        params, cfg, prompts, max_new_tokens=5
+    )
 
 
 def test_decode_step_is_pure():
@@ -325,6 +356,19 @@ def check_compiled_decode(name: str, monkeypatch) -> None:
 def test_compiled_step_never_recompiles(name, monkeypatch):
     monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")  # dynamo only: fast
     check_compiled_decode(name, monkeypatch)
+
+
+def test_compiled_generation_is_not_capped_by_the_recompile_limit(monkeypatch):
+    """Each batch size is its own graph; past dynamo's per-function recompile limit a shared
+    step function would raise (fullgraph=True). The limit is lowered to 2 to show it fast."""
+    monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (1, 2, 3, 4):
+            prompts = [[1, 2, 3]] * batch
+            compiled = generate(params, cfg, prompts, max_new_tokens=3, compile=True)
+            assert compiled == generate(params, cfg, prompts, max_new_tokens=3)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@
 See docs/callbacks.md for how to write one.
 """
 
-from llmfn.callbacks.base import Callback, CallbackList, RunInfo
+from llmfn.callbacks.base import Callback, CallbackList, FileCallback, RunInfo
 from llmfn.callbacks.console import ConsoleLogger
 from llmfn.callbacks.defaults import default_callbacks
 from llmfn.callbacks.early_stopping import EarlyStopping
@@ -23,6 +23,7 @@ from llmfn.callbacks.throughput import Throughput, model_flops_utilization
 
 __all__ = [
     "Callback",
+    "FileCallback",
     "CallbackList",
     "ConsoleLogger",
     "EarlyStopping",

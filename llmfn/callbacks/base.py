@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -80,6 +80,24 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class FileCallback(Callback):
+    """A callback that writes one file in the run folder: subclasses open `self.file` in
+    `on_train_start` (main process only); it is closed at the end of training or on an error."""
+
+    file: TextIO | None = None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def on_train_end(self, run: RunInfo, step: int) -> None:
+        self.close()
+
+    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
+        self.close()
 
 
 def _check_every(callback: Callback) -> None:

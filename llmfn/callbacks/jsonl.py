@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.base import FileCallback, RunInfo
 from llmfn.callbacks.scalars import finite_or_none, to_floats
 from llmfn.callbacks.throughput import Throughput
 
@@ -52,7 +52,7 @@ def record(kind: str, step: int, *parts: dict[str, float]) -> dict:
     return out
 
 
-class JsonlLogger(Callback):
+class JsonlLogger(FileCallback):
     """Appends one JSON line every `every` steps and one per eval to run_dir/metrics.jsonl."""
 
     def __init__(self, every: int = 10, file_name: str = FILE_NAME):
@@ -93,14 +93,3 @@ class JsonlLogger(Callback):
 
     def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
         self.throughput.restart(step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def on_train_end(self, run: RunInfo, step: int) -> None:
-        self.close()
-
-    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
-        self.close()

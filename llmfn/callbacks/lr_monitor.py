@@ -14,7 +14,7 @@ from typing import TextIO
 
 import torch
 
-from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.base import FileCallback, RunInfo
 from llmfn.callbacks.output import write_line
 from llmfn.callbacks.scalars import to_floats
 
@@ -44,7 +44,7 @@ def keep_rows_up_to(path: Path, last_step: int) -> None:
     path.write_text(HEADER + "".join(rows), encoding="utf-8")
 
 
-class LRMonitor(Callback):
+class LRMonitor(FileCallback):
     """Prints the schedule at the start and writes `step,lr` every `every` steps to lr.csv."""
 
     def __init__(
@@ -93,14 +93,3 @@ class LRMonitor(Callback):
             self.warn_once(f"lr={lr} at step {step} is not a finite non-negative number")
         self.file.write(f"{step},{lr!r}\n")
         self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def on_train_end(self, run: RunInfo, step: int) -> None:
-        self.close()
-
-    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
-        self.close()

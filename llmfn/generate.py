@@ -450,7 +450,8 @@ def call_compiled(step, param_leaves: list, cache_leaves: list, inputs: tuple, *
     (picking or compiling the right graph); later steps of the same loop pass inputs of the
     same structure, shapes and dtypes, so they only check the guards that tell graphs apart."""
     if guarded:
-        return step(param_leaves, cache_leaves, *inputs)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return step(param_leaves, cache_leaves, *inputs)
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
         return step(param_leaves, cache_leaves, *inputs)
 

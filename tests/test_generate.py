@@ -35,7 +35,7 @@ from llmfn.generate import (
     stream,
     stream_text,
 )
-from llmfn.model import forward, init_cache, init_params
+from llmfn.model import forward, forward_cached, init_cache, init_params
 from llmfn.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,30 @@ def test_decode_weights_are_column_major_copies_with_the_same_values():
     assert generate(converted, cfg, prompts, max_new_tokens=5) == generate(
         params, cfg, prompts, max_new_tokens=5
     )
+
+
+def test_cached_attention_reads_only_the_written_slots_on_cpu():
+    from llmfn.layers.attention import written_slots
+
+    k, v = torch.randn(2, 3, 16, 4), torch.randn(2, 3, 16, 4)
+    key_valid = torch.ones(2, 16, dtype=torch.bool)
+    k_used, v_used, valid_used = written_slots(k, v, key_valid, torch.tensor(5))
+    assert k_used.shape == v_used.shape == (2, 3, 5, 4) and valid_used.shape == (2, 5)
+    assert torch.equal(k_used, k[:, :, :5])
+
+
+def test_forward_cached_compiles_fullgraph_without_scalar_capture():
+    """A user's own torch.compile of the cached forward keeps the whole cache instead of
+    breaking the graph on the read of the written length."""
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    tokens, cache, start = torch.tensor([[1, 2, 3]]), init_cache(cfg, 1, 16), torch.tensor(0)
+    compiled = torch.compile(
+        lambda p, t, c, s: forward_cached(p, t, cfg, c, s), fullgraph=True, backend="eager"
+    )
+    with torch.no_grad():
+        got, _ = compiled(params, tokens, cache, start)
+        expected, _ = forward_cached(params, tokens, cfg, cache, start)
+    torch.testing.assert_close(got, expected)
 
 
 def test_decode_step_is_pure():

@@ -61,6 +61,26 @@ def split_heads(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]
     )
 
 
+def written_slots(
+    k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, end: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """On CPU, the cache k, v [B, KV, max_len, hd] and key_valid [B, max_len] cut to the slots
+    written so far (0..end-1, end a 0-d tensor): the later ones are masked for every query, so
+    attention then costs the tokens so far rather than the preallocated length. Elsewhere the
+    whole cache: on other devices reading `end` would sync with the host, and under
+    torch.compile it needs `capture_scalar_outputs` (llmfn's compiled decode sets it; a
+    graph compiled without it keeps the full cache rather than break)."""
+    if k.device.type != "cpu" or (
+        torch.compiler.is_compiling() and not torch._dynamo.config.capture_scalar_outputs
+    ):
+        return k, v, key_valid
+    n = int(end)
+    torch._check(n >= 1)
+    torch._check(n <= k.shape[2])
+    key_valid = None if key_valid is None else key_valid[:, :n]
+    return k[:, :, :n], v[:, :, :n], key_valid
+
+
 def attention(
     params: TensorDict,
     x: torch.Tensor,
@@ -91,6 +111,7 @@ def attention(
         k = cache["k"].index_copy(2, q_slots, k.to(cache["k"].dtype))
         v = cache["v"].index_copy(2, q_slots, v.to(cache["v"].dtype))
         cache = TensorDict({"k": k, "v": v}, batch_size=cache.batch_size)
+        k, v, key_valid = written_slots(k, v, key_valid, start + T)
 
     simple_causal = cache is None and key_valid is None and cfg.sliding_window is None
     mask = (

@@ -314,7 +314,14 @@ def unflatten(keys: tuple, leaves: list[torch.Tensor]) -> TensorDict:
     return tree
 
 
-COMPILE_BACKEND = "inductor"  # tests swap in "eager" to check dynamo's side quickly
+COMPILE_BACKEND = "inductor"
+# No shape/stride/alignment asserts on the inputs of each call (a quarter of the generated
+# wrapper's time at batch 1): dynamo's guards check every input on the first step of a loop,
+# and the later steps pass the same tensors or same-shaped results of the previous step.
+INDUCTOR_OPTIONS = {
+    "size_asserts": False,
+    "alignment_asserts": False,
+}  # tests swap in "eager" to check dynamo's side quickly
 FULL_GUARDS_EVERY_STEP = False  # tests set it to prove that no step would recompile
 
 
@@ -331,7 +338,10 @@ def compiled_step(
     batch size or cache length in a process would raise. One graph per entry instead, and the
     LRU bound keeps at most 32 of them."""
     step = donating_step(cfg, flags, *keys)
-    return torch.compile(own_code(step), fullgraph=True, dynamic=False, backend=backend)
+    options = INDUCTOR_OPTIONS if backend == "inductor" else None
+    return torch.compile(
+        own_code(step), fullgraph=True, dynamic=False, backend=backend, options=options
+    )
 
 
 def own_code(fn):

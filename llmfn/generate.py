@@ -314,14 +314,11 @@ def unflatten(keys: tuple, leaves: list[torch.Tensor]) -> TensorDict:
     return tree
 
 
-COMPILE_BACKEND = "inductor"
+COMPILE_BACKEND = "inductor"  # tests swap in "eager" to check dynamo's side quickly
 # No shape/stride/alignment asserts on the inputs of each call (a quarter of the generated
 # wrapper's time at batch 1): dynamo's guards check every input on the first step of a loop,
 # and the later steps pass the same tensors or same-shaped results of the previous step.
-INDUCTOR_OPTIONS = {
-    "size_asserts": False,
-    "alignment_asserts": False,
-}  # tests swap in "eager" to check dynamo's side quickly
+INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 FULL_GUARDS_EVERY_STEP = False  # tests set it to prove that no step would recompile
 
 
@@ -458,7 +455,9 @@ def decode_loop(
 def call_compiled(step, param_leaves: list, cache_leaves: list, inputs: tuple, *, guarded: bool):
     """Run the compiled donating step. Dynamo's guards run in full on the first step of a loop
     (picking or compiling the right graph); later steps of the same loop pass inputs of the
-    same structure, shapes and dtypes, so they only check the guards that tell graphs apart."""
+    same structure, shapes and dtypes, so they only check the guards that tell graphs apart.
+    Tracing (only ever on a guarded call) captures scalar reads, so the cached attention can
+    cut the cache to its written slots inside one graph (`layers.attention.written_slots`)."""
     if guarded:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return step(param_leaves, cache_leaves, *inputs)

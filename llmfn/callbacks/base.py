@@ -48,6 +48,8 @@ class Callback:
 
     `every`: `on_step_end` runs only when `step % every == 0` (other hooks always run).
     `state_dict()` must be JSON-able; it is saved in checkpoints and restored on resume.
+    `close()` releases what the callback holds (a file, a progress bar); the default
+    `on_train_end` and `on_exception` call it.
     """
 
     every: int = 1
@@ -70,9 +72,12 @@ class Callback:
         pass
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
-        pass
+        self.close()
 
     def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
+        self.close()
+
+    def close(self) -> None:
         pass
 
     def state_dict(self) -> dict:
@@ -92,12 +97,6 @@ class FileCallback(Callback):
         if self.file is not None:
             self.file.close()
             self.file = None
-
-    def on_train_end(self, run: RunInfo, step: int) -> None:
-        self.close()
-
-    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
-        self.close()
 
 
 def _check_every(callback: Callback) -> None:

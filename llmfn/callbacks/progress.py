@@ -82,9 +82,3 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-    def on_train_end(self, run: RunInfo, step: int) -> None:
-        self.close()
-
-    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
-        self.close()

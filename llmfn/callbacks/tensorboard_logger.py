@@ -80,9 +80,3 @@ class TensorBoardLogger(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-    def on_train_end(self, run: RunInfo, step: int) -> None:
-        self.close()
-
-    def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
-        self.close()

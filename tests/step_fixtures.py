@@ -1,5 +1,10 @@
 """Small configs, batches and train steps shared by the step and distributed tests."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from llmfn.config import from_dict
@@ -50,3 +55,17 @@ def state_and_step(config, all_reduce=None):
         all_reduce=all_reduce,
     )
     return state, step
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def run_torchrun(*args: str) -> None:
+    """`torchrun --standalone --nproc_per_node 2 ARGS...` from the repository root (one
+    OpenMP thread per rank); fails the test with the end of stderr if a rank fails."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*cmd, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

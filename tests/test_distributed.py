@@ -1,37 +1,20 @@
 """Two CPU processes (gloo) under torchrun: params identical on both ranks after N steps, and
 equal to one process stepping on the same global batch."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.step_fixtures import global_batch, small_config, state_and_step
+from tests.step_fixtures import ROOT, global_batch, run_torchrun, small_config, state_and_step
 
-ROOT = Path(__file__).parent.parent
 STEPS = 3
 
 
 def run_two_ranks(out: Path, compiled: bool) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests" / "ddp_worker.py"),
-        str(out),
-        str(STEPS),
-        "1" if compiled else "0",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    worker = str(ROOT / "tests" / "ddp_worker.py")
+    run_torchrun(worker, str(out), str(STEPS), "1" if compiled else "0")
 
 
 def single_process_params():

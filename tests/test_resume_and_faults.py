@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from llmfn.config import load_config
 from llmfn.trainer import TrainingHalted, train
+from tests.step_fixtures import run_torchrun
 
 ROOT = Path(__file__).parent.parent
 TINY = [
@@ -181,27 +182,10 @@ def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    args = [
-        *TINY,
-        f"train.run_dir={tmp_path}",
-        "train.run_name=ddp",
-        "train.max_steps=4",
-        "checkpoint.every=1000",
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "llmfn.train",
-        *args,
-    ]
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_torchrun(
+        "-m", "llmfn.train", *TINY, f"train.run_dir={tmp_path}", "train.run_name=ddp",
+        "train.max_steps=4", "checkpoint.every=1000",
+    )  # fmt: skip
     state = json.loads(
         (tmp_path / "ddp" / "checkpoints" / "step_000004" / "train_state.json").read_text()
     )

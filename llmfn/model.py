@@ -18,8 +18,9 @@ from tensordict import TensorDict
 from llmfn.layers.block import block, init_block
 from llmfn.layers.dropout import dropout, fold_in
 from llmfn.layers.init import normal
+from llmfn.layers.linear import linear
 from llmfn.layers.norm import init_norm, norm
-from llmfn.layers.positions import init_learned_positions, sinusoidal_table
+from llmfn.layers.positions import init_learned_positions, rope_angles, sinusoidal_table
 from llmfn.layers.remat import remat
 from llmfn.model_config import ModelConfig
 
@@ -117,6 +118,7 @@ def checkpointed_block(
     cfg: ModelConfig,
     *,
     positions: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
     key_valid: torch.Tensor | None,
     dropout_key: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -124,16 +126,17 @@ def checkpointed_block(
     it works under torch.func.grad / vmap and torch.compile. x: [B, T, D] -> (x, MoE losses)."""
     flat = layer.flatten_keys(".")
     names = list(flat.keys())
-    options = {"key_valid": key_valid, "dropout_key": dropout_key}
+    cos, sin = (None, None) if rope is None else rope
+    options = {"key_valid": key_valid, "dropout_key": dropout_key, "cos": cos, "sin": sin}
     option_names = [option for option, value in options.items() if value is not None]
     loss_names = ("moe_aux_loss", "router_z_loss") if cfg.use_moe else ()
 
     def run(h, *tensors):
         leaves, (pos, *option_values) = tensors[: len(names)], tensors[len(names) :]
         params = TensorDict(dict(zip(names, leaves, strict=True)), []).unflatten_keys(".")
-        out, _, losses = block(
-            params, h, cfg, positions=pos, **dict(zip(option_names, option_values, strict=True))
-        )
+        given = dict(zip(option_names, option_values, strict=True))
+        rope = (given.pop("cos"), given.pop("sin")) if "cos" in given else None
+        out, _, losses = block(params, h, cfg, positions=pos, rope=rope, **given)
         return (out, *(losses[loss_name] for loss_name in loss_names))
 
     constants = [positions, *(options[option] for option in option_names)]
@@ -170,6 +173,7 @@ def apply(
         positions = default_positions(tokens, attention_mask, cache_start)
     dropout_key = rng if training and cfg.dropout > 0 else None
     x = dropout(embed(params, tokens, positions, cfg), cfg.dropout, dropout_key)
+    rope = rope_angles(positions, cfg) if cfg.position == "rope" else None  # once, every layer
 
     new_layers, layer_losses = {}, []
     for i in range(cfg.num_layers):
@@ -182,6 +186,7 @@ def apply(
                 x,
                 cfg,
                 positions=positions,
+                rope=rope,
                 key_valid=attention_mask,
                 dropout_key=layer_key,
             )
@@ -191,6 +196,7 @@ def apply(
                 x,
                 cfg,
                 positions=positions,
+                rope=rope,
                 key_valid=attention_mask,
                 cache=layer_cache,
                 cache_start=cache_start,
@@ -204,7 +210,7 @@ def apply(
     if last_logits_only:
         x = x[:, -1:]
     head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
-    logits = F.linear(x, head)
+    logits = linear(x, head)
     new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
     losses = {}
     if layer_losses and layer_losses[0]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 
 from llmfn.layers.init import normal, zeros
+from llmfn.layers.linear import linear
 from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
 from llmfn.model_config import ModelConfig
 
@@ -87,20 +88,22 @@ def attention(
     cfg: ModelConfig,
     *,
     positions: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     key_valid: torch.Tensor | None = None,
     cache: TensorDict | None = None,
     cache_start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, TensorDict | None]:
     """x: [B, T, D] -> ([B, T, D], updated cache or None).
 
-    positions: [B, T] token positions (RoPE / ALiBi). key_valid: [B, Tk] bool, False at padding
+    positions: [B, T] token positions (RoPE). rope: `rope_angles(positions, cfg)` when the
+    caller has them (a model computes them once for all its layers). key_valid: [B, Tk] bool, False at padding
     (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
     [B, KV, max_len, hd]; this call writes slots cache_start .. cache_start + T - 1.
     """
     B, T, _ = x.shape
-    q, k, v = split_heads(F.linear(x, params["wqkv"], params.get("bqkv")), cfg)
+    q, k, v = split_heads(linear(x, params["wqkv"], params.get("bqkv")), cfg)
     if cfg.position == "rope":
-        cos, sin = rope_angles(positions, cfg)
+        cos, sin = rope_angles(positions, cfg) if rope is None else rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     start = (
@@ -133,4 +136,4 @@ def attention(
         enable_gqa=cfg.kv_heads != cfg.num_heads,
     )
     out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
-    return F.linear(out, params["wo"], params.get("bo")), cache
+    return linear(out, params["wo"], params.get("bo")), cache

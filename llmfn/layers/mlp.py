@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 
 from llmfn.layers.init import normal, zeros
+from llmfn.layers.linear import linear
 from llmfn.model_config import ModelConfig
 
 _ACTIVATIONS = {
@@ -45,8 +46,8 @@ def mlp(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """x: [..., D] -> [..., D]."""
     act = activation_fn(cfg.activation)
     if cfg.use_glu:
-        gate, up = F.linear(x, params["w13"], params.get("b13")).chunk(2, dim=-1)
+        gate, up = linear(x, params["w13"], params.get("b13")).chunk(2, dim=-1)
         hidden = act(gate) * up
     else:
-        hidden = act(F.linear(x, params["w1"], params.get("b1")))
-    return F.linear(hidden, params["w2"], params.get("b2"))
+        hidden = act(linear(x, params["w1"], params.get("b1")))
+    return linear(hidden, params["w2"], params.get("b2"))

@@ -13,10 +13,10 @@ case pairs past an expert's capacity are skipped (their weight drops out of the 
 import math
 
 import torch
-import torch.nn.functional as F
 from tensordict import TensorDict
 
 from llmfn.layers.init import normal
+from llmfn.layers.linear import linear
 from llmfn.layers.mlp import activation_fn, init_mlp, mlp
 from llmfn.model_config import ModelConfig
 
@@ -56,7 +56,7 @@ def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
     """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors)."""
-    logits = F.linear(x, router).float()  # [N, E]
+    logits = linear(x, router).float()  # [N, E]
     probs = logits.softmax(dim=-1)
     weights, experts = probs.topk(cfg.top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)

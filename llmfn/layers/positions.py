@@ -14,7 +14,11 @@ from llmfn.model_config import ModelConfig
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """[head_dim/2] inverse frequencies, with llama3 band scaling applied when configured."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    # theta ** -exponents, written with exp: inductor stores a reused value whose computation
+    # has an exp once, where it would recompute pow, cos and sin inside every layer's q and k
+    # RoPE kernels (forward and backward): -116 ms of a 1.8 s CPU train step at 15M params.
+    inv_freq = torch.exp(-math.log(cfg.rope_theta) * exponents)
     if cfg.rope_scaling == "llama3":
         factor = cfg.rope_scaling_factor
         original = cfg.rope_original_max_seq_len or cfg.max_seq_len

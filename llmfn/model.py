@@ -126,20 +126,20 @@ def checkpointed_block(
     it works under torch.func.grad / vmap and torch.compile. x: [B, T, D] -> (x, MoE losses)."""
     flat = layer.flatten_keys(".")
     names = list(flat.keys())
-    cos, sin = (None, None) if rope is None else rope
-    options = {"key_valid": key_valid, "dropout_key": dropout_key, "cos": cos, "sin": sin}
+    options = {"key_valid": key_valid, "dropout_key": dropout_key}
     option_names = [option for option, value in options.items() if value is not None]
+    rope = () if rope is None else tuple(rope)
     loss_names = ("moe_aux_loss", "router_z_loss") if cfg.use_moe else ()
 
     def run(h, *tensors):
-        leaves, (pos, *option_values) = tensors[: len(names)], tensors[len(names) :]
+        leaves, (pos, *rest) = tensors[: len(names)], tensors[len(names) :]
+        angles, option_values = tuple(rest[: len(rope)]), rest[len(rope) :]
         params = TensorDict(dict(zip(names, leaves, strict=True)), []).unflatten_keys(".")
-        given = dict(zip(option_names, option_values, strict=True))
-        rope = (given.pop("cos"), given.pop("sin")) if "cos" in given else None
-        out, _, losses = block(params, h, cfg, positions=pos, rope=rope, **given)
+        options = dict(zip(option_names, option_values, strict=True))
+        out, _, losses = block(params, h, cfg, positions=pos, rope=angles or None, **options)
         return (out, *(losses[loss_name] for loss_name in loss_names))
 
-    constants = [positions, *(options[option] for option in option_names)]
+    constants = [positions, *rope, *(options[option] for option in option_names)]
     out, *loss_values = remat(run, [x, *flat.values()], constants)
     return out, dict(zip(loss_names, loss_values, strict=True))
 

@@ -96,8 +96,8 @@ def attention(
     """x: [B, T, D] -> ([B, T, D], updated cache or None).
 
     positions: [B, T] token positions (RoPE). rope: `rope_angles(positions, cfg)` when the
-    caller has them (a model computes them once for all its layers). key_valid: [B, Tk] bool, False at padding
-    (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
+    caller has them (a model computes them once for all its layers). key_valid: [B, Tk] bool,
+    False at padding (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
     [B, KV, max_len, hd]; this call writes slots cache_start .. cache_start + T - 1.
     """
     B, T, _ = x.shape

@@ -32,7 +32,7 @@ import torch
 from tensordict import TensorDict
 
 from llmfn.layers.dropout import fold_in, uniform
-from llmfn.layers.linear import panel_weight
+from llmfn.layers.panel_matmul import PANEL_WIDTH, kernel_available, panel_weight
 from llmfn.model import forward_cached, init_cache
 from llmfn.model_config import ModelConfig
 
@@ -127,35 +127,32 @@ def prefill(
     return logits, cache
 
 
-PANEL_MIN_BATCH = 4  # from this many rows per step on, panels beat column-major on CPU
-PANEL_WIDTH = 16  # output columns per panel: one 64-byte cache line of float32
+def decode_weights(params: TensorDict) -> TensorDict:
+    """The params with every float32 matmul weight [out, in] in the layout CPU decode
+    multiplies fastest (same values; `llmfn.layers.linear` runs any layout):
 
-
-def decode_weights(params: TensorDict, batch_size: int = 1) -> TensorDict:
-    """The params with every matmul weight [out, in] in the layout CPU decode multiplies
-    fastest at `batch_size` rows per step (same values; `llmfn.layers.linear` runs either):
-
-    - below PANEL_MIN_BATCH, a column-major copy (shape [out, in], strides (1, out)): F.linear
-      then streams a row-major [in, out] matrix, which MKL does fastest for one or two rows;
-    - from PANEL_MIN_BATCH on, contiguous column panels [out // 16, in, 16] (`panel_weight`),
-      which keep a few rows' multiply a sequential read of memory.
+    - contiguous column panels [out // 8, in, 8] (`panel_weight`), which the panel kernel
+      (`llmfn.layers.panel_matmul`) streams once per step for any number of rows;
+    - a column-major copy (shape [out, in], strides (1, out)) where 8 does not divide `out`,
+      or the kernel is not available here: F.linear then streams a row-major [in, out]
+      matrix, which MKL does fastest for a few rows.
 
     Lookup tables (embed, pos) and 3-D leaves (expert weights, or panels already) are left as
     they are, and so are weights already in the target layout: converting costs about a dozen
     decode steps, so code that generates many times converts once,
 
-        params = decode_weights(params, batch_size=8)  # then generate(params, ...) copies nothing
+        params = decode_weights(params)  # then generate(params, ...) copies nothing
 
-    (`generate` does it on CPU for its batch; bench/decode_throughput.py has the speeds).
+    (`generate` does it on CPU; bench/decode_throughput.py has the speeds).
     """
     lookups = {("embed", "weight"), ("pos", "weight")}
-    panels = batch_size >= PANEL_MIN_BATCH
     out = params.clone(recurse=False)
     for key, leaf in params.items(include_nested=True, leaves_only=True):
         if leaf.dim() != 2 or key in lookups:
             continue
-        if panels and leaf.shape[0] % PANEL_WIDTH == 0:
-            out[key] = panel_weight(leaf, PANEL_WIDTH)
+        panels = leaf.dtype == torch.float32 and leaf.shape[0] % PANEL_WIDTH == 0
+        if panels and kernel_available():
+            out[key] = panel_weight(leaf)
         elif not leaf.t().is_contiguous():
             out[key] = leaf.t().contiguous().t()
     return out
@@ -432,7 +429,7 @@ def decode_loop(
     max_len = cache_length(prompt_len, max_new_tokens)
     with torch.no_grad():
         if device.type == "cpu":
-            params = decode_weights(params, batch_size=tokens.shape[0])
+            params = decode_weights(params)
         dtype = params["embed", "weight"].dtype
         cache = init_cache(cfg, tokens.shape[0], max_len, dtype=dtype, device=device)
         key_valid = slot_mask(pad_lengths, max_len)

@@ -129,26 +129,29 @@ def test_prefill_last_only_is_the_last_row_of_the_full_prefill():
     assert (last_cache == full_cache).all()
 
 
-def test_decode_weights_layout_follows_the_batch_size_and_converts_once():
+def test_decode_weights_makes_panels_once_and_column_major_where_they_do_not_fit(monkeypatch):
     cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
     wqkv = params["layers", "0", "attn", "wqkv"]  # [64, 32]
-    column_major = decode_weights(params)  # one row per step
-    converted = column_major["layers", "0", "attn", "wqkv"]
-    assert converted.shape == wqkv.shape and converted.stride() == (1, wqkv.shape[0])
-    assert torch.equal(converted, wqkv) and wqkv.is_contiguous()  # the input is untouched
-    assert column_major["embed", "weight"] is params["embed", "weight"]  # a lookup table
-    assert decode_weights(column_major)["layers", "0", "attn", "wqkv"] is converted
-
-    panels = decode_weights(params, batch_size=8)
+    panels = decode_weights(params)
     panel = panels["layers", "0", "attn", "wqkv"]
-    assert panel.shape == (64 // 16, 32, 16) and panel.is_contiguous()
-    assert torch.equal(panel[1], wqkv[16:32].t())  # panel p: output rows 16p .. 16p + 15
+    assert panel.shape == (64 // 8, 32, 8) and panel.is_contiguous()
+    assert torch.equal(panel[1], wqkv[8:16].t())  # panel p: output rows 8p .. 8p + 7
+    assert wqkv.is_contiguous() and wqkv.dim() == 2  # the input is untouched
     assert panels["lm_head", "weight"].shape == (61, 32)  # 61 rows: no panels, column-major
     assert panels["lm_head", "weight"].stride() == (1, 61)
-    assert decode_weights(panels, batch_size=8)["layers", "0", "attn", "wqkv"] is panel
+    assert panels["embed", "weight"] is params["embed", "weight"]  # a lookup table
+    assert decode_weights(panels)["layers", "0", "attn", "wqkv"] is panel  # converts once
+
+    # Without the kernel (no C compiler), column-major weights for F.linear instead.
+    monkeypatch.setattr(generate_module, "kernel_available", lambda: False)
+    column_major = decode_weights(params)
+    converted = column_major["layers", "0", "attn", "wqkv"]
+    assert converted.shape == wqkv.shape and converted.stride() == (1, wqkv.shape[0])
+    assert torch.equal(converted, wqkv)
+    assert decode_weights(column_major)["layers", "0", "attn", "wqkv"] is converted
 
     prompts = [[1, 2, 3, 4], [5, 6], [7], [8, 9, 10]]
-    expected = generate(params, cfg, prompts, max_new_tokens=5)
+    expected = generate(params, cfg, prompts, max_new_tokens=5)  # converts to column-major now
     assert generate(panels, cfg, prompts, max_new_tokens=5) == expected
     assert generate(column_major, cfg, prompts, max_new_tokens=5) == expected
 
@@ -199,7 +202,7 @@ def test_greedy_equals_a_loop_without_cache(name):
 @pytest.mark.parametrize("name", ["llama_gqa", "mqa_sliding_window", "moe", "gpt2_like"])
 def test_left_padded_batch_equals_each_prompt_alone(name):
     cfg, params = CONFIGS[name], PARAMS[name]
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [30, 31, 32, 33], [12, 40]]  # 4 rows: panel weights
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [30, 31, 32, 33], [12, 40]]
     batched = generate(params, cfg, prompts, max_new_tokens=8)
     assert batched == [generate(params, cfg, [p], max_new_tokens=8)[0] for p in prompts]
     assert len({tuple(row) for row in batched}) == 4  # the rows really differ

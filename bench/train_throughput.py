@@ -5,13 +5,16 @@ batch, in one run. Prints a table of tokens/s, ratios and (on GPU) MFU; writes J
     python bench/train_throughput.py                     # ~15M params, CPU, fp32
     python bench/train_throughput.py --preset llama-135m --batch 16 --seq 2048   # GPU, bf16
 
-Ratios, not absolute times: the machines are shared and noisy.
+Ratios, not absolute times: the machines are shared and noisy. On CPU the variants are timed
+interleaved (one step of each per round, the median of --iters rounds); on GPU one after the
+other, so that each has its own peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -157,6 +160,35 @@ def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
     return {"step_s": seconds, "warmup_s": first, "peak_gib": peak}
 
 
+def measure_interleaved(runs: dict, batch, *, warmup: int, iters: int) -> dict:
+    """On a shared CPU: every variant warmed up, then `iters` rounds that time one step of each
+    in turn; the median step per variant. The machine's load then weighs on all of them alike
+    rather than on whichever ran while another job did."""
+    results, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            float(run(batch))
+        results[name] = {"warmup_s": time.perf_counter() - start, "peak_gib": None}
+    for _ in range(iters):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            float(run(batch))
+            times[name].append(time.perf_counter() - start)
+    for name, seconds in times.items():
+        results[name]["step_s"] = statistics.median(seconds)
+    return results
+
+
+def try_build(name: str, build):
+    """(run, parameter count), or None with a note when the variant's library is missing."""
+    try:
+        return build()
+    except ImportError as err:
+        print(f"skipping {name}: {err}")
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,23 +231,24 @@ def main() -> None:
         "hf-eager": lambda: hf_runner(config, device, compiled=False),
         "hf-compiled": lambda: hf_runner(config, device, compiled=True),
     }
+    selected = {name: b for name, b in runners.items() if not args.only or name in args.only}
     results = {}
-    for name, build in runners.items():
-        if args.only and name not in args.only:
-            continue
-        try:
-            run, n_params = build()
-        except ImportError as err:
-            print(f"skipping {name}: {err}")
-            continue
-        stats = measure(run, batch, warmup=args.warmup, iters=args.iters, device=device)
+    if device.type == "cuda":  # one at a time, so that each has its own peak memory
+        for name, build in selected.items():
+            if built := try_build(name, build):
+                run, n_params = built
+                stats = measure(run, batch, warmup=args.warmup, iters=args.iters, device=device)
+                results[name] = {**stats, "params": n_params}
+                del run, built
+                torch.cuda.empty_cache()
+    else:
+        built = {name: b for name, build in selected.items() if (b := try_build(name, build))}
+        runs = {name: run for name, (run, _) in built.items()}
+        measured = measure_interleaved(runs, batch, warmup=args.warmup, iters=args.iters)
+        results = {name: {**measured[name], "params": built[name][1]} for name in built}
+    for stats in results.values():
         stats["tok_s"] = tokens_per_step / stats["step_s"]
-        stats["params"] = n_params
         stats["mfu"] = flops * stats["tok_s"] / peak if peak else None
-        results[name] = stats
-        del run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
     print(
         f"\n{args.preset}  B={args.batch} T={args.seq}  {precision}  device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from llmfn.layers.decode_attention import decode_attention
+from llmfn.layers.decode_attention import serves as decode_attention_serves
 from llmfn.layers.init import normal, zeros
 from llmfn.layers.linear import linear
 from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
@@ -127,13 +129,17 @@ def attention(
         bias = alibi_bias(q_slots[None].expand(B, T), k_slots[None].expand(B, -1), cfg.num_heads)
         visible = mask if mask is not None else attention_mask(q_slots, k.shape[2], None, None)
         mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
-    out = F.scaled_dot_product_attention(
-        q,
-        k.to(q.dtype),
-        v.to(q.dtype),
-        attn_mask=mask,
-        is_causal=mask is None,
-        enable_gqa=cfg.kv_heads != cfg.num_heads,
-    )
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if cache is not None and decode_attention_serves(q, mask):
+        out = decode_attention(q, k, v, mask)
+    else:
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=cfg.kv_heads != cfg.num_heads,
+        )
     out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
     return linear(out, params["wo"], params.get("bo")), cache

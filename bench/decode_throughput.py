@@ -1,7 +1,7 @@
 """Decode throughput: llmfn's compiled KV-cache decode vs HF `generate` (with its cache) on the
 same random ~15M Llama, at batch 1 and batch 8, in one run.
 
-    python bench/decode_throughput.py [--new-tokens 128] [--prompt-len 32] [--repeats 3]
+    python bench/decode_throughput.py [--threads N] [--new-tokens 128] [--prompt-len 32]
 
 Both sides decode greedily for exactly --new-tokens tokens after a --prompt-len prompt (HF with
 min_new_tokens, llmfn with no eos_id) on the same threads. The compile / first call is warm-up and
@@ -72,7 +72,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab-size", type=int, default=6144)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)"
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads for both sides (default: torch's, all cores; 1 is steadier on a "
+        "shared CPU)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

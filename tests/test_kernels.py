@@ -136,6 +136,14 @@ def test_decode_attention_with_gradients_is_sdpa():
     assert q.grad is not None and q.grad.abs().sum() > 0
 
 
+def test_vmap_over_decode_attention_equals_sdpa():
+    q, k, v = torch.randn(3, 2, 4, 1, 8), torch.randn(3, 2, 2, 5, 8), torch.randn(3, 2, 2, 5, 8)
+    visible = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    out = torch.vmap(lambda q, k, v: decode_attention(q, k, v, visible))(q, k, v)
+    expected = torch.stack([da.sdpa(*qkv, visible) for qkv in zip(q, k, v, strict=True)])
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_compiled_decode_attention_calls_the_op():
     q, k, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
     visible = torch.tensor([[[[True, False, True, True, False, True]]]])

@@ -36,6 +36,7 @@ def serves(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
         and q.shape[3] % 8 == 0
         and mask is not None
         and mask.dtype == torch.bool
+        and mask.shape[1:3] == (1, 1)
     )
 
 
@@ -67,10 +68,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Ten
     if k.stride()[2:] != (hd, 1) or v.stride() != k.stride():
         k, v = k.contiguous(), v.contiguous()
     q, visible = q.contiguous(), visible.contiguous()
+    try:
+        pointers = q.data_ptr(), k.data_ptr(), v.data_ptr(), visible.data_ptr()
+    except RuntimeError:  # a tensor of torch.func's transforms (vmap): no storage of its own
+        return sdpa(q, k, v, visible)
     out = torch.empty_like(q)
     failed = kernel(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), visible.data_ptr(), out.data_ptr(),
-        B, H, k.shape[1], n, hd, k.stride(0), k.stride(1),
+        *pointers, out.data_ptr(), B, H, k.shape[1], n, hd, k.stride(0), k.stride(1),
         visible.stride(0) if visible.shape[0] > 1 else 0, 1 / math.sqrt(hd),
         torch.get_num_threads(),
     )  # fmt: skip

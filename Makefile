@@ -28,6 +28,7 @@ fmt: init
 bench: init
 	$(UV) run python bench/train_throughput.py
 	$(UV) run python bench/decode_throughput.py
+	$(UV) run python bench/decode_kernels.py
 	$(UV) run python bench/data_throughput.py
 
 clean:

@@ -4,8 +4,8 @@ shared library, and load it with ctypes.
     library = load_library("panel_matmul")  # None, with one warning, where it cannot be built
     kernel = load_function("panel_matmul", argtypes)  # its typed C function, or None
 
-The compiler is $CC (default: cc), the same kind torch.compile needs on CPU. Libraries are cached
-in $LLMFN_CACHE_DIR (default: $XDG_CACHE_HOME/llmfn or ~/.cache/llmfn) under a hash of the
+The compiler is $CC, else cc, gcc or clang: the kind torch.compile needs on CPU. Libraries are
+cached in $LLMFN_CACHE_DIR (default: $XDG_CACHE_HOME/llmfn or ~/.cache/llmfn) under a hash of the
 source, compiler and flags; concurrent builders each write a temporary file and rename it into
 place. The flags ask for 8-float vectors with fused multiply-add (AVX2 + FMA on x86-64, NEON on
 ARM64) and OpenMP where the compiler has it; CPUs without them get no kernel.
@@ -66,16 +66,17 @@ def build(name: str, compiler: str, flags: list[str]) -> Path:
 
 @functools.cache
 def compiler() -> str | None:
-    """$CC (default: cc) where it exists, else None with one warning."""
-    name = os.environ.get("CC", "cc")
-    if shutil.which(name) is None:
+    """$CC where set, else the first of cc, gcc, clang on the PATH; None (with one warning)
+    where there is none."""
+    names = [os.environ["CC"]] if "CC" in os.environ else ["cc", "gcc", "clang"]
+    found = next((name for name in names if shutil.which(name)), None)
+    if found is None:
         warnings.warn(
-            f"llmfn: no C compiler {name!r} (set $CC): CPU decode runs without its kernels "
-            "(about half as fast at batch 8)",
+            f"llmfn: no C compiler {' or '.join(map(repr, names))} (set $CC): CPU decode runs "
+            "without its kernels (about half as fast at batch 8)",
             stacklevel=3,
         )
-        return None
-    return name
+    return found
 
 
 @functools.cache

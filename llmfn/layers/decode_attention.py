@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfn.kernels.build import load_function
+from llmfn.kernels.dispatch import call_kernel, data_pointers
 
 # q, k, v, visible, out; B, H, KV, n, hd, kv_batch, kv_head, visible_batch; scale; threads
 ARGTYPES = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 8 + (ctypes.c_float, ctypes.c_int64)
@@ -44,12 +45,10 @@ def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
 ) -> torch.Tensor:
     """q [B, H, 1, hd], k and v [B, KV, n, hd], visible [B or 1, 1, 1, n] bool -> [B, H, 1, hd]:
-    softmax(q · kᵀ / √hd over the visible keys) · v, as F.scaled_dot_product_attention."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return sdpa(q, k, v, visible)
-    if torch.compiler.is_compiling():
-        return torch.ops.llmfn.decode_attention.default(q, k, v, visible)
-    return attend(q, k, v, visible)
+    softmax(q · kᵀ / √hd over the visible keys) · v, as F.scaled_dot_product_attention: the
+    kernel where it serves, SDPA elsewhere and where gradients are to be computed."""
+    op = torch.ops.llmfn.decode_attention.default
+    return call_kernel(op, attend, sdpa, q, k, v, visible)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor):
@@ -68,9 +67,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Ten
     if k.stride()[2:] != (hd, 1) or v.stride() != k.stride():
         k, v = k.contiguous(), v.contiguous()
     q, visible = q.contiguous(), visible.contiguous()
-    try:
-        pointers = q.data_ptr(), k.data_ptr(), v.data_ptr(), visible.data_ptr()
-    except RuntimeError:  # a tensor of torch.func's transforms (vmap): no storage of its own
+    pointers = data_pointers(q, k, v, visible)
+    if pointers is None:
         return sdpa(q, k, v, visible)
     out = torch.empty_like(q)
     failed = kernel(

@@ -17,6 +17,7 @@ import ctypes
 import torch
 
 from llmfn.kernels.build import load_function
+from llmfn.kernels.dispatch import call_kernel, data_pointers
 
 PANEL_WIDTH = 8  # output columns per panel: one 8-float vector register
 
@@ -53,14 +54,13 @@ def kernel_available() -> bool:
 def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     """x [rows, in] @ panels [P, in, width] -> [rows, P · width].
 
-    With gradients to compute, torch.matmul over the panels' matrix (the kernel has no
-    backward); under torch.compile the op `llmfn::panel_matmul`; in eager its kernel directly
-    (the dispatcher would cost a fifth of a small multiply)."""
-    if torch.is_grad_enabled() and (x.requires_grad or panels.requires_grad):
-        return x @ unpanel(panels)
-    if torch.compiler.is_compiling():
-        return torch.ops.llmfn.panel_matmul.default(x, panels)
-    return multiply(x, panels)
+    The kernel where it serves, torch.matmul over the panels' matrix elsewhere and where
+    gradients are to be computed (`llmfn.kernels.dispatch.call_kernel`)."""
+    return call_kernel(torch.ops.llmfn.panel_matmul.default, multiply, matmul, x, panels)
+
+
+def matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    return x @ unpanel(panels)
 
 
 def multiply(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
@@ -68,12 +68,11 @@ def multiply(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     num_panels, in_features, width = panels.shape
     kernel = load_kernel() if x.device.type == "cpu" else None
     if kernel is None or width != PANEL_WIDTH or not x.dtype == panels.dtype == torch.float32:
-        return x @ unpanel(panels)
+        return matmul(x, panels)
     x, panels = x.contiguous(), panels.contiguous()
-    try:
-        pointers = x.data_ptr(), panels.data_ptr()
-    except RuntimeError:  # a tensor of torch.func's transforms (vmap): no storage of its own
-        return x @ unpanel(panels)
+    pointers = data_pointers(x, panels)
+    if pointers is None:
+        return matmul(x, panels)
     y = x.new_empty(x.shape[0], num_panels * width)
     rows, threads = x.shape[0], torch.get_num_threads()
     kernel(*pointers, y.data_ptr(), rows, in_features, num_panels, threads)

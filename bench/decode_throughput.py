@@ -45,7 +45,7 @@ def matmul_floor(params, cfg, batch: int, repeats: int) -> float:
     weights = [w for key, w in leaves if w.dim() >= 2 and key != ("embed", "weight")]
     if cfg.tie_embeddings:
         weights.append(params["embed", "weight"])  # the LM head
-    inputs = [torch.randn(batch, w.shape[-2 if w.dim() == 3 else 1]) for w in weights]
+    inputs = [torch.randn(batch, w.shape[1]) for w in weights]  # in: [out, in] or [P, in, 8]
     best = float("inf")
     for _ in range(repeats + 1):
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """The pure forward under torch.func and torch.compile: grad, per-example grads (vmap of grad),
 ensembles (vmap over stacked param trees), compiled forward, activation checkpointing."""
 
+import re
 import runpy
 from pathlib import Path
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
+from llmfn.layers.positions import rope_angles
 from llmfn.model import forward, init_params, loss
 from llmfn.model_config import ModelConfig
 
@@ -169,6 +172,31 @@ def test_compiled_forward_under_vmap_of_an_ensemble():
     compiled = torch.func.vmap(lambda p: COMPILED_FORWARD(p, tokens, cfg))(ensemble)
     eager = torch.func.vmap(lambda p: forward(p, tokens, cfg))(ensemble)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+
+def test_compiled_cpu_grad_computes_rope_cos_and_sin_once():
+    """Every layer's RoPE kernels read one cos/sin table instead of recomputing cos and sin per
+    element of q and k (llmfn.layers.positions.cos_sin), forward and backward."""
+    cfg = DENSE
+    tokens = make_batch(cfg)["inputs"]
+    params = init_params(cfg, seed=0)
+    grad = torch.compile(
+        torch.func.grad(lambda p: forward(p, tokens, cfg).logsumexp(-1).mean()), fullgraph=True
+    )
+    (compiled,), (code,) = run_and_get_code(lambda: (grad(params),))
+    assert code.count("torch.ops.llmfn.cos_sin.default(") == 1
+    assert not re.search(r"\bcos\(|\.cos\(\)|\bsin\(|\.sin\(\)", code)
+    eager = torch.func.grad(lambda p: forward(p, tokens, cfg).logsumexp(-1).mean())(params)
+    assert_trees_close(compiled, eager)
+
+
+def test_compiled_rope_angles_under_vmap_of_positions():
+    positions = torch.stack([torch.arange(8), torch.arange(8) + 3])[:, None].expand(2, 3, 8)
+    angles = torch.func.vmap(lambda pos: rope_angles(pos, DENSE))
+    compiled = torch.compile(angles, fullgraph=True)(positions)
+    for got, expected in zip(compiled, angles(positions), strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 # --- activation checkpointing ---------------------------------------------------------------

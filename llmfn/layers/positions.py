@@ -53,7 +53,39 @@ def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor
         inv_freq = 1.0 / base**exponents
     angles = pos[..., None] * inv_freq  # [B, T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
+    return cos_sin(angles)
+
+
+def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(angles.cos(), angles.sin()); compiled on CPU, as one opaque op (`llmfn::cos_sin`).
+
+    Inductor inlines a cheap pointwise value into each of its consumers, so every layer's q and
+    k RoPE kernels, forward and backward, would compute cos and sin per element of q and k
+    (vectorized sin/cos are dear on CPU: 4% of the 15M train step, bench/train_throughput.py).
+    An op's outputs are buffers, computed once per step. On GPU the recomputation is free (the
+    kernels wait on memory), so there the graph keeps plain cos and sin.
+    """
+    if torch.compiler.is_compiling() and angles.device.type == "cpu" and not angles.requires_grad:
+        return torch.ops.llmfn.cos_sin.default(angles)
     return angles.cos(), angles.sin()
+
+
+def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return angles.cos(), angles.sin()
+
+
+torch.library.define("llmfn::cos_sin", "(Tensor angles) -> (Tensor, Tensor)")
+torch.library.impl("llmfn::cos_sin", "default", _cos_sin)
+
+
+@torch.library.register_fake("llmfn::cos_sin")
+def _(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(angles), torch.empty_like(angles)
+
+
+@torch.library.register_vmap("llmfn::cos_sin")
+def _(info, in_dims: tuple, angles: torch.Tensor):
+    return torch.ops.llmfn.cos_sin.default(angles), (in_dims[0], in_dims[0])
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

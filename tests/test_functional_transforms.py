@@ -174,7 +174,6 @@ def test_compiled_forward_under_vmap_of_an_ensemble():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
-
 def test_compiled_cpu_grad_computes_rope_cos_and_sin_once():
     """Every layer's RoPE kernels read one cos/sin table instead of recomputing cos and sin per
     element of q and k (llmfn.layers.positions.cos_sin), forward and backward."""

@@ -167,7 +167,8 @@ def make_train_step(
 
 
 def make_eval_step(task, config, *, device_type: str = "cpu"):
-    """(params, batch) -> {"loss": mean loss, "tokens": count}; no gradients."""
+    """(params, batch) -> {"loss": mean loss, "tokens": count}; no gradients. The loss is the
+    task's "ce_loss" metric where it has one (without auxiliary terms), its loss otherwise."""
     amp_dtype = autocast_dtype(config.train.precision)
 
     def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
@@ -178,6 +179,6 @@ def make_eval_step(task, config, *, device_type: str = "cpu"):
             ),
         ):
             value, metrics = task.loss(params, batch, config, training=False)
-        return {"loss": value.float(), "tokens": metrics["tokens"]}
+        return {"loss": metrics.get("ce_loss", value).float(), "tokens": metrics["tokens"]}
 
     return eval_step

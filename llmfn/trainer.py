@@ -132,8 +132,11 @@ def stacked_train_batch(data, step: int, accum: int, device: torch.device) -> di
     return batch_to({k: torch.stack([m[k] for m in micro]) for k in micro[0]}, device)
 
 
-def evaluate(eval_step, params: TensorDict, data, device: torch.device) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity over the data module's val batches."""
+def evaluate(
+    eval_step, params: TensorDict, data, device: torch.device, *, perplexity: bool
+) -> dict[str, float]:
+    """Token-weighted validation loss over the data module's val batches, and its perplexity
+    where the loss is a token negative log-likelihood (`Task.perplexity`)."""
     total, count = 0.0, 0.0
     for batch in data.val_batches():
         out = eval_step(params, batch_to(batch, device))
@@ -143,6 +146,8 @@ def evaluate(eval_step, params: TensorDict, data, device: torch.device) -> dict[
     if count == 0:
         return {}
     val_loss = total / count
+    if not perplexity:
+        return {"val_loss": val_loss}
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -351,7 +356,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
 
     def run_eval(step: int) -> dict[str, float]:
         nonlocal best_val
-        metrics = evaluate(eval_fn, state["params"], data, device)
+        metrics = evaluate(eval_fn, state["params"], data, device, perplexity=task.perplexity)
         if metrics:
             callbacks.on_eval(run, step, metrics)
             if config.checkpoint.save_best and (best_val is None or metrics["val_loss"] < best_val):

@@ -1,8 +1,15 @@
 """The driver end to end, in process: each task trains and its metrics move the right way."""
 
 import json
+import math
 
+import pytest
+import torch
+
+from llmfn import model
 from llmfn.config import load_config
+from llmfn.step import make_eval_step
+from llmfn.tasks import get_task
 from llmfn.trainer import train
 
 QUIET = [
@@ -44,6 +51,7 @@ def test_regression_trains_for_whole_epochs(tmp_path):
     assert result.step == 3 * per_epoch
     losses = [e["val_loss"] for e in evals(result.run_dir)]
     assert losses[-1] < 0.5 * losses[0]
+    assert not any("val_ppl" in e for e in evals(result.run_dir))  # a squared error has none
 
 
 def test_sft_trains_only_on_responses(tmp_path):
@@ -74,6 +82,9 @@ def test_sft_trains_only_on_responses(tmp_path):
     result = train(cfg)
     losses = [e["val_loss"] for e in evals(result.run_dir)]
     assert len(losses) == 3 and losses[-1] < losses[0]
+    assert all(
+        e["val_ppl"] == pytest.approx(math.exp(e["val_loss"])) for e in evals(result.run_dir)
+    )
     assert (result.run_dir / "tokenizer").is_dir() and (result.run_dir / "config.yaml").is_file()
 
 
@@ -107,3 +118,31 @@ def test_lm_with_moe_and_grad_accumulation_reports_router_losses(tmp_path):
         r["moe_aux_loss"] >= 0.99 and r["router_z_loss"] > 0 for r in train_rows
     )  # balance loss >= 1
     assert train_rows[0]["tokens"] == 2 * 4 * 16
+
+
+def test_validation_loss_of_a_moe_model_is_its_cross_entropy(tmp_path):
+    """The router losses train the model but are not part of val_loss (nor val_ppl)."""
+    cfg = config(
+        tmp_path,
+        "model.vocab_size=64",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=4",
+        "model.max_seq_len=16",
+        "model.use_moe=true",
+        "model.num_experts=4",
+        "model.top_k=2",
+        "model.intermediate_size=32",
+        "model.moe_aux_loss_coef=0.5",
+    )
+    params = model.init_params(cfg.model, seed=0)
+    tokens = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(0))
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    task = get_task("lm")
+    value = make_eval_step(task, cfg)(params, batch)["loss"]
+    cross_entropy, _ = model.cross_entropy(
+        model.forward(params, batch["inputs"], cfg.model), batch["targets"]
+    )
+    training_loss, _ = task.loss(params, batch, cfg)
+    torch.testing.assert_close(value, cross_entropy)
+    assert training_loss > cross_entropy + 0.4  # the weighted balance loss (>= 1) is in training

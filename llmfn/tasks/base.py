@@ -19,6 +19,10 @@ class Task:
         metrics are detached tensors and must include "tokens" (what one example counts as).
     batch_keys: the tensors a batch must hold (checked once at start).
     generates_text: whether samples can be drawn (the lm-style tasks).
+    perplexity: whether the loss is a mean token negative log-likelihood, so that validation
+        reports exp(val_loss) as val_ppl (not for a regression's squared error).
+    Validation reports metrics["ce_loss"] as val_loss where the task has it (the loss without
+    auxiliary terms such as MoE's, comparable across models), the loss otherwise.
     """
 
     name: str
@@ -26,3 +30,4 @@ class Task:
     loss: LossFn
     batch_keys: tuple[str, ...]
     generates_text: bool = False
+    perplexity: bool = False

@@ -14,5 +14,6 @@ def lm_loss(params, batch, config, *, training: bool = False, rng=None):
     return model.loss(params, batch, config.model, training=training, rng=rng)
 
 
-LM = Task("lm", init_params, lm_loss, batch_keys=("inputs", "targets"), generates_text=True)
-SFT = Task("sft", init_params, lm_loss, batch_keys=("inputs", "targets"), generates_text=True)
+TEXT = {"batch_keys": ("inputs", "targets"), "generates_text": True, "perplexity": True}
+LM = Task("lm", init_params, lm_loss, **TEXT)
+SFT = Task("sft", init_params, lm_loss, **TEXT)

@@ -295,6 +295,14 @@ def test_progress_bar_prints_nothing_off_rank_zero(tmp_path, capsys):
     assert captured.out == "" and captured.err == ""
 
 
+def test_progress_bar_draws_nothing_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    bar = ProgressBar(log_every=2)  # pytest captures stderr: not a terminal
+    run = make_run(tmp_path)
+    drive(bar, run, evals={4: 1.0})
+    assert bar.bar is None
+    assert capsys.readouterr().err == ""
+
+
 def test_progress_bar_rejects_bad_log_every():
     with pytest.raises(ValueError, match="log_every"):
         ProgressBar(log_every=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -31,7 +32,9 @@ class ProgressBar(Callback):
     """Advances every step (no device sync), refreshes loss/tok/s/MFU every `log_every` steps.
 
     The bar starts at `run.start_step` on resume, so its ETA counts only the steps left.
-    MFU appears only when `run.peak_flops` is known (GPU).
+    MFU appears only when `run.peak_flops` is known (GPU). Without a `file` it draws on stderr
+    when that is a terminal, and not at all when output goes to a log file or a pipe (its
+    carriage-return redraws would interleave with the console logger's lines there).
     """
 
     every = 1
@@ -50,7 +53,7 @@ class ProgressBar(Callback):
 
     def on_train_start(self, run: RunInfo) -> None:
         self.throughput.restart(run.start_step)
-        if run.is_main:
+        if run.is_main and (self.file is not None or sys.stderr.isatty()):
             self.bar = tqdm(
                 total=run.max_steps,
                 initial=run.start_step,

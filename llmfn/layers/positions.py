@@ -62,12 +62,12 @@ def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Inductor inlines a cheap pointwise value into each of its consumers, so every layer's q and
     k RoPE kernels, forward and backward, would compute cos and sin per element of q and k
     (vectorized sin/cos are dear on CPU: 4% of the 15M train step, bench/train_throughput.py).
-    An op's outputs are buffers, computed once per step. On GPU the recomputation is free (the
-    kernels wait on memory), so there the graph keeps plain cos and sin.
+    An op's outputs are buffers, computed once per step. GPU graphs keep plain cos and sin:
+    there such elementwise kernels wait on memory rather than arithmetic (not measured).
     """
     if torch.compiler.is_compiling() and angles.device.type == "cpu" and not angles.requires_grad:
         return torch.ops.llmfn.cos_sin.default(angles)
-    return angles.cos(), angles.sin()
+    return _cos_sin(angles)
 
 
 def _cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

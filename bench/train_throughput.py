@@ -5,15 +5,19 @@ batch, in one run. Prints a table of tokens/s, ratios and (on GPU) MFU; writes J
     python bench/train_throughput.py                     # ~15M params, CPU, fp32
     python bench/train_throughput.py --preset llama-135m --batch 16 --seq 2048   # GPU, bf16
 
-Ratios, not absolute times: the machines are shared and noisy. On CPU the variants are timed
-interleaved (one step of each per round, the median of --iters rounds); on GPU one after the
-other, so that each has its own peak memory.
+Ratios, not absolute times: the machines are shared and noisy. On CPU each variant runs in a
+process of its own (its own heap, as in a user's run: sharing one process, HF eager reused the
+memory the variant before it had faulted in and looked 20% faster than it runs alone), and the
+processes are timed interleaved: one step of each per round, the median of --iters rounds, so
+load from other jobs weighs on all alike. On GPU the variants run one after the other in this
+process, so that each has its own peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -140,6 +144,21 @@ def hf_runner(config, device, *, compiled: bool):
     return run, sum(p.numel() for p in model.parameters())
 
 
+RUNNERS = {
+    "llmfn-compiled": lambda config, device: llmfn_runner(config, device, compiled=True),
+    "llmfn-eager": lambda config, device: llmfn_runner(config, device, compiled=False),
+    "hf-eager": lambda config, device: hf_runner(config, device, compiled=False),
+    "hf-compiled": lambda config, device: hf_runner(config, device, compiled=True),
+}
+
+
+def make_batch(config, batch: int, seq: int, device) -> dict:
+    """The one batch every variant trains on: seeded random tokens, shifted targets."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=gen)
+    return {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
+
+
 def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
     """Seconds per step after `warmup` steps (compile happens there), and peak memory on GPU."""
     start = time.perf_counter()
@@ -160,30 +179,68 @@ def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
     return {"step_s": seconds, "warmup_s": first, "peak_gib": peak}
 
 
-def measure_interleaved(runs: dict, batch, *, warmup: int, iters: int) -> dict:
-    """On a shared CPU: every variant warmed up, then `iters` rounds that time one step of each
-    in turn; the median step per variant. The machine's load then weighs on all of them alike
-    rather than on whichever ran while another job did."""
-    results, times = {}, {name: [] for name in runs}
-    for name, run in runs.items():
+def variant_process(connection, name: str, args: dict) -> None:
+    """One CPU variant in its own process: build it, warm up, report ("ready", warmup s, params)
+    or ("skipped", reason), then time one step per "step" message until "stop"."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cpu")
+    config = run_config(args["preset"], args["seq"], args["batch"], args["precision"])
+    built = build_variant(name, config, device)
+    if built is None:
+        connection.send(("skipped", name))
+        return
+    run, n_params = built
+    batch = make_batch(config, args["batch"], args["seq"], device)
+    start = time.perf_counter()
+    for _ in range(args["warmup"]):
+        float(run(batch))
+    connection.send(("ready", time.perf_counter() - start, n_params))
+    while connection.recv() == "step":
         start = time.perf_counter()
-        for _ in range(warmup):
-            float(run(batch))
-        results[name] = {"warmup_s": time.perf_counter() - start, "peak_gib": None}
-    for _ in range(iters):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            float(run(batch))
-            times[name].append(time.perf_counter() - start)
-    for name, seconds in times.items():
-        results[name]["step_s"] = statistics.median(seconds)
+        float(run(batch))
+        connection.send(time.perf_counter() - start)
+
+
+def measure_in_processes(names: list[str], args: dict, *, iters: int) -> dict:
+    """{variant: stats} for the CPU variants, each in its own process, warmed up one at a time
+    (compiles do not overlap), then timed interleaved: `iters` rounds of one step each."""
+    context = multiprocessing.get_context("spawn")
+    workers, results = {}, {}
+    try:
+        for name in names:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=variant_process, args=(theirs, name, args))
+            process.start()
+            try:
+                reply = ours.recv()
+            except EOFError:
+                process.join()
+                raise SystemExit(
+                    f"{name}: its process failed (exit code {process.exitcode}; traceback above)"
+                ) from None
+            if reply[0] == "ready":
+                workers[name] = (process, ours)
+                results[name] = {"warmup_s": reply[1], "params": reply[2], "peak_gib": None}
+            else:
+                process.join()
+        times = {name: [] for name in workers}
+        for _ in range(iters):
+            for name, (_, connection) in workers.items():
+                connection.send("step")
+                times[name].append(connection.recv())
+        for name, seconds in times.items():
+            results[name]["step_s"] = statistics.median(seconds)
+    finally:
+        for process, connection in workers.values():
+            connection.send("stop")
+            process.join()
     return results
 
 
-def try_build(name: str, build):
+def build_variant(name: str, config, device):
     """(run, parameter count), or None with a note when the variant's library is missing."""
     try:
-        return build()
+        return RUNNERS[name](config, device)
     except ImportError as err:
         print(f"skipping {name}: {err}")
         return None
@@ -215,37 +272,26 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     config = run_config(args.preset, args.seq, args.batch, precision)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
-    batch = {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
     tokens_per_step = args.batch * args.seq
     flops = flops_per_token(config.model, args.seq)
     peak = 989e12 if device.type == "cuda" else None
 
-    runners = {
-        "llmfn-compiled": lambda: llmfn_runner(config, device, compiled=True),
-        "llmfn-eager": lambda: llmfn_runner(config, device, compiled=False),
-        "hf-eager": lambda: hf_runner(config, device, compiled=False),
-        "hf-compiled": lambda: hf_runner(config, device, compiled=True),
-    }
-    selected = {name: b for name, b in runners.items() if not args.only or name in args.only}
+    selected = [name for name in RUNNERS if not args.only or name in args.only]
     results = {}
     if device.type == "cuda":  # one at a time, so that each has its own peak memory
-        for name, build in selected.items():
-            if built := try_build(name, build):
+        batch = make_batch(config, args.batch, args.seq, device)
+        for name in selected:
+            if built := build_variant(name, config, device):
                 run, n_params = built
                 stats = measure(run, batch, warmup=args.warmup, iters=args.iters, device=device)
                 results[name] = {**stats, "params": n_params}
                 del run, built
                 torch.cuda.empty_cache()
     else:
-        built = {name: b for name, build in selected.items() if (b := try_build(name, build))}
-        runs = {name: run for name, (run, _) in built.items()}
-        measured = measure_interleaved(runs, batch, warmup=args.warmup, iters=args.iters)
-        results = {name: {**measured[name], "params": built[name][1]} for name in built}
+        shape = {"preset": args.preset, "seq": args.seq, "batch": args.batch}
+        variant_args = {**shape, "precision": precision, "warmup": args.warmup}
+        results = measure_in_processes(selected, variant_args, iters=args.iters)
     for stats in results.values():
         stats["tok_s"] = tokens_per_step / stats["step_s"]
         stats["mfu"] = flops * stats["tok_s"] / peak if peak else None

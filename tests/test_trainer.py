@@ -12,6 +12,17 @@ from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
 from llmfn.trainer import train
 
+TINY_MOE = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.max_seq_len=16",
+    "model.use_moe=true",
+    "model.num_experts=4",
+    "model.top_k=2",
+    "model.intermediate_size=32",
+]
 QUIET = [
     "logging.progress=false",
     "logging.plot=false",
@@ -94,15 +105,7 @@ def test_lm_with_moe_and_grad_accumulation_reports_router_losses(tmp_path):
         "data.module=synthetic",
         "data.synthetic_vocab_size=64",
         "data.batch_size=4",
-        "model.vocab_size=64",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_heads=4",
-        "model.max_seq_len=16",
-        "model.use_moe=true",
-        "model.num_experts=4",
-        "model.top_k=2",
-        "model.intermediate_size=32",
+        *TINY_MOE,
         "train.grad_accum_steps=2",
         "train.max_steps=6",
         "train.eval_every=3",
@@ -124,15 +127,7 @@ def test_validation_loss_of_a_moe_model_is_its_cross_entropy(tmp_path):
     """The router losses train the model but are not part of val_loss (nor val_ppl)."""
     cfg = config(
         tmp_path,
-        "model.vocab_size=64",
-        "model.hidden_size=32",
-        "model.num_layers=2",
-        "model.num_heads=4",
-        "model.max_seq_len=16",
-        "model.use_moe=true",
-        "model.num_experts=4",
-        "model.top_k=2",
-        "model.intermediate_size=32",
+        *TINY_MOE,
         "model.moe_aux_loss_coef=0.5",
     )
     params = model.init_params(cfg.model, seed=0)

@@ -181,13 +181,14 @@ def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
 
 def variant_process(connection, name: str, args: dict) -> None:
     """One CPU variant in its own process: build it, warm up, report ("ready", warmup s, params)
-    or ("skipped", reason), then time one step per "step" message until "stop"."""
+    or ("skipped",) when its library is missing, then time one step per "step" message until
+    "stop"."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cpu")
     config = run_config(args["preset"], args["seq"], args["batch"], args["precision"])
     built = build_variant(name, config, device)
     if built is None:
-        connection.send(("skipped", name))
+        connection.send(("skipped",))
         return
     run, n_params = built
     batch = make_batch(config, args["batch"], args["seq"], device)
@@ -211,6 +212,7 @@ def measure_in_processes(names: list[str], args: dict, *, iters: int) -> dict:
             ours, theirs = context.Pipe()
             process = context.Process(target=variant_process, args=(theirs, name, args))
             process.start()
+            theirs.close()  # the worker's end: so that its exit reads as EOF here
             try:
                 reply = ours.recv()
             except EOFError:

@@ -176,15 +176,32 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
 
 
-def _unknown(key: str, name: str, known: list[str]) -> ConfigError:
+def _unknown(key: str, name: str, known: list[str], source: str = "") -> ConfigError:
     prefix = key[: -len(name)]
     close = difflib.get_close_matches(name, known, n=1)
-    hint = (
-        f" (did you mean '{prefix}{close[0]}'?)"
-        if close
-        else f" (known: {', '.join(sorted(known))})"
-    )
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    sections = _field_types(Config).items() if prefix else []
+    elsewhere = [f"{section}.{name}" for section, cls in sections if name in _field_types(cls)]
+    if close:
+        hint = f" (did you mean '{prefix}{close[0]}'?)"
+    elif elsewhere:
+        hint = f" (did you mean '{elsewhere[0]}'?)"
+    else:
+        hint = f" (known: {', '.join(sorted(known))})"
+    return ConfigError(f"unknown config key '{key}'{source}{hint}")
+
+
+def _check_keys(tree: dict, source) -> None:
+    """Unknown sections and keys of one layer of the config, named with `source(key)` (where
+    the key was written), before the layers are merged and that is lost."""
+    sections = _field_types(Config)
+    for section, values in tree.items():
+        if section not in sections:
+            raise _unknown(section, section, list(sections), source(section))
+        known = _field_types(sections[section])
+        for name in values if isinstance(values, dict) else ():
+            if name not in known:
+                key = f"{section}.{name}"
+                raise _unknown(key, name, list(known), source(key))
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -326,6 +343,11 @@ def parse_value(text: str):
     return value
 
 
+def env_variable(key: str) -> str:
+    """The environment variable that sets a dotted key: optim.lr -> LLMFN_OPTIM__LR."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
 def env_overrides(environ: typing.Mapping[str, str]) -> dict:
     """{section: {key: value}} from variables like LLMFN_OPTIM__LR=3e-4."""
     tree: dict = {}
@@ -357,10 +379,13 @@ def load_config(
     environ: typing.Mapping[str, str] | None = None,
 ) -> Config:
     """defaults < YAML file at `path` < LLMFN_* environment < `overrides` (section.key=value)."""
-    tree = read_yaml(path) if path is not None else {}
-    tree = _merge(tree, env_overrides(os.environ if environ is None else environ))
-    tree = _merge(tree, cli_overrides(list(overrides)))
-    return from_dict(tree)
+    from_file = read_yaml(path) if path is not None else {}
+    from_env = env_overrides(os.environ if environ is None else environ)
+    from_cli = cli_overrides(list(overrides))
+    _check_keys(from_file, lambda key: f" in {path}")
+    _check_keys(from_env, lambda key: f" in environment variable {env_variable(key)}")
+    _check_keys(from_cli, lambda key: "")
+    return from_dict(_merge(_merge(from_file, from_env), from_cli))
 
 
 def to_yaml(cfg: Config) -> str:

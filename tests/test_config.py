@@ -51,6 +51,10 @@ def test_int_widens_to_float_but_not_the_reverse():
         (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(did you mean 'optim.lr'\?\)"),
         (["optimizer.lr=1"], r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"),
         (
+            ["optim.precision=bf16"],
+            r"unknown config key 'optim.precision' \(did you mean 'train.precision'\?\)",
+        ),
+        (
             ["train.precision=fp8"],
             r"train.precision='fp8' is invalid: expected one of fp32, bf16, fp16",
         ),
@@ -75,9 +79,16 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(None, override, {})
 
 
-def test_bad_environment_variable_is_reported_like_cli():
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'"):
+def test_unknown_keys_name_the_variable_or_file_they_came_from(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"'optim.lrr' in environment variable LLMFN_OPTIM__LRR \(did you mean 'optim.lr'",
+    ):
         load_config(None, [], {"LLMFN_OPTIM__LRR": "1"})
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"'train.max_step' in .*x.yaml \(did you mean"):
+        load_config(path, [], {})
 
 
 def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):

@@ -10,7 +10,7 @@ from llmfn import model
 from llmfn.config import load_config
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
-from llmfn.trainer import train
+from llmfn.trainer import slow_precision_warning, train
 
 TINY_MOE = [
     "model.vocab_size=64",
@@ -141,3 +141,16 @@ def test_validation_loss_of_a_moe_model_is_its_cross_entropy(tmp_path):
     training_loss, _ = task.loss(params, batch, cfg)
     torch.testing.assert_close(value, cross_entropy)
     assert training_loss > cross_entropy + 0.4  # the weighted balance loss (>= 1) is in training
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_on_a_cpu_without_support_warns(monkeypatch, precision):
+    support = f"_is_mkldnn_{precision}_supported"
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, support, lambda: False)
+    warning = slow_precision_warning(precision, cpu)
+    assert warning.startswith(f"warning: train.precision={precision} on a CPU without")
+    assert slow_precision_warning("fp32", cpu) is None
+    assert slow_precision_warning(precision, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.ops.mkldnn, support, lambda: True)
+    assert slow_precision_warning(precision, cpu) is None

@@ -48,24 +48,37 @@ def leaf_paths(tree: TensorDict) -> list[Path]:
 
 
 def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.Tensor]:
-    """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path."""
-    out = []
-    for path in paths:
-        leaf = tree.get(path, None)
-        if leaf is None:
-            raise KeyError(
-                f"{name} has no leaf at {'/'.join(path)} (it must mirror the params tree)"
-            )
-        out.append(leaf)
-    return out
+    """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path.
+    (One pass over the tree: under torch.compile a `get` per path traces several times slower.)"""
+    by_path = {
+        key if isinstance(key, tuple) else (key,): leaf
+        for key, leaf in tree.items(include_nested=True, leaves_only=True)
+    }
+    missing = [path for path in paths if path not in by_path]
+    if missing:
+        raise KeyError(
+            f"{name} has no leaf at {'/'.join(missing[0])} (it must mirror the params tree)"
+        )
+    return [by_path[path] for path in paths]
 
 
 def tree_like(template: TensorDict, paths: list[Path], leaves: list[torch.Tensor]) -> TensorDict:
-    """A new tree with `template`'s structure and metadata holding `leaves` at `paths`."""
-    out = template.empty(recurse=True)
-    for path, leaf in zip(paths, leaves, strict=True):
-        out.set(path, leaf)
-    return out
+    """A new tree with `template`'s structure and metadata holding `leaves` at `paths`.
+
+    Built bottom-up, one constructor call per sub-tree: under torch.compile, dynamo traces
+    every TensorDict method, and this costs a fraction of `empty()` plus one `set` per leaf."""
+    by_path = dict(zip(paths, leaves, strict=True))
+
+    def build(node: TensorDict, prefix: Path) -> TensorDict:
+        children = {
+            key: build(child, (*prefix, key))
+            if isinstance(child, TensorDict)
+            else by_path[(*prefix, key)]
+            for key, child in node.items()
+        }
+        return TensorDict(children, batch_size=node.batch_size, device=node.device)
+
+    return build(template, ())
 
 
 def zeros_tree(params: TensorDict) -> TensorDict:
@@ -335,13 +348,7 @@ def build_optimizer(optim_cfg, params: TensorDict) -> Optimizer:
 def global_norm(grads: TensorDict) -> torch.Tensor:
     """0-d float32: the L2 norm of all leaves together (as torch.nn.utils.clip_grad_norm_)."""
     leaves = list(grads.values(include_nested=True, leaves_only=True))
-    if not leaves:
-        raise ValueError("global_norm: the grads tree has no leaves")
-    norms = torch._foreach_norm(leaves, 2)
-    device = leaves[0].device
-    return torch.linalg.vector_norm(
-        torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
-    )
+    return clip_leaves_by_global_norm(leaves, None)[1]
 
 
 def clip_by_global_norm(
@@ -349,14 +356,27 @@ def clip_by_global_norm(
 ) -> tuple[TensorDict, torch.Tensor]:
     """(grads scaled by min(1, max_norm / (norm + 1e-6)), norm before clipping). max_norm None:
     the grads are returned unchanged (the norm is still computed, for logging)."""
-    norm = global_norm(grads)
+    paths = leaf_paths(grads)
+    clipped, norm = clip_leaves_by_global_norm(leaves_at(grads, paths, name="grads"), max_norm)
+    return (grads if max_norm is None else tree_like(grads, paths, clipped)), norm
+
+
+def clip_leaves_by_global_norm(
+    leaves: list[torch.Tensor], max_norm: float | None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """clip_by_global_norm over a list of gradient leaves."""
+    if not leaves:
+        raise ValueError("global_norm: the grads tree has no leaves")
+    norms = torch._foreach_norm(leaves, 2)
+    device = leaves[0].device
+    norm = torch.linalg.vector_norm(
+        torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    )
     if max_norm is None:
-        return grads, norm
+        return leaves, norm
     if max_norm <= 0:
         raise ValueError(
             f"clip_by_global_norm: max_norm={max_norm} is invalid: expected a positive number or None"
         )
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    paths = leaf_paths(grads)
-    clipped = torch._foreach_mul(leaves_at(grads, paths, name="grads"), scale)
-    return tree_like(grads, paths, clipped), norm
+    return torch._foreach_mul(leaves, scale), norm

@@ -20,11 +20,10 @@ from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from llmfn.distributed import GradientAllReduce
 from llmfn.layers.dropout import fold_in
-from llmfn.optim import Optimizer, clip_by_global_norm
+from llmfn.optim import Optimizer, clip_leaves_by_global_norm, leaf_paths, leaves_at, tree_like
 
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
@@ -87,25 +86,31 @@ def make_train_step(
     max_norm = config.optim.grad_clip
     nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
-    def loss_of(params, batch, rng, scale):
+    def loss_of(leaves, paths, template, batch, rng, scale):
+        params = tree_like(template, paths, leaves)
         with torch.autocast(
             device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             value, metrics = task.loss(params, batch, config, training=True, rng=rng)
         return value * scale, (value.detach(), metrics)
 
+    # Gradients with respect to the list of leaves, not the tree: dynamo traces functorch's
+    # wrapping of every input and output leaf, and through TensorDict's pytree functions that
+    # took 4x longer (68 s against 16 s to trace a 30-layer model's gradient).
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
     def train_step(state: TensorDict, batch: dict) -> tuple[TensorDict, dict[str, torch.Tensor]]:
         params, step, scale = state["params"], state["step"], state["loss_scale"]
+        paths = leaf_paths(params)
+        leaves = leaves_at(params, paths, name="params")
         step_key = fold_in(state["rng"], step)
         num_micro = next(iter(batch.values())).shape[0]
         grads, losses, task_metrics = None, [], []
         for i in range(num_micro):
             g, (_, (value, metrics)) = grad_and_value(
-                params, micro_batch(batch, i), fold_in(step_key, i), scale
+                leaves, paths, params, micro_batch(batch, i), fold_in(step_key, i), scale
             )
-            grads = g if grads is None else grads.apply(torch.add, g)
+            grads = g if grads is None else torch._foreach_add(grads, g)
             losses.append(value)
             task_metrics.append(metrics)
         loss = torch.stack(losses).mean()
@@ -115,17 +120,17 @@ def make_train_step(
             for k in task_metrics[0]
             if k != "tokens"
         }
-        grads = grads.apply(lambda g: g / (scale * num_micro))
+        grads = torch._foreach_div(grads, scale * num_micro)
 
         if all_reduce is not None:
-            leaves, spec = tree_flatten(grads)
             scalars = [loss, tokens.float(), *extra.values()]
-            reduced = all_reduce(leaves + [s.reshape(1) for s in scalars])
-            grads = tree_unflatten(reduced[: len(leaves)], spec)
-            loss, tokens, *rest = (r[0] for r in reduced[len(leaves) :])  # means over ranks
+            reduced = all_reduce([*grads, *(s.reshape(1) for s in scalars)])
+            grads = reduced[: len(grads)]
+            loss, tokens, *rest = (r[0] for r in reduced[len(grads) :])  # means over ranks
             extra = dict(zip(extra, rest, strict=True))
 
-        grads, grad_norm = clip_by_global_norm(grads, max_norm)
+        grads, grad_norm = clip_leaves_by_global_norm(grads, max_norm)
+        grads = tree_like(params, paths, grads)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         streak = state["nonfinite_streak"]
         # Once the streak reaches the limit the state freezes until the driver stops, so the

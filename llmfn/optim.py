@@ -347,8 +347,18 @@ def build_optimizer(optim_cfg, params: TensorDict) -> Optimizer:
 # --- gradient norm and clipping -----------------------------------------------------------------
 def global_norm(grads: TensorDict) -> torch.Tensor:
     """0-d float32: the L2 norm of all leaves together (as torch.nn.utils.clip_grad_norm_)."""
-    leaves = list(grads.values(include_nested=True, leaves_only=True))
-    return clip_leaves_by_global_norm(leaves, None)[1]
+    return leaves_global_norm(list(grads.values(include_nested=True, leaves_only=True)))
+
+
+def leaves_global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
+    """global_norm over a list of leaves."""
+    if not leaves:
+        raise ValueError("global_norm: the grads tree has no leaves")
+    norms = torch._foreach_norm(leaves, 2)
+    device = leaves[0].device
+    return torch.linalg.vector_norm(
+        torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
+    )
 
 
 def clip_by_global_norm(
@@ -365,13 +375,7 @@ def clip_leaves_by_global_norm(
     leaves: list[torch.Tensor], max_norm: float | None
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """clip_by_global_norm over a list of gradient leaves."""
-    if not leaves:
-        raise ValueError("global_norm: the grads tree has no leaves")
-    norms = torch._foreach_norm(leaves, 2)
-    device = leaves[0].device
-    norm = torch.linalg.vector_norm(
-        torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
-    )
+    norm = leaves_global_norm(leaves)
     if max_norm is None:
         return leaves, norm
     if max_norm <= 0:

@@ -23,7 +23,7 @@ from tensordict import TensorDict
 
 from llmfn.distributed import GradientAllReduce
 from llmfn.layers.dropout import fold_in
-from llmfn.optim import Optimizer, clip_leaves_by_global_norm, leaf_paths, leaves_at, tree_like
+from llmfn.optim import Optimizer, clip_leaves_by_global_norm, paths_and_leaves, tree_like
 
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
@@ -101,8 +101,7 @@ def make_train_step(
 
     def train_step(state: TensorDict, batch: dict) -> tuple[TensorDict, dict[str, torch.Tensor]]:
         params, step, scale = state["params"], state["step"], state["loss_scale"]
-        paths = leaf_paths(params)
-        leaves = leaves_at(params, paths, name="params")
+        paths, leaves = paths_and_leaves(params)
         step_key = fold_in(state["rng"], step)
         num_micro = next(iter(batch.values())).shape[0]
         grads, losses, task_metrics = None, [], []

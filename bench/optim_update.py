@@ -20,7 +20,8 @@ import time
 import torch
 
 import llmfn
-from llmfn.optim import adamw, default_decay_mask, leaf_paths
+from llmfn.optim import adamw, default_decay_mask
+from llmfn.tree import leaf_paths
 
 HYPER = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 

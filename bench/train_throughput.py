@@ -83,9 +83,8 @@ def llmfn_runner(config, device, *, compiled: bool):
         optimizer,
         lr_schedule_from_config(config.optim, config.train.max_steps),
         device_type=device.type,
+        compile=compiled,
     )
-    if compiled:
-        step = torch.compile(step, fullgraph=True)
     holder = {"state": state}
 
     def run(batch):

@@ -5,6 +5,9 @@
     params, opt_state = optimizer.update(params, grads, opt_state, lr=lr, step=step)
     grads, grad_norm = clip_by_global_norm(grads, max_norm=1.0)
 
+    # the same update over lists of leaves (what the train step calls; see llmfn.tree):
+    new_p, new_moments = optimizer.update_leaves(paths, p, g, moments, lr=lr, step=step)
+
 `lr` is a 0-d float tensor and `step` a 0-d long tensor (the 1-based count of this update), so
 one `torch.compile(..., fullgraph=True)` graph serves every step without recompiling. Updates are
 pure: they return new trees and never write into their inputs. The math runs on lists of leaves
@@ -24,69 +27,57 @@ from typing import NamedTuple
 import torch
 from tensordict import TensorDict
 
-Path = tuple[str, ...]
+from llmfn.tree import Path, leaves_at, paths_and_leaves, tree_like
+
 DecayMask = dict[Path | str, bool] | Callable[[Path, torch.Tensor], bool] | None
 
 EMBEDDING_ROOTS = ("embed", "pos")
 _BIAS_NAME = re.compile(r"bias|.*_bias|b(qkv|q|k|v|o|13|1|2|3)?")
 
 
+Leaves = list[torch.Tensor]
+
+
 class Optimizer(NamedTuple):
-    """`init(params) -> opt_state`; `update(params, grads, opt_state, *, lr, step) -> (params, opt_state)`."""
+    """A pure optimizer: three functions.
+
+    init(params) -> opt_state: {moment name: tree mirroring params}
+    update(params, grads, opt_state, *, lr, step) -> (params, opt_state): over trees
+    update_leaves(paths, params, grads, moments, *, lr, step, batch_dims=0) -> (params, moments):
+        the same update over lists of leaves at `paths` (moments: {moment name: leaves});
+        batch_dims: the leading dims of a stacked tree (the default decay mask skips them)
+    """
 
     init: Callable[[TensorDict], TensorDict]
     update: Callable[..., tuple[TensorDict, TensorDict]]
+    update_leaves: Callable[..., tuple[Leaves, dict[str, Leaves]]]
 
 
-# --- trees as lists of leaves ------------------------------------------------------------------
-def leaf_paths(tree: TensorDict) -> list[Path]:
-    """Every leaf's key path, in the tree's own order (top-level leaves as 1-tuples)."""
-    return [
-        key if isinstance(key, tuple) else (key,)
-        for key in tree.keys(include_nested=True, leaves_only=True)
-    ]
+def optimizer_from_leaves(
+    init: Callable[[TensorDict], TensorDict], update_leaves: Callable
+) -> Optimizer:
+    """An Optimizer whose tree `update` reads the trees' leaves, runs `update_leaves` on them
+    and builds the new trees. The moments are the trees `init` puts in opt_state."""
 
-
-def paths_and_leaves(tree: TensorDict) -> tuple[list[Path], list[torch.Tensor]]:
-    """(leaf_paths(tree), its leaves in that order), in one pass over the tree."""
-    items = list(tree.items(include_nested=True, leaves_only=True))
-    return [key if isinstance(key, tuple) else (key,) for key, _ in items], [v for _, v in items]
-
-
-def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.Tensor]:
-    """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path.
-    (One pass over the tree: under torch.compile a `get` per path traces several times slower.)"""
-    by_path = {
-        key if isinstance(key, tuple) else (key,): leaf
-        for key, leaf in tree.items(include_nested=True, leaves_only=True)
-    }
-    missing = [path for path in paths if path not in by_path]
-    if missing:
-        raise KeyError(
-            f"{name} has no leaf at {'/'.join(missing[0])} (it must mirror the params tree)"
-        )
-    return [by_path[path] for path in paths]
-
-
-def tree_like(template: TensorDict, paths: list[Path], leaves: list[torch.Tensor]) -> TensorDict:
-    """A new tree with `template`'s structure and metadata holding `leaves` at `paths`.
-
-    Built bottom-up, one constructor call per sub-tree: under torch.compile, dynamo traces
-    every TensorDict method, and this costs a fraction of `empty()` plus one `set` per leaf."""
-    by_path = dict(zip(paths, leaves, strict=True))
-
-    def build(node: TensorDict, prefix: Path) -> TensorDict:
-        children = {
-            key: build(child, (*prefix, key))
-            if isinstance(child, TensorDict)
-            else by_path[(*prefix, key)]
-            for key, child in node.items()
+    def update(params, grads, opt_state, *, lr, step=None):
+        paths, p = paths_and_leaves(params)
+        g = leaves_at(grads, paths, name="grads")
+        moments = {
+            name: leaves_at(tree, paths, name=f"opt_state/{name}")
+            for name, tree in opt_state.items()
         }
-        return TensorDict(children, batch_size=node.batch_size, device=node.device)
+        new_p, new_moments = update_leaves(
+            paths, p, g, moments, lr=lr, step=step, batch_dims=params.batch_dims
+        )
+        new_state = state_tree(
+            opt_state, **{name: tree_like(params, paths, new_moments[name]) for name in moments}
+        )
+        return tree_like(params, paths, new_p), new_state
 
-    return build(template, ())
+    return Optimizer(init, update, update_leaves)
 
 
+# --- trees ---------------------------------------------------------------------------------------
 def zeros_tree(params: TensorDict) -> TensorDict:
     return params.apply(torch.zeros_like)
 
@@ -101,32 +92,39 @@ def default_decay_mask(params: TensorDict, *, decay_embeddings: bool = False) ->
     embeddings (`embed`, `pos`) only with `decay_embeddings`. `lm_head` decays.
 
     Stacked trees (a TensorDict with batch dims, e.g. an ensemble) count dims per element."""
-    mask = {}
-    for path in leaf_paths(params):
-        element_dims = params.get(path).ndim - params.batch_dims
-        is_norm = any("norm" in part for part in path)
-        is_bias = _BIAS_NAME.fullmatch(path[-1]) is not None
-        is_embedding = path[0] in EMBEDDING_ROOTS
-        mask[path] = (
-            element_dims >= 2
-            and not is_norm
-            and not is_bias
-            and (decay_embeddings or not is_embedding)
-        )
-    return mask
+    paths, leaves = paths_and_leaves(params)
+    return {
+        path: decays_by_default(path, leaf.ndim - params.batch_dims, decay_embeddings)
+        for path, leaf in zip(paths, leaves, strict=True)
+    }
+
+
+def decays_by_default(path: Path, element_dims: int, decay_embeddings: bool = False) -> bool:
+    """default_decay_mask's rule for one leaf of `element_dims` dims (per tree element)."""
+    is_norm = any("norm" in part for part in path)
+    is_bias = _BIAS_NAME.fullmatch(path[-1]) is not None
+    is_embedding = path[0] in EMBEDDING_ROOTS
+    return (
+        element_dims >= 2 and not is_norm and not is_bias and (decay_embeddings or not is_embedding)
+    )
 
 
 def _mask_key(key: Path | str) -> Path:
     return tuple(key.split(".")) if isinstance(key, str) else tuple(key)
 
 
-def resolve_decay_mask(params: TensorDict, paths: list[Path], decay_mask: DecayMask) -> list[bool]:
-    """One bool per path. `decay_mask`: None (default_decay_mask), a dict {path or "a.b.c": bool}
-    covering every leaf, or a callable (path, leaf) -> bool."""
+def resolve_decay_mask(
+    paths: list[Path], leaves: Leaves, decay_mask: DecayMask, *, batch_dims: int = 0
+) -> list[bool]:
+    """One bool per path. `decay_mask`: None (the default_decay_mask rule), a dict
+    {path or "a.b.c": bool} covering every leaf, or a callable (path, leaf) -> bool."""
     if decay_mask is None:
-        decay_mask = default_decay_mask(params)
+        return [
+            decays_by_default(path, leaf.ndim - batch_dims)
+            for path, leaf in zip(paths, leaves, strict=True)
+        ]
     if callable(decay_mask):
-        return [bool(decay_mask(path, params.get(path))) for path in paths]
+        return [bool(decay_mask(path, leaf)) for path, leaf in zip(paths, leaves, strict=True)]
     if not isinstance(decay_mask, dict):
         raise TypeError(
             f"decay_mask must be None, a dict path->bool or a callable, got {type(decay_mask).__name__}"
@@ -155,21 +153,6 @@ def merge_by_mask(yes: list, no: list, mask: list[bool]) -> list:
 def as_scalar(value, like: torch.Tensor) -> torch.Tensor:
     """A 0-d float32 tensor on `like`'s device (Python numbers are accepted, but recompile)."""
     return torch.as_tensor(value, dtype=torch.float32, device=like.device)
-
-
-def unpack(params: TensorDict, grads: TensorDict, opt_state: TensorDict, moments: tuple[str, ...]):
-    """(paths, param leaves, grad leaves, {moment: leaves})."""
-    paths, p = paths_and_leaves(params)
-    g = leaves_at(grads, paths, name="grads")
-    state = {}
-    for moment in moments:
-        tree = opt_state.get(moment, None)
-        if tree is None:
-            raise KeyError(
-                f"opt_state has no '{moment}' tree (got {list(opt_state.keys())}); build it with init(params)"
-            )
-        state[moment] = leaves_at(tree, paths, name=f"opt_state/{moment}")
-    return paths, p, g, state
 
 
 def decay_and_apply(
@@ -204,6 +187,16 @@ def adam_coefficients(
 
 
 # --- optimizers ---------------------------------------------------------------------------------
+def moments_named(moments: dict[str, Leaves], names: tuple[str, ...]) -> list[Leaves]:
+    """The leaves of each moment in `names`; a missing one is a KeyError saying how to build it."""
+    for name in names:
+        if name not in moments:
+            raise KeyError(
+                f"opt_state has no '{name}' tree (got {list(moments)}); build it with init(params)"
+            )
+    return [moments[name] for name in names]
+
+
 def adamw(
     *,
     beta1: float = 0.9,
@@ -219,21 +212,21 @@ def adamw(
     def init(params: TensorDict) -> TensorDict:
         return state_tree(params, exp_avg=zeros_tree(params), exp_avg_sq=zeros_tree(params))
 
-    def update(params, grads, opt_state, *, lr, step):
-        paths, p, g, state = unpack(params, grads, opt_state, ("exp_avg", "exp_avg_sq"))
+    def update_leaves(paths, p, g, moments, *, lr, step, batch_dims=0):
+        exp_avg, exp_avg_sq = moments_named(moments, ("exp_avg", "exp_avg_sq"))
         lr = as_scalar(lr, p[0])
         neg_step_size, inv_sqrt_bc2, decay_factor = adam_coefficients(
             lr, step, beta1, beta2, weight_decay
         )
-        exp_avg = torch._foreach_lerp(state["exp_avg"], g, 1 - beta1)
-        exp_avg_sq = torch._foreach_mul(state["exp_avg_sq"], beta2)
+        exp_avg = torch._foreach_lerp(exp_avg, g, 1 - beta1)
+        exp_avg_sq = torch._foreach_mul(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, g, g, value=1 - beta2)
         # p·decay + exp_avg / denom, denom = -(sqrt(v / bc2) + eps) / step_size: one temporary.
         denom = torch._foreach_sqrt(exp_avg_sq)
         torch._foreach_mul_(denom, inv_sqrt_bc2)
         torch._foreach_add_(denom, eps)
         torch._foreach_div_(denom, neg_step_size)
-        decay = resolve_decay_mask(params, paths, decay_mask)
+        decay = resolve_decay_mask(paths, p, decay_mask, batch_dims=batch_dims)
         new_p = decay_and_apply(
             p,
             decay,
@@ -243,14 +236,9 @@ def adamw(
             exp_avg,
             denom,
         )
-        new_state = state_tree(
-            opt_state,
-            exp_avg=tree_like(params, paths, exp_avg),
-            exp_avg_sq=tree_like(params, paths, exp_avg_sq),
-        )
-        return tree_like(params, paths, new_p), new_state
+        return new_p, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
-    return Optimizer(init, update)
+    return optimizer_from_leaves(init, update_leaves)
 
 
 def sgd(
@@ -269,24 +257,26 @@ def sgd(
     def init(params: TensorDict) -> TensorDict:
         return state_tree(params, momentum=zeros_tree(params)) if momentum else state_tree(params)
 
-    def update(params, grads, opt_state, *, lr, step=None):
-        paths, p, g, state = unpack(params, grads, opt_state, ("momentum",) if momentum else ())
+    def update_leaves(paths, p, g, moments, *, lr, step=None, batch_dims=0):
         lr = as_scalar(lr, p[0])
-        decay = resolve_decay_mask(params, paths, decay_mask) if weight_decay else []
+        decay = (
+            resolve_decay_mask(paths, p, decay_mask, batch_dims=batch_dims) if weight_decay else []
+        )
         if any(decay):
             g_decay, g_keep = split_by_mask(g, decay)
             g_decay = torch._foreach_add(g_decay, split_by_mask(p, decay)[0], alpha=weight_decay)
             g = merge_by_mask(g_decay, g_keep, decay)
-        new_state = state_tree(opt_state)
+        new_moments = {}
         if momentum:
-            buf = torch._foreach_mul(state["momentum"], momentum)
+            (buf,) = moments_named(moments, ("momentum",))
+            buf = torch._foreach_mul(buf, momentum)
             torch._foreach_add_(buf, g)
             g = torch._foreach_add(g, buf, alpha=momentum) if nesterov else buf
-            new_state = state_tree(opt_state, momentum=tree_like(params, paths, buf))
+            new_moments["momentum"] = buf
         step_update = torch._foreach_mul(g, lr)
-        return tree_like(params, paths, torch._foreach_sub(p, step_update)), new_state
+        return torch._foreach_sub(p, step_update), new_moments
 
-    return Optimizer(init, update)
+    return optimizer_from_leaves(init, update_leaves)
 
 
 def lion(
@@ -302,23 +292,21 @@ def lion(
     def init(params: TensorDict) -> TensorDict:
         return state_tree(params, exp_avg=zeros_tree(params))
 
-    def update(params, grads, opt_state, *, lr, step=None):
-        paths, p, g, state = unpack(params, grads, opt_state, ("exp_avg",))
+    def update_leaves(paths, p, g, moments, *, lr, step=None, batch_dims=0):
+        (exp_avg,) = moments_named(moments, ("exp_avg",))
         lr = as_scalar(lr, p[0])
-        direction = torch._foreach_lerp(state["exp_avg"], g, 1 - beta1)
+        direction = torch._foreach_lerp(exp_avg, g, 1 - beta1)
         torch._foreach_sign_(direction)
         torch._foreach_mul_(direction, lr)
-        exp_avg = torch._foreach_lerp(state["exp_avg"], g, 1 - beta2)
-        decay = resolve_decay_mask(params, paths, decay_mask)
+        exp_avg = torch._foreach_lerp(exp_avg, g, 1 - beta2)
+        decay = resolve_decay_mask(paths, p, decay_mask, batch_dims=batch_dims)
         decay_factor = 1 - lr * weight_decay if weight_decay else None
         new_p = decay_and_apply(
             p, decay, decay_factor, torch._foreach_sub_, torch._foreach_sub, direction
         )
-        return tree_like(params, paths, new_p), state_tree(
-            opt_state, exp_avg=tree_like(params, paths, exp_avg)
-        )
+        return new_p, {"exp_avg": exp_avg}
 
-    return Optimizer(init, update)
+    return optimizer_from_leaves(init, update_leaves)
 
 
 def build_optimizer(optim_cfg, params: TensorDict) -> Optimizer:

@@ -312,11 +312,16 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     all_reduce = GradientAllReduce(proc.world_size) if proc.world_size > 1 else None
     lr_fn = lr_schedule_from_config(config.optim, max_steps)
     step_fn = make_train_step(
-        task, config, optimizer, lr_fn, device_type=device.type, all_reduce=all_reduce
+        task,
+        config,
+        optimizer,
+        lr_fn,
+        device_type=device.type,
+        all_reduce=all_reduce,
+        compile=config.train.compile,
     )
     eval_fn = make_eval_step(task, config, device_type=device.type)
     if config.train.compile:
-        step_fn = torch.compile(step_fn, fullgraph=all_reduce is None)
         eval_fn = torch.compile(eval_fn)
 
     start_step = int(state["step"])

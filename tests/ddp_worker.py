@@ -7,7 +7,6 @@ rank writes its final params. Used by tests/test_distributed.py.
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 from llmfn.distributed import GradientAllReduce, init_process, shutdown
@@ -17,9 +16,8 @@ from tests.step_fixtures import global_batch, small_config, state_and_step
 def main(out_dir: str, steps: int, compiled: bool) -> None:
     proc = init_process("cpu", "gloo")
     config = small_config()
-    state, step = state_and_step(config, all_reduce=GradientAllReduce(proc.world_size))
-    if compiled:
-        step = torch.compile(step)
+    all_reduce = GradientAllReduce(proc.world_size)
+    state, step = state_and_step(config, all_reduce=all_reduce, compile=compiled)
     for i in range(steps):
         full = global_batch(config, i, rows=config.data.batch_size * proc.world_size)
         rows = slice(proc.rank * config.data.batch_size, (proc.rank + 1) * config.data.batch_size)

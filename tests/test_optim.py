@@ -18,10 +18,12 @@ from llmfn.optim import (
     clip_by_global_norm,
     default_decay_mask,
     global_norm,
-    leaf_paths,
     lion,
+    optimizer_from_leaves,
     sgd,
+    state_tree,
 )
+from llmfn.tree import leaf_paths
 
 STEPS = 5
 LRS = [1e-2, 2e-2, 3e-2, 2e-2, 1e-2]  # a changing lr, as a schedule would give
@@ -336,6 +338,39 @@ def test_grads_missing_a_leaf_is_named():
         optimizer.update(
             params, grads, optimizer.init(params), lr=torch.tensor(0.1), step=torch.tensor(1)
         )
+
+
+def test_opt_state_missing_a_moment_says_how_to_build_it():
+    params = small_tree()
+    optimizer = adamw()
+    opt_state = optimizer.init(params).exclude("exp_avg_sq")
+    with pytest.raises(KeyError, match="no 'exp_avg_sq' tree.*build it with init"):
+        optimizer.update(params, params, opt_state, lr=torch.tensor(0.1), step=torch.tensor(1))
+
+
+def test_optimizer_from_leaves_gives_the_tree_update():
+    """A user's optimizer written over leaves (sign descent with a running mean) works on
+    trees, with its moment mirroring params, and leaves its inputs alone."""
+
+    def init(params):
+        return state_tree(params, mean=params.apply(torch.zeros_like))
+
+    def update_leaves(paths, p, g, moments, *, lr, step=None, batch_dims=0):
+        mean = torch._foreach_lerp(moments["mean"], g, 0.5)
+        return torch._foreach_sub(p, torch._foreach_mul(torch._foreach_sign(mean), lr)), {
+            "mean": mean
+        }
+
+    optimizer = optimizer_from_leaves(init, update_leaves)
+    params, grads = small_tree(0), small_tree(1)
+    before = params.clone()
+    new_params, new_state = optimizer.update(
+        params, grads, optimizer.init(params), lr=torch.tensor(0.1), step=torch.tensor(1)
+    )
+    for path in leaf_paths(params):
+        torch.testing.assert_close(new_state["mean"][path], grads[path] / 2)
+        torch.testing.assert_close(new_params[path], params[path] - 0.1 * grads[path].sign())
+        torch.testing.assert_close(params[path], before[path], rtol=0, atol=0)
 
 
 # --- build_optimizer --------------------------------------------------------------------------------

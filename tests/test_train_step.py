@@ -20,11 +20,17 @@ def assert_trees_close(a, b, **tol):
         torch.testing.assert_close(leaf, b[key], **tol, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.fixture(scope="module")
-def compiled_run():
+@pytest.fixture(scope="module", params=["compile=True", "torch.compile(train_step)"])
+def compiled_run(request):
+    """5 steps compiled the trainer's way (the arithmetic on leaves, trees outside the graph)
+    and by compiling the whole train_step, trees included."""
     config = small_config()
-    state, step = state_and_step(config)
-    return run_steps(torch.compile(step, fullgraph=True), state, config, 5)
+    if request.param == "compile=True":
+        state, step = state_and_step(config, compile=True)
+    else:
+        state, step = state_and_step(config)
+        step = torch.compile(step, fullgraph=True)
+    return run_steps(step, state, config, 5)
 
 
 def test_compiled_step_equals_eager(compiled_run):
@@ -50,8 +56,7 @@ def test_step_does_not_mutate_its_input_state():
 
 def test_compiled_step_does_not_recompile_across_steps():
     config = small_config()
-    state, step = state_and_step(config)
-    compiled = torch.compile(step, fullgraph=True)
+    state, compiled = state_and_step(config, compile=True)
     state, _ = compiled(state, global_batch(config, 0, rows=2))
     torch._dynamo.config.error_on_recompile = True
     try:

@@ -1,0 +1,86 @@
+"""TensorDict trees as lists of leaves, and back.
+
+    paths, leaves = paths_and_leaves(params)          # [("embed", "weight"), ...], [tensor, ...]
+    new = tree_like(params, paths, updated_leaves)    # same structure, new leaves
+    shape = tree_shape(params)                        # the structure alone, without tensors
+
+The train step and the optimizers do their arithmetic on lists of leaves (`torch._foreach_*`
+ops) and build trees only where a tree is wanted. Under torch.compile this matters: dynamo
+traces every TensorDict method as Python, leaf by leaf (10-25 ms per leaf and operation).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from tensordict import TensorDict
+
+Path = tuple[str, ...]
+
+
+class TreeShape(NamedTuple):
+    """A TensorDict's structure without its tensors: enough to build the tree again.
+
+    children maps each key to its sub-tree's TreeShape, or to None for a leaf."""
+
+    children: dict[str, TreeShape | None]
+    batch_size: torch.Size
+    device: torch.device | None
+
+
+def tree_shape(tree: TensorDict) -> TreeShape:
+    """The structure of `tree` (keys in order, batch sizes, devices), holding no tensors."""
+    children = {
+        key: tree_shape(child) if isinstance(child, TensorDict) else None
+        for key, child in tree.items()
+    }
+    return TreeShape(children, tree.batch_size, tree.device)
+
+
+def leaf_paths(tree: TensorDict) -> list[Path]:
+    """Every leaf's key path, in the tree's own order (top-level leaves as 1-tuples)."""
+    return [
+        key if isinstance(key, tuple) else (key,)
+        for key in tree.keys(include_nested=True, leaves_only=True)
+    ]
+
+
+def paths_and_leaves(tree: TensorDict) -> tuple[list[Path], list[torch.Tensor]]:
+    """(leaf_paths(tree), its leaves in that order), in one pass over the tree."""
+    items = list(tree.items(include_nested=True, leaves_only=True))
+    return [key if isinstance(key, tuple) else (key,) for key, _ in items], [v for _, v in items]
+
+
+def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.Tensor]:
+    """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path.
+    (One pass over the tree: under torch.compile a `get` per path traces several times slower.)"""
+    by_path = {
+        key if isinstance(key, tuple) else (key,): leaf
+        for key, leaf in tree.items(include_nested=True, leaves_only=True)
+    }
+    missing = [path for path in paths if path not in by_path]
+    if missing:
+        raise KeyError(
+            f"{name} has no leaf at {'/'.join(missing[0])} (it must mirror the params tree)"
+        )
+    return [by_path[path] for path in paths]
+
+
+def tree_like(
+    template: TensorDict | TreeShape, paths: list[Path], leaves: list[torch.Tensor]
+) -> TensorDict:
+    """A new tree with `template`'s structure (a tree, or its `tree_shape`) holding `leaves` at
+    `paths`. Built bottom-up, one constructor call per sub-tree (under torch.compile this costs a
+    fraction of `empty()` plus one `set` per leaf)."""
+    shape = template if isinstance(template, TreeShape) else tree_shape(template)
+    by_path = dict(zip(paths, leaves, strict=True))
+
+    def build(node: TreeShape, prefix: Path) -> TensorDict:
+        children = {
+            key: by_path[(*prefix, key)] if child is None else build(child, (*prefix, key))
+            for key, child in node.children.items()
+        }
+        return TensorDict(children, batch_size=node.batch_size, device=node.device)
+
+    return build(shape, ())

@@ -111,7 +111,9 @@ def make_train_step(
 
     def step_leaves(paths, shape, params, moments, scalars, batch):
         """The step over lists of leaves: params [leaves at paths], moments {name: leaves},
-        scalars {name: 0-d tensor} (STATE_SCALARS) -> (params, moments, scalars, metrics)."""
+        scalars {name: 0-d tensor} (STATE_SCALARS) -> (params, moments, scalars, metrics).
+        `paths` and `shape` (the params tree's TreeShape) are Python constants: compiled, a
+        state of another structure recompiles rather than being misread."""
         step, scale = scalars["step"], scalars["loss_scale"]
         step_key = fold_in(scalars["rng"], step)
         num_micro = next(iter(batch.values())).shape[0]

@@ -88,7 +88,7 @@ def make_train_step(
     compile: run the step's arithmetic as one `torch.compile`d graph (fullgraph on one
     process). The state tree is split into lists of leaves before that function and joined after
     it, as `jax.jit` flattens pytrees outside its trace: dynamo would otherwise trace TensorDict's
-    Python leaf by leaf, 2.5x the tracing time of the whole step for a 30-layer model.
+    Python leaf by leaf (30.5 s against 14.6 s to trace a 30-layer model's step).
     `torch.compile(train_step)` works too and runs the same graph; it only takes longer to trace.
     """
     precision = config.train.precision

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from tensordict import TensorDict
 
-from llmfn.tree import Path, leaves_at, paths_and_leaves, tree_like
+from llmfn.tree import Path, leaves_at, paths_and_leaves, tree_like, tree_shape
 
 DecayMask = dict[Path | str, bool] | Callable[[Path, torch.Tensor], bool] | None
 
@@ -69,10 +69,11 @@ def optimizer_from_leaves(
         new_p, new_moments = update_leaves(
             paths, p, g, moments, lr=lr, step=step, batch_dims=params.batch_dims
         )
+        shape = tree_shape(params)
         new_state = state_tree(
-            opt_state, **{name: tree_like(params, paths, new_moments[name]) for name in moments}
+            opt_state, **{name: tree_like(shape, paths, new_moments[name]) for name in moments}
         )
-        return tree_like(params, paths, new_p), new_state
+        return tree_like(shape, paths, new_p), new_state
 
     return Optimizer(init, update, update_leaves)
 

@@ -10,7 +10,9 @@ process of its own (its own heap, as in a user's run: sharing one process, HF ea
 memory the variant before it had faulted in and looked 20% faster than it runs alone), and the
 processes are timed interleaved: one step of each per round, the median of --iters rounds, so
 load from other jobs weighs on all alike. On GPU the variants run one after the other in this
-process, so that each has its own peak memory.
+process, so that each has its own peak memory, llmfn compiled and HF compiled first; each row is
+printed and the JSON rewritten as soon as it is measured, so a run cut short by a time limit
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -279,54 +281,79 @@ def main() -> None:
     peak = 989e12 if device.type == "cuda" else None
 
     selected = [name for name in RUNNERS if not args.only or name in args.only]
-    results = {}
-    if device.type == "cuda":  # one at a time, so that each has its own peak memory
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    report = Report(args, precision, device_name, tokens_per_step, flops, peak)
+    if device.type == "cuda":
+        # One at a time, so that each has its own peak memory; the rows the GPU targets compare
+        # first, and each row printed and saved as it is measured, so that a run stopped by a
+        # time limit still leaves them.
         batch = make_batch(config, args.batch, args.seq, device)
-        for name in selected:
+        for name in sorted(selected, key=GPU_ORDER.index):
             if built := build_variant(name, config, device):
                 run, n_params = built
                 stats = measure(run, batch, warmup=args.warmup, iters=args.iters, device=device)
-                results[name] = {**stats, "params": n_params}
+                report.add(name, {**stats, "params": n_params}, show=True)
                 del run, built
                 torch.cuda.empty_cache()
     else:
         shape = {"preset": args.preset, "seq": args.seq, "batch": args.batch}
         variant_args = {**shape, "precision": precision, "warmup": args.warmup}
-        results = measure_in_processes(selected, variant_args, iters=args.iters)
-    for stats in results.values():
-        stats["tok_s"] = tokens_per_step / stats["step_s"]
-        stats["mfu"] = flops * stats["tok_s"] / peak if peak else None
+        for name, stats in measure_in_processes(selected, variant_args, iters=args.iters).items():
+            report.add(name, stats)
+    report.print_table()
 
-    print(
-        f"\n{args.preset}  B={args.batch} T={args.seq}  {precision}  device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
-    )
-    print(
-        f"{'variant':<16}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
-    )
-    base = results.get("llmfn-compiled")
-    for name, r in results.items():
+
+GPU_ORDER = ["llmfn-compiled", "hf-compiled", "hf-eager", "llmfn-eager"]
+
+
+class Report:
+    """The results so far: rows of tok/s, MFU, peak memory and ratios to llmfn compiled, and
+    the JSON file, rewritten at each new row."""
+
+    def __init__(self, args, precision: str, device_name: str, tokens_per_step, flops, peak):
+        self.args, self.precision, self.device_name = args, precision, device_name
+        self.tokens_per_step, self.flops, self.peak = tokens_per_step, flops, peak
+        self.results = {}
+
+    def add(self, name: str, stats: dict, *, show: bool = False) -> None:
+        stats["tok_s"] = self.tokens_per_step / stats["step_s"]
+        stats["mfu"] = self.flops * stats["tok_s"] / self.peak if self.peak else None
+        self.results[name] = stats
+        self.save()
+        if show:
+            print(self.row(name), flush=True)
+
+    def row(self, name: str) -> str:
+        r, base = self.results[name], self.results.get("llmfn-compiled")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
         ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
+        return f"{name:<16}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+
+    def print_table(self) -> None:
+        args = self.args
         print(
-            f"{name:<16}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+            f"\n{args.preset}  B={args.batch} T={args.seq}  {self.precision}  device={self.device_name}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "batch": args.batch,
-                "seq": args.seq,
-                "precision": precision,
-                "device": str(device),
-                "results": results,
-            },
-            indent=2,
+        print(
+            f"{'variant':<16}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
         )
-    )
-    print(f"\nwrote {out}")
+        for name in self.results:
+            print(self.row(name))
+        print(f"\nwrote {args.out}")
+
+    def save(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "preset": self.args.preset,
+            "batch": self.args.batch,
+            "seq": self.args.seq,
+            "precision": self.precision,
+            "device": self.device_name,
+            "results": self.results,
+        }
+        out.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

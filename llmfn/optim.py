@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from tensordict import TensorDict
 
-from llmfn.tree import Path, leaves_at, paths_and_leaves, tree_like, tree_shape
+from llmfn.tree import Path, TreeShape, leaves_at, paths_and_leaves, tree_like, tree_shape
 
 DecayMask = dict[Path | str, bool] | Callable[[Path, torch.Tensor], bool] | None
 
@@ -62,18 +62,12 @@ def optimizer_from_leaves(
     def update(params, grads, opt_state, *, lr, step=None):
         paths, p = paths_and_leaves(params)
         g = leaves_at(grads, paths, name="grads")
-        moments = {
-            name: leaves_at(tree, paths, name=f"opt_state/{name}")
-            for name, tree in opt_state.items()
-        }
+        moments = moment_leaves(opt_state, paths)
         new_p, new_moments = update_leaves(
             paths, p, g, moments, lr=lr, step=step, batch_dims=params.batch_dims
         )
         shape = tree_shape(params)
-        new_state = state_tree(
-            opt_state, **{name: tree_like(shape, paths, new_moments[name]) for name in moments}
-        )
-        return tree_like(shape, paths, new_p), new_state
+        return tree_like(shape, paths, new_p), opt_state_like(opt_state, shape, paths, new_moments)
 
     return Optimizer(init, update, update_leaves)
 
@@ -85,6 +79,23 @@ def zeros_tree(params: TensorDict) -> TensorDict:
 
 def state_tree(params: TensorDict, **trees: TensorDict) -> TensorDict:
     return TensorDict(trees, batch_size=params.batch_size, device=params.device)
+
+
+def moment_leaves(opt_state: TensorDict, paths: list[Path]) -> dict[str, Leaves]:
+    """{moment name: its tree's leaves at `paths`} for every tree in opt_state."""
+    return {
+        name: leaves_at(tree, paths, name=f"opt_state/{name}") for name, tree in opt_state.items()
+    }
+
+
+def opt_state_like(
+    opt_state: TensorDict, shape: TreeShape, paths: list[Path], moments: dict[str, Leaves]
+) -> TensorDict:
+    """A new opt_state with `opt_state`'s moment names, each a tree of `shape` (the params')."""
+    return state_tree(
+        opt_state,
+        **{name: tree_like(shape, paths, moments[name]) for name in list(opt_state.keys())},
+    )
 
 
 # --- weight-decay masks -------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from tensordict import TensorDict
 
 from llmfn.distributed import GradientAllReduce
 from llmfn.layers.dropout import fold_in
-from llmfn.optim import Optimizer, clip_leaves_by_global_norm, state_tree
-from llmfn.tree import leaves_at, paths_and_leaves, tree_like, tree_shape
+from llmfn.optim import Optimizer, clip_leaves_by_global_norm, moment_leaves, opt_state_like
+from llmfn.tree import paths_and_leaves, tree_like, tree_shape
 
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
@@ -184,22 +184,16 @@ def make_train_step(
     def train_step(state: TensorDict, batch: dict) -> tuple[TensorDict, dict[str, torch.Tensor]]:
         params, opt_state = state["params"], state["opt_state"]
         paths, param_leaves = paths_and_leaves(params)
-        moments = {
-            name: leaves_at(tree, paths, name=f"opt_state/{name}")
-            for name, tree in opt_state.items()
-        }
+        moments = moment_leaves(opt_state, paths)
         scalars = {name: state[name] for name in STATE_SCALARS}
         shape = tree_shape(params)
         new_params, new_moments, new_scalars, metrics = step_leaves(
             paths, shape, param_leaves, moments, scalars, batch
         )
-        new_opt_state = state_tree(
-            opt_state, **{name: tree_like(shape, paths, new_moments[name]) for name in moments}
-        )
         new_state = TensorDict(
             {
                 "params": tree_like(shape, paths, new_params),
-                "opt_state": new_opt_state,
+                "opt_state": opt_state_like(opt_state, shape, paths, new_moments),
                 **new_scalars,
             },
             batch_size=[],

@@ -203,12 +203,16 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(task, config, *, device_type: str = "cpu"):
+def make_eval_step(task, config, *, device_type: str = "cpu", compile: bool = False):
     """(params, batch) -> {"loss": mean loss, "tokens": count}; no gradients. The loss is the
-    task's "ce_loss" metric where it has one (without auxiliary terms), its loss otherwise."""
+    task's "ce_loss" metric where it has one (without auxiliary terms), its loss otherwise.
+
+    compile: run it as a `torch.compile`d function over the params' leaves, the tree split
+    outside it as in `make_train_step`."""
     amp_dtype = autocast_dtype(config.train.precision)
 
-    def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
+    def eval_leaves(paths, shape, leaves, batch):
+        params = tree_like(shape, paths, leaves)
         with (
             torch.no_grad(),
             torch.autocast(
@@ -217,5 +221,12 @@ def make_eval_step(task, config, *, device_type: str = "cpu"):
         ):
             value, metrics = task.loss(params, batch, config, training=False)
         return {"loss": metrics.get("ce_loss", value).float(), "tokens": metrics["tokens"]}
+
+    if compile:
+        eval_leaves = torch.compile(eval_leaves)
+
+    def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
+        paths, leaves = paths_and_leaves(params)
+        return eval_leaves(paths, tree_shape(params), leaves, batch)
 
     return eval_step

@@ -320,9 +320,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         all_reduce=all_reduce,
         compile=config.train.compile,
     )
-    eval_fn = make_eval_step(task, config, device_type=device.type)
-    if config.train.compile:
-        eval_fn = torch.compile(eval_fn)
+    eval_fn = make_eval_step(task, config, device_type=device.type, compile=config.train.compile)
 
     start_step = int(state["step"])
     tokens_per_step = accum * proc.world_size * config.data.batch_size * config.model.max_seq_len

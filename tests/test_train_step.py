@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from llmfn.step import FP16_GROWTH_INTERVAL, next_loss_scale
+from llmfn.step import FP16_GROWTH_INTERVAL, make_eval_step, next_loss_scale
+from llmfn.tasks import get_task
 from tests.step_fixtures import global_batch, small_config, state_and_step
 
 
@@ -61,6 +62,22 @@ def test_compiled_step_does_not_recompile_across_steps():
     torch._dynamo.config.error_on_recompile = True
     try:
         run_steps(compiled, state, config, 3)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+
+
+def test_compiled_eval_step_equals_eager_without_recompiling():
+    config = small_config()
+    state, _ = state_and_step(config)
+    eager, compiled = (make_eval_step(get_task("lm"), config, compile=c) for c in (False, True))
+    batches = [{k: v[0] for k, v in global_batch(config, i, rows=2).items()} for i in range(3)]
+    compiled(state["params"], batches[0])
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for batch in batches:
+            want, got = eager(state["params"], batch), compiled(state["params"], batch)
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
+            assert int(got["tokens"]) == int(want["tokens"]) == 2 * 16
     finally:
         torch._dynamo.config.error_on_recompile = False
 

@@ -262,6 +262,7 @@ def _validate(cfg: Config) -> None:
     positive("logging.log_every", cfg.logging.log_every)
     positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
     positive("train.max_nonfinite", cfg.train.max_nonfinite)
+    positive("train.early_stopping_patience", cfg.train.early_stopping_patience)
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(
             f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}"

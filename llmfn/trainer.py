@@ -262,6 +262,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = proc.device
+    task = get_task(config.train.task)  # an unknown name fails before the data is prepared
     warning = slow_precision_warning(config.train.precision, device)
     if warning:
         log(proc, warning)
@@ -272,7 +273,6 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     barrier()
     data.setup(rank=proc.rank, world_size=proc.world_size)
     config = fit_vocab_to_tokenizer(config, data, proc)
-    task = get_task(config.train.task)
     check_batch_keys(task, data.train_batch(0))
     max_steps = resolve_max_steps(config, data)
     accum = config.train.grad_accum_steps

@@ -70,6 +70,10 @@ def test_int_widens_to_float_but_not_the_reverse():
         (["optim.lr=abc"], r"optim.lr='abc' has the wrong type: expected float"),
         (["optim.min_lr=1.0"], r"optim.min_lr=1.0 is invalid: expected 0 <= min_lr <= optim.lr"),
         (["data.module=text"], r"data.module='text' needs data.path"),
+        (
+            ["train.early_stopping_patience=0"],
+            r"train.early_stopping_patience=0 is invalid: expected a positive number",
+        ),
         (["lr=1"], r"needs a section"),
         (["optim.lr"], r"not of the form section.key=value"),
     ],

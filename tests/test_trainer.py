@@ -154,3 +154,16 @@ def test_half_precision_on_a_cpu_without_support_warns(monkeypatch, precision):
     assert slow_precision_warning(precision, torch.device("cuda")) is None
     monkeypatch.setattr(torch.ops.mkldnn, support, lambda: True)
     assert slow_precision_warning(precision, cpu) is None
+
+
+def test_unknown_task_fails_before_the_data_is_prepared(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world\n" * 200)
+    cache = tmp_path / "cache"
+    cfg = config(
+        tmp_path, "train.task=lm_zloss", "data.module=text", f"data.path={text}",
+        f"data.cache_dir={cache}", "data.tokenizer=char",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="train.task='lm_zloss' is unknown: expected one of lm"):
+        train(cfg)
+    assert not cache.exists() or not any(cache.iterdir())

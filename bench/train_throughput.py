@@ -1,6 +1,7 @@
 """Train-step throughput: llmfn's compiled step side by side with the same step eager and with HF
 transformers `LlamaForCausalLM` (eager and `torch.compile`d, torch.optim.AdamW), same config, same
-batch, in one run. Prints a table of tokens/s, ratios and (on GPU) MFU; writes JSON.
+batch, in one run. Prints a table of tokens/s, ratios, peak memory and (on GPU) MFU; writes JSON.
+HF computes its loss as its Trainer does, inside the model's forward (so compiled with it).
 
     python bench/train_throughput.py                     # ~15M params, CPU, fp32
     python bench/train_throughput.py --preset llama-135m --batch 16 --seq 2048   # GPU, bf16
@@ -18,8 +19,10 @@ keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
+import re
 import statistics
 import time
 from pathlib import Path
@@ -132,10 +135,11 @@ def hf_runner(config, device, *, compiled: bool):
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            logits = forward(input_ids=batch["inputs"]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), batch["targets"].flatten()
-        )
+            # The loss as HF's Trainer computes it: inside the model's forward (so compiled with
+            # it); shift_labels are the already-shifted targets, labels only switch the loss on.
+            loss = forward(
+                input_ids=batch["inputs"], labels=batch["targets"], shift_labels=batch["targets"]
+            ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -157,7 +161,10 @@ def make_batch(config, batch: int, seq: int, device) -> dict:
     """The one batch every variant trains on: seeded random tokens, shifted targets."""
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.model.vocab_size, (batch, seq + 1), generator=gen)
-    return {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
+    return {
+        "inputs": tokens[:, :-1].contiguous().to(device),
+        "targets": tokens[:, 1:].contiguous().to(device),
+    }
 
 
 def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
@@ -183,7 +190,7 @@ def measure(run, batch, *, warmup: int, iters: int, device) -> dict:
 def variant_process(connection, name: str, args: dict) -> None:
     """One CPU variant in its own process: build it, warm up, report ("ready", warmup s, params)
     or ("skipped",) when its library is missing, then time one step per "step" message until
-    "stop"."""
+    "stop", answered with the peak resident memory of the timed steps."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cpu")
     config = run_config(args["preset"], args["seq"], args["batch"], args["precision"])
@@ -197,10 +204,27 @@ def variant_process(connection, name: str, args: dict) -> None:
     for _ in range(args["warmup"]):
         float(run(batch))
     connection.send(("ready", time.perf_counter() - start, n_params))
+    reset_peak_rss()
     while connection.recv() == "step":
         start = time.perf_counter()
         float(run(batch))
         connection.send(time.perf_counter() - start)
+    connection.send(peak_rss_gib())
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak resident memory (Linux VmHWM) afresh: the compile's is not the
+    step's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_gib() -> float | None:
+    """The process's peak resident memory since `reset_peak_rss` (None off Linux)."""
+    with contextlib.suppress(OSError):
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 2**20
+    return None
 
 
 def measure_in_processes(names: list[str], args: dict, *, iters: int) -> dict:
@@ -234,8 +258,10 @@ def measure_in_processes(names: list[str], args: dict, *, iters: int) -> dict:
         for name, seconds in times.items():
             results[name]["step_s"] = statistics.median(seconds)
     finally:
-        for process, connection in workers.values():
+        for name, (process, connection) in workers.items():
             connection.send("stop")
+            with contextlib.suppress(EOFError):
+                results[name]["peak_gib"] = connection.recv()
             process.join()
     return results
 
@@ -340,6 +366,8 @@ class Report:
         )
         for name in self.results:
             print(self.row(name))
+        where = "CUDA max allocated" if self.peak else "the process's peak resident memory"
+        print(f"peak GiB: {where} over the timed steps")
         print(f"\nwrote {args.out}")
 
     def save(self) -> None:

@@ -42,7 +42,7 @@ def global_batch(config, index: int, *, rows: int, accum: int = 1) -> dict:
     return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
 
 
-def state_and_step(config, all_reduce=None, compile=False):
+def state_and_step(config, all_reduce=None, compile=False, donate=False):
     task = get_task(config.train.task)
     params = init_params(config.model, seed=0)
     optimizer = build_optimizer(config.optim, params)
@@ -54,6 +54,7 @@ def state_and_step(config, all_reduce=None, compile=False):
         lr_schedule_from_config(config.optim, config.train.max_steps),
         all_reduce=all_reduce,
         compile=compile,
+        donate=donate,
     )
     return state, step
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -195,10 +196,12 @@ def _check_keys(tree: dict, source) -> None:
     the key was written), before the layers are merged and that is lost."""
     sections = _field_types(Config)
     for section, values in tree.items():
+        section = str(section)  # YAML keys may be numbers or null
         if section not in sections:
             raise _unknown(section, section, list(sections), source(section))
         known = _field_types(sections[section])
         for name in values if isinstance(values, dict) else ():
+            name = str(name)
             if name not in known:
                 key = f"{section}.{name}"
                 raise _unknown(key, name, list(known), source(key))
@@ -263,6 +266,31 @@ def _validate(cfg: Config) -> None:
     positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
     positive("train.max_nonfinite", cfg.train.max_nonfinite)
     positive("train.early_stopping_patience", cfg.train.early_stopping_patience)
+    positive("data.val_batches", cfg.data.val_batches)
+    positive("data.max_files", cfg.data.max_files)
+    positive("data.synthetic_size", cfg.data.synthetic_size)
+    positive("data.synthetic_vocab_size", cfg.data.synthetic_vocab_size)
+    positive("data.regression_features", cfg.data.regression_features)
+    positive("data.tokenizer_vocab_size", cfg.data.tokenizer_vocab_size)
+    positive("distributed.timeout_s", cfg.distributed.timeout_s)
+    for key, value in _float_values(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is invalid: expected a finite number")
+    for key, value in [("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2),
+                       ("optim.momentum", cfg.optim.momentum)]:  # fmt: skip
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} is invalid: expected a float in [0, 1)")
+    for key, value in [("optim.eps", cfg.optim.eps), ("optim.weight_decay", cfg.optim.weight_decay),
+                       ("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta),
+                       ("train.sample_tokens", cfg.train.sample_tokens)]:  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key}={value} is invalid: expected >= 0")
+    name = cfg.train.run_name
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise ConfigError(
+            f"train.run_name={name!r} is invalid: expected a folder name (no '/', not '.' or '..'); "
+            "train.run_dir says where runs go"
+        )
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(
             f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}"
@@ -290,6 +318,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.task='regression' needs data.module='regression'")
     if cfg.train.task == "sft" and cfg.data.module != "sft":
         raise ConfigError("train.task='sft' needs data.module='sft'")
+
+
+def _float_values(cfg: Config):
+    """(dotted key, value) for every float-valued field of every section."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for key in dataclasses.fields(values):
+            value = getattr(values, key.name)
+            if isinstance(value, float):
+                yield f"{section.name}.{key.name}", value
 
 
 def from_dict(tree: dict) -> Config:
@@ -349,6 +387,12 @@ def env_variable(key: str) -> str:
     return ENV_PREFIX + key.upper().replace(".", "__")
 
 
+def env_variable_for(key: str, environ: typing.Mapping[str, str]) -> str:
+    """The variable in `environ` that set `key` (a dotted key or a section)."""
+    prefix = env_variable(key)
+    return next((name for name in environ if name.startswith(prefix)), prefix)
+
+
 def env_overrides(environ: typing.Mapping[str, str]) -> dict:
     """{section: {key: value}} from variables like LLMFN_OPTIM__LR=3e-4."""
     tree: dict = {}
@@ -357,6 +401,16 @@ def env_overrides(environ: typing.Mapping[str, str]) -> dict:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, parse_value(text))
     return tree
+
+
+def _section_hint(name: str, text: str) -> str:
+    """How to write `name=text` with a section: the sections that have the key, if any."""
+    sections = _field_types(Config)
+    if name in sections:
+        return f"sets a whole section: set one of its keys, e.g. {name}.<key>={text}"
+    owners = [section for section, cls in sections.items() if name in _field_types(cls)]
+    example = " or ".join(f"{s}.{name}={text}" for s in owners) or "section.key=value"
+    return f"needs a section: write {example}"
 
 
 def cli_overrides(args: list[str]) -> dict:
@@ -369,7 +423,7 @@ def cli_overrides(args: list[str]) -> dict:
             )
         dotted, text = arg.split("=", 1)
         if "." not in dotted:
-            raise ConfigError(f"override '{arg}' needs a section: write e.g. train.{dotted}={text}")
+            raise ConfigError(f"override '{arg}' {_section_hint(dotted, text)}")
         _set_dotted(tree, dotted, parse_value(text))
     return tree
 
@@ -381,10 +435,11 @@ def load_config(
 ) -> Config:
     """defaults < YAML file at `path` < LLMFN_* environment < `overrides` (section.key=value)."""
     from_file = read_yaml(path) if path is not None else {}
-    from_env = env_overrides(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    from_env = env_overrides(env)
     from_cli = cli_overrides(list(overrides))
     _check_keys(from_file, lambda key: f" in {path}")
-    _check_keys(from_env, lambda key: f" in environment variable {env_variable(key)}")
+    _check_keys(from_env, lambda key: f" in environment variable {env_variable_for(key, env)}")
     _check_keys(from_cli, lambda key: "")
     return from_dict(_merge(_merge(from_file, from_env), from_cli))
 

@@ -35,7 +35,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return (
             torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         )
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"train.device={name!r} is invalid: expected auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"train.device={name!r} but no CUDA device is available (use train.device=cpu)"

@@ -28,6 +28,15 @@ examples:
 """
 
 
+def looks_like_path(arg: str) -> bool:
+    """A config file rather than an override: no '=', or a YAML name whose text before the
+    first '=' is no dotted key (`runs/a=b.yaml`, `tiny=x.yaml`)."""
+    if "=" not in arg:
+        return True
+    before = arg.split("=", 1)[0]
+    return arg.endswith((".yaml", ".yml")) and ("/" in before or "." not in before)
+
+
 def parse_args(argv: list[str]) -> tuple[Config, bool]:
     """(config, print_only) from the command line; raises ConfigError on bad input."""
     print_only = "--print-config" in argv
@@ -37,7 +46,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
         raise ConfigError(
             f"unknown option {unknown_flags[0]!r} (overrides are written section.key=value)"
         )
-    path = args[0] if args and "=" not in args[0] else None
+    path = args[0] if args and looks_like_path(args[0]) else None
     overrides = args[1:] if path is not None else args
     return load_config(path, overrides), print_only
 

@@ -48,7 +48,7 @@ class TrainResult:
     run_dir: Path
     step: int
     val_loss: float | None
-    stopped_by: str  # "max_steps" | "early_stopping" | "signal"
+    stopped_by: str  # "max_steps" | "early_stopping" | "SIGINT" | "SIGTERM"
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -132,6 +132,37 @@ def find_run_to_resume(config: Config) -> Path | None:
     return None
 
 
+def run_folder(config: Config, resume_from: Path | None) -> Path:
+    """Where this run writes. A resumed run continues in its folder when the checkpoint sits in
+    one (<run>/checkpoints/step_N); otherwise a new folder under train.run_dir, which must not
+    hold another run's checkpoints (they would be overwritten)."""
+    if resume_from is not None and resume_from.parent.name == "checkpoints":
+        return resume_from.parent.parent
+    run_dir = Path(config.train.run_dir) / shared_run_name(config)
+    existing = ckpt.list_checkpoints(run_dir / "checkpoints")
+    if existing:
+        why = (
+            "none of them passed verification (see the warnings above): inspect or move them"
+            if config.train.resume == "auto"
+            else f"continue that run with train.resume=auto or train.resume={run_dir}"
+        )
+        raise ValueError(
+            f"run folder {run_dir} already holds checkpoints ({existing[-1].name}, ...): {why}, "
+            "or choose another train.run_name"
+        )
+    return run_dir
+
+
+def check_output_folders(config: Config) -> None:
+    """train.run_dir and data.cache_dir are folders (or not there yet), before any work."""
+    for key, path in (
+        ("train.run_dir", config.train.run_dir),
+        ("data.cache_dir", config.data.cache_dir),
+    ):
+        if Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"{key}={path!r} is a file: expected a folder (created if missing)")
+
+
 def check_batch_keys(task, batch: dict) -> None:
     missing = [key for key in task.batch_keys if key not in batch]
     if missing:
@@ -204,7 +235,8 @@ def make_sample_fn(config: Config, data, current_params):
 
 
 class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves and exits at the next step boundary."""
+    """SIGTERM / SIGINT set a flag; the loop saves and exits at the next step boundary. A second
+    SIGINT (Ctrl-C twice) interrupts at once."""
 
     def __init__(self):
         self.received: str | None = None
@@ -216,6 +248,8 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -263,6 +297,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = proc.device
     task = get_task(config.train.task)  # an unknown name fails before the data is prepared
+    check_output_folders(config)
     warning = slow_precision_warning(config.train.precision, device)
     if warning:
         log(proc, warning)
@@ -295,10 +330,8 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         state, train_state = ckpt.load_checkpoint(
             resume_from, state, expected_model=config.model.to_dict()
         )
-        run_dir = resume_from.parent.parent
         log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
-    else:
-        run_dir = Path(config.train.run_dir) / shared_run_name(config)
+    run_dir = run_folder(config, resume_from)
     checkpoint_root = run_dir / "checkpoints"
     if proc.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -437,14 +470,14 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
                         f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
                         f"in {checkpoint_root}; continue with train.resume=auto",
                     )
-                    stopped_by = "signal"
+                    stopped_by = run.stop_signal = stop.received or "SIGTERM"
                     break
                 if (
                     run.stop_requested
                 ):  # EarlyStopping runs on every rank and agrees (same val data)
                     stopped_by = "early_stopping"
                     break
-            if stopped_by != "signal":
+            if not run.stop_signal:
                 val = run_eval(step) or val
                 if config.checkpoint.save_at_end:
                     save(step)
@@ -458,7 +491,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
 def main_entry(config: Config) -> int:
     """Run `train` and turn expected failures into one clear line and an exit code."""
     try:
-        train(config)
+        result = train(config)
     except TrainingHalted as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
@@ -467,6 +500,8 @@ def main_entry(config: Config) -> int:
             raise
         print(f"error: {err}\n(set LLMFN_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
+    if result.stopped_by in ("SIGINT", "SIGTERM"):  # saved, but not done: say so to scripts
+        return 128 + signal.Signals[result.stopped_by].value
     return 0
 
 

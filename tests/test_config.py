@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from llmfn.config import ConfigError, load_config, read_yaml, to_yaml
-from llmfn.train import main
+from llmfn.train import main, parse_args
 
 
 def write(tmp_path, text: str):
@@ -70,6 +70,13 @@ def test_int_widens_to_float_but_not_the_reverse():
         (["optim.lr=abc"], r"optim.lr='abc' has the wrong type: expected float"),
         (["optim.min_lr=1.0"], r"optim.min_lr=1.0 is invalid: expected 0 <= min_lr <= optim.lr"),
         (["data.module=text"], r"data.module='text' needs data.path"),
+        (["optim.lr=.inf"], r"optim.lr=inf is invalid: expected a finite number"),
+        (["optim.beta1=1.5"], r"optim.beta1=1.5 is invalid: expected a float in \[0, 1\)"),
+        (["optim.weight_decay=-1"], r"optim.weight_decay=-1.0 is invalid: expected >= 0"),
+        (["data.val_batches=0"], r"data.val_batches=0 is invalid: expected a positive number"),
+        (["train.run_name=../x"], r"train.run_name='../x' is invalid: expected a folder name"),
+        (["max_steps=3"], r"override 'max_steps=3' needs a section: write train.max_steps=3"),
+        (["optim=3"], r"override 'optim=3' sets a whole section: .* e.g. optim.<key>=3"),
         (
             ["train.early_stopping_patience=0"],
             r"train.early_stopping_patience=0 is invalid: expected a positive number",
@@ -89,10 +96,18 @@ def test_unknown_keys_name_the_variable_or_file_they_came_from(tmp_path):
         match=r"'optim.lrr' in environment variable LLMFN_OPTIM__LRR \(did you mean 'optim.lr'",
     ):
         load_config(None, [], {"LLMFN_OPTIM__LRR": "1"})
+    with pytest.raises(
+        ConfigError, match=r"'optimizer' in environment variable LLMFN_OPTIMIZER__LR"
+    ):
+        load_config(None, [], {"LLMFN_OPTIMIZER__LR": "1"})
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match=r"'train.max_step' in .*x.yaml \(did you mean"):
         load_config(path, [], {})
+    for text, key in [("1: 2\n", "1"), ("model: {1: 2}\n", "model.1"), ("null: {}\n", "None")]:
+        path.write_text(text)  # YAML keys that are not strings
+        with pytest.raises(ConfigError, match=rf"unknown config key '{key}' in .*x.yaml"):
+            load_config(path, [], {})
 
 
 def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):
@@ -144,6 +159,14 @@ def test_cli_missing_file_exits_nonzero_without_traceback():
     assert out.returncode == 2
     assert "config file 'configs/does-not-exist.yaml' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_yaml_path_with_an_equals_sign_is_a_path(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 2.0e-3\n")
+    odd = path.with_name("tiny=x.yaml")
+    path.rename(odd)
+    config, _ = parse_args([str(odd), "train.max_steps=3"])
+    assert config.optim.lr == 2e-3 and config.train.max_steps == 3
 
 
 def test_print_config_shows_overrides(capsys):

@@ -42,3 +42,11 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, compiled):
     assert not torch.equal(
         rank0["embed.weight"], state_and_step(start)[0]["params", "embed", "weight"]
     )  # it trained
+
+
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "gpu"])
+def test_a_bad_device_name_is_one_clear_error(name):
+    from llmfn.distributed import resolve_device
+
+    with pytest.raises(ValueError, match=rf"train.device='{name}' is invalid: expected auto, cpu"):
+        resolve_device(name)

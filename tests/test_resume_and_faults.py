@@ -3,6 +3,7 @@ cleanly, non-finite steps halt with a diagnosis, a corrupted newest checkpoint f
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmfn.config import load_config
-from llmfn.trainer import TrainingHalted, train
+from llmfn.trainer import StopSignal, TrainingHalted, train
 from tests.step_fixtures import run_torchrun
 
 ROOT = Path(__file__).parent.parent
@@ -103,13 +104,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path):
     proc = launch(tmp_path, "term", "train.max_steps=100000", "checkpoint.every=1000")
     wait_for(lambda: (tmp_path / "term" / "metrics.jsonl").exists(), proc)
     proc.send_signal(signal.SIGTERM)
     code, out, err = finish(proc)
-    assert code == 0, err[-2000:]
+    assert code == 128 + signal.SIGTERM, err[-2000:]  # saved, but not finished: scripts can tell
     assert "received SIGTERM: saved a checkpoint at step" in out
+    assert "training stopped at step" in out
     step = int(out.split("saved a checkpoint at step ")[1].split()[0])
     assert (tmp_path / "term" / "checkpoints" / f"step_{step:06d}" / "manifest.json").exists()
     code, out, err = finish(
@@ -178,6 +180,50 @@ def test_resume_auto_skips_a_corrupted_newest_checkpoint(tmp_path):
     assert resumed.step == 8
     losses = train_losses(result.run_dir)
     assert {4, 5, 6, 7, 8} <= losses.keys()
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == "SIGINT"  # the first asks the loop to save and stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_fresh_run_never_overwrites_a_run_folder_with_checkpoints(tmp_path):
+    first = train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=taken"))
+    saved = first.run_dir / "checkpoints" / "step_000002" / "params.safetensors"
+    before = saved.read_bytes()
+    with pytest.raises(ValueError, match=r"taken already holds checkpoints .*train.resume=auto"):
+        train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=taken", "train.seed=7"))
+    saved.write_bytes(before[:-1] + bytes([before[-1] ^ 0xFF]))  # every checkpoint now corrupt
+    with (
+        pytest.warns(UserWarning, match="skipping checkpoint"),
+        pytest.raises(ValueError, match=r"none of them passed verification"),
+    ):
+        train(
+            tiny_config(tmp_path, "train.max_steps=2", "train.run_name=taken", "train.resume=auto")
+        )
+    assert saved.read_bytes()[:-1] == before[:-1]  # left for inspection
+
+
+def test_resuming_from_a_copied_checkpoint_writes_a_new_run_folder(tmp_path):
+    first = train(tiny_config(tmp_path / "runs", "train.max_steps=2", "train.run_name=a"))
+    elsewhere = tmp_path / "kept" / "x" / "step_000002"
+    shutil.copytree(first.run_dir / "checkpoints" / "step_000002", elsewhere)
+    resumed = train(
+        tiny_config(
+            tmp_path / "runs", "train.max_steps=3", f"train.resume={elsewhere}", "train.run_name=b"
+        )
+    )
+    assert resumed.step == 3 and resumed.run_dir == tmp_path / "runs" / "b"
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["x"]  # nothing written there
+
+
+def test_run_dir_that_is_a_file_fails_before_the_data_is_prepared(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"train.run_dir='.*afile' is a file: expected a folder"):
+        train(tiny_config(tmp_path / "afile", "train.max_steps=1"))
 
 
 @pytest.mark.slow

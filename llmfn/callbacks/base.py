@@ -41,6 +41,7 @@ class RunInfo:
     world_size: int
     sample_fn: Callable[[str, int], str] | None  # (prompt, max_new_tokens) -> text, lm only
     stop_requested: bool = False  # a callback sets this to end training (early stopping)
+    stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run
 
 
 class Callback:

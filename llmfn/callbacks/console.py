@@ -106,6 +106,9 @@ class ConsoleLogger(Callback):
         self.throughput.restart(step)
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
+        if run.stop_signal:
+            self.print(run, f"training stopped at step {step} by {run.stop_signal}")
+            return
         stopped = " (stop requested)" if run.stop_requested else ""
         self.print(run, f"training finished at step {step}{stopped}")
 

@@ -69,5 +69,5 @@ class SampleText(Callback):
             self.sample(run, step)
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
-        if self.sampled_at != step:
+        if self.sampled_at != step and not run.stop_signal:  # a signal asks to stop quickly
             self.sample(run, step)

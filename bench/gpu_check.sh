@@ -28,7 +28,7 @@ for part in $parts; do
       timeout 300 python3 -m llmfn.train configs/llama-135m-gpu.yaml \
         train.max_steps=20 train.eval_every=10 data.val_batches=2 checkpoint.every=0 checkpoint.save_best=false \
         logging.log_every=5 train.sample_tokens=16 train.run_dir="$out/runs" \
-        train.run_name=gpu >"$out/train.log" 2>&1
+        train.run_name="gpu-$(date +%Y%m%d-%H%M%S)" >"$out/train.log" 2>&1
       echo "train: exit $? (log $out/train.log)"; tail -n 12 "$out/train.log" ;;
     *) echo "unknown part '$part': expected bench or train" >&2; exit 2 ;;
   esac

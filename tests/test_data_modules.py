@@ -1,12 +1,14 @@
 """Data modules: fixed shapes, targets = next token, resumable pure batches, disjoint ranks."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import llmfn.data.token_bin_module as token_bin_module
 from llmfn.config import DataConfig
 from llmfn.data import (
     DataModule,
@@ -27,11 +29,12 @@ SEQ, BATCH = 32, 4
 @pytest.fixture(scope="module")
 def bin_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bins")
+    (root / "text").mkdir()
     for i in range(6):
-        (root / f"doc{i}.txt").write_text(
+        (root / "text" / f"doc{i}.txt").write_text(
             "".join(f"line {i}.{j}: the {j % 7} quick foxes\n" for j in range(120))
         )
-    prepare_bins(root, root / "out", tokenizer="char", val_fraction=0.1, progress=False)
+    prepare_bins(root / "text", root / "out", tokenizer="char", val_fraction=0.1, progress=False)
     return root / "out"
 
 
@@ -120,6 +123,58 @@ def test_token_bin_errors(tmp_path, bin_folder):
     (broken / "train.bin").write_bytes((bin_folder / "train.bin").read_bytes()[:-2])
     with pytest.raises(ValueError, match="meta.json promises .* corrupt"):
         ready(TokenBinDataModule(broken, seq_len=SEQ, batch_size=BATCH))
+
+
+def copy_bins(source: Path, target: Path, meta=None, skip=()) -> Path:
+    """A copy of a token-bin folder, with meta.json replaced by `meta` if given."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name not in skip:
+            (target / path.name).write_bytes(path.read_bytes())
+    if meta is not None:
+        (target / "meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def test_bad_meta_json_names_the_file_and_field(tmp_path, bin_folder):
+    meta = json.loads((bin_folder / "meta.json").read_text())
+    for number, (bad, message) in enumerate([
+        ([meta], "meta.json: expected a JSON object, got list"),
+        ({k: v for k, v in meta.items() if k != "train_tokens"}, "meta.json: 'train_tokens' is missing: expected a whole number >= 0"),
+        ({**meta, "train_tokens": "lots"}, "meta.json: 'train_tokens' is 'lots': expected a whole number >= 0"),
+        ({**meta, "val_tokens": -1}, "'val_tokens' is -1"),
+        ({**meta, "dtype": "float32"}, "'dtype' is 'float32': expected uint16 or uint32"),
+        ({**meta, "tokenizer": "char"}, "'tokenizer' is 'char': expected an object"),
+        ({**meta, "tokenizer": {"file": "tokenizer.json"}}, "'tokenizer.vocab_size' is missing"),
+        ({**meta, "tokenizer": {**meta["tokenizer"], "file": 3}}, "'tokenizer.file' is 3"),
+    ]):  # fmt: skip
+        folder = copy_bins(bin_folder, tmp_path / str(number), meta=bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_bin_and_id(tmp_path, bin_folder, monkeypatch):
+    folder = copy_bins(bin_folder, tmp_path / "bad")
+    train = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    vocab = json.loads((folder / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    train[1234] = 60_000
+    train.tofile(folder / "train.bin")
+    message = f"train.bin: token id 60000 at position 1,234 is >= the vocabulary size {vocab}"
+    with pytest.raises(ValueError, match=message):
+        ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+    monkeypatch.setattr(token_bin_module, "SCAN_TOKENS", 0)  # bins too large to scan at setup
+    data = ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+    with pytest.raises(ValueError, match=message):  # then the batch holding it fails
+        for index in range(data.steps_per_epoch):
+            data.train_batch(index)
+
+
+def test_missing_tokenizer_is_a_warning(tmp_path, bin_folder):
+    folder = copy_bins(bin_folder, tmp_path / "bare", skip=("tokenizer.json",))
+    with pytest.warns(UserWarning, match="holds no tokenizer.json: training works"):
+        data = ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+    assert data.tokenizer is None and data.vocab_size > 0
+    check_lm_batch(data.train_batch(0))
 
 
 def test_no_val_split_gives_no_val_batches(tmp_path):
@@ -253,7 +308,7 @@ def test_build_data_module_from_config(tmp_path, bin_folder):
     )
     assert isinstance(stdlib, StdlibDataModule) and len(stdlib.files) == 256
     text = build_data_module(
-        DataConfig(module="text", path=str(bin_folder.parent / "doc*.txt"), max_files=2),
+        DataConfig(module="text", path=str(bin_folder.parent / "text" / "doc*.txt"), max_files=2),
         seq_len=8,
         seed=0,
     )

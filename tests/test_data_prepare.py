@@ -193,6 +193,39 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert no_leftovers(tmp_path)
 
 
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_output_that_is_or_holds_the_input_is_refused_untouched(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    before = snapshot(tmp_path)
+    held = f"holds the input files ({corpus / 'a.txt'} and 2 more)"
+    for inputs, out, message in [
+        ([corpus], corpus, f"--out '{corpus}' {held}"),  # the folder itself
+        ([corpus / "sub"], tmp_path, f"--out '{tmp_path}' holds the input files"),  # a parent
+        ([corpus / "a.txt"], corpus / "a.txt", "is the input file"),  # the file itself
+    ]:
+        args = ["--input", *map(str, inputs), "--out", str(out), "--tokenizer", "char"]
+        code, err = run_cli(tmp_path, *args, "--overwrite")
+        assert code == 2 and message in err and "choose another folder" in err, err
+        assert snapshot(tmp_path) == before and no_leftovers(tmp_path) and no_leftovers(corpus)
+
+
+def test_output_where_the_inputs_are_read_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    for spec, out in [(corpus, corpus / "bins"), (corpus / "**", corpus / "sub" / "bins"),
+                      (corpus / "*" / "*", corpus / "bins")]:  # fmt: skip
+        with pytest.raises(ValueError, match="a later run would read the output as input"):
+            prepare_bins(str(spec), out, tokenizer="char", progress=False)
+        assert not out.exists()
+    for spec, out in [(corpus, corpus / ".bins"), (corpus / "**" / "*.py", corpus / "bins")]:
+        prepare_bins(str(spec), out, tokenizer="char", val_fraction=0, progress=False)
+        assert (out / "meta.json").is_file()
+
+
 def test_vocabulary_beyond_uint16_switches_to_uint32(tmp_path):
     alphabet = "".join(chr(0x20000 + i) for i in range(70_000))  # 70k distinct characters
     (tmp_path / "wide.txt").write_text(alphabet, encoding="utf-8")

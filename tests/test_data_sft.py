@@ -165,6 +165,36 @@ def test_bad_records_name_file_and_line(tmp_path):
         render({"messages": [{"role": "robot", "content": "hi"}]})
     with pytest.raises(FileNotFoundError, match="nope.jsonl' does not exist"):
         SFTDataModule(tmp_path / "nope.jsonl", seq_len=8, batch_size=2)
+    with pytest.raises(IsADirectoryError, match="is a folder: expected a JSONL file"):
+        SFTDataModule(tmp_path, seq_len=8, batch_size=2)
+
+
+def test_undecodable_bytes_name_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "caf\u00e9?", "response": "oui"}]
+    path.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("latin-1"))
+    with pytest.raises(
+        RecordError, match=r"latin1.jsonl:2: invalid UTF-8 at byte 16 of the line \(0xe9"
+    ):
+        list(read_records(path))
+
+
+def test_responses_truncated_away_are_an_error(tmp_path):
+    long = [{"prompt": "x" * 200 + str(i), "response": "yes"} for i in range(20)]
+    path = write_jsonl(tmp_path / "long.jsonl", long)
+    data = SFTDataModule(path, seq_len=32, batch_size=2, tokenizer="char", cache_dir=tmp_path)
+    data.prepare()
+    with (
+        pytest.warns(UserWarning, match="truncated"),
+        pytest.raises(ValueError, match=r"long.jsonl: no response tokens remain after truncating examples to seq_len\+1=33 tokens: raise model.max_seq_len"),
+    ):  # fmt: skip
+        data.setup()
+    some = write_jsonl(tmp_path / "some.jsonl", long[:2] + records(20))  # some survive: a warning
+    data = SFTDataModule(some, seq_len=32, batch_size=2, tokenizer="char", cache_dir=tmp_path)
+    data.prepare()
+    with pytest.warns(UserWarning, match="2 examples are longer"):
+        data.setup()
+    assert (data.train_batch(0)["targets"] != -100).any()
 
 
 def test_bpe_sft_and_too_few_rows(tmp_path):

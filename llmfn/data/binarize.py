@@ -28,6 +28,8 @@ from llmfn.data.char_tokenizer import CharTokenizer
 from llmfn.data.sources import (
     ERROR_POLICIES,
     InputError,
+    check_output_apart,
+    input_specs,
     read_segments,
     resolve_inputs,
     total_bytes,
@@ -41,6 +43,7 @@ ENCODE_BATCH_CHARS = 4 << 20  # text encoded per batch (bounds memory)
 VAL_BLOCKS = 32  # the validation split is spread over about this many blocks
 MIN_BLOCK_CHARS, MAX_BLOCK_CHARS = 64, 1 << 20
 DEFAULT_MAX_TOKENIZER_CHARS = 1_000_000_000
+OUTPUT_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -187,8 +190,10 @@ def prepare_bins(
         raise ValueError(
             f"errors={errors!r} is invalid: expected one of {', '.join(ERROR_POLICIES)}"
         )
-    check_writable(out_dir, if_exists)
+    inputs = input_specs(inputs)
     files = resolve_inputs(inputs)
+    check_output_apart(inputs, files, out_dir, OUTPUT_FILES)  # replacing it could delete inputs
+    check_writable(out_dir, if_exists)
     corpus_bytes = total_bytes(files)
     if corpus_bytes == 0:
         raise InputError(f"the input is empty: {len(files)} file(s), 0 bytes of text")

@@ -4,8 +4,9 @@
     python -m llmfn.data.prepare --input book.txt --tokenizer char --out data/book --val-fraction 0.05
     python -m llmfn.data.prepare --input docs/ --tokenizer path/to/tokenizer.json --out data/docs
 
-Errors (missing or empty input, undecodable bytes, an existing output folder, a vocabulary too
-large for --dtype) print one line `error: ...` and exit with status 2.
+Errors (missing or empty input, undecodable bytes, an existing output folder, an output folder
+that is or holds an input or lies where the inputs are read, a vocabulary too large for --dtype)
+print one line `error: ...`, exit with status 2 and leave --out as it was.
 """
 
 from __future__ import annotations

@@ -21,7 +21,13 @@ import torch
 
 from llmfn.data.atomic import atomic_folder
 from llmfn.data.sampling import SlotSampler
-from llmfn.data.sft_records import plain_text, read_records, render, tokenize_example
+from llmfn.data.sft_records import (
+    check_jsonl_path,
+    plain_text,
+    read_records,
+    render,
+    tokenize_example,
+)
 from llmfn.data.text_module import cache_key, slug, tokenizer_label
 from llmfn.data.token_bin_module import NotSetUp
 from llmfn.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -88,11 +94,7 @@ class SFTDataModule:
         cache_dir: str | Path = ".cache/llmfn",
         pack: bool = True,
     ):
-        self.source = Path(path)
-        if not self.source.is_file():
-            raise FileNotFoundError(
-                f"SFT data '{self.source}' does not exist (expected a JSONL file of prompt/response or messages records)"
-            )
+        self.source = check_jsonl_path(path)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction} is invalid: expected a float in [0, 1)")
         self.seq_len, self.batch_size, self.seed, self.num_val_batches = (
@@ -172,6 +174,14 @@ class SFTDataModule:
                 f"{self.source}: {train[2] + val[2]} examples are longer than seq_len + 1 = {window} tokens and were truncated",
                 stacklevel=2,
             )
+        if len(train[1]) and not train[1][:, 1:].any():  # every target would be -100
+            cause = (
+                f"remain after truncating examples to seq_len+1={window} tokens: raise "
+                "model.max_seq_len or shorten the prompts"
+                if train[2]
+                else "to learn: every response is empty"
+            )
+            raise ValueError(f"{self.source}: no response tokens {cause}")
         self.train_rows, self.val_rows, self.pad_id = train[:2], val[:2], pad
         try:
             self.sampler = SlotSampler(len(train[0]), self.batch_size, world_size, self.seed)

@@ -71,16 +71,32 @@ def render(record: dict, where: str = "record") -> list[Piece | None]:
     return pieces
 
 
+def check_jsonl_path(path: str | Path) -> Path:
+    """`path` when it is a file, else an OSError saying what it is instead."""
+    path = Path(path)
+    expected = "expected a JSONL file of prompt/response or messages records"
+    if path.is_dir():
+        raise IsADirectoryError(f"SFT data '{path}' is a folder: {expected}")
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data '{path}' does not exist ({expected})")
+    return path
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(where, record) for each non-blank line of a JSONL file; where = "file:line"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data '{path}' does not exist (expected a JSONL file)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    path = check_jsonl_path(path)
+    with open(path, "rb") as handle:  # bytes: a decoding error can then name its line
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RecordError(
+                    f"{where}: invalid UTF-8 at byte {err.start + 1} of the line "
+                    f"(0x{raw[err.start]:02x}: {err.reason}): save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

@@ -8,6 +8,7 @@ file sizes. Files are read as bytes and decoded incrementally, which also yields
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import hashlib
 import os
@@ -37,11 +38,15 @@ def _folder_files(folder: Path) -> list[Path]:
     return found
 
 
+def input_specs(specs: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    return [specs] if isinstance(specs, str | Path) else list(specs)
+
+
 def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
     """The files named by paths, folders (recursive) and globs (`**` allowed), in order, each once.
 
     Raises InputError naming the spec when nothing matches."""
-    specs = [specs] if isinstance(specs, str | Path) else list(specs)
+    specs = input_specs(specs)
     if not specs:
         raise InputError("no input given: expected a text file, a folder or a glob")
     files: list[Path] = []
@@ -64,6 +69,57 @@ def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
                 f"input '{text}' does not exist (expected a text file, a folder or a glob)"
             )
     return list(dict.fromkeys(files))
+
+
+def _glob_matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path `parts` match glob `pattern` parts as `glob.glob(recursive=True)` would:
+    `**` spans any number of folders, and no wildcard matches a hidden (dot) name."""
+    if not pattern:
+        return not parts
+    if not parts:
+        return all(p == "**" for p in pattern)
+    head, name = pattern[0], parts[0]
+    visible = not name.startswith(".") or head.startswith(".")
+    if head == "**":
+        return _glob_matches(pattern[1:], parts) or (visible and _glob_matches(pattern, parts[1:]))
+    return visible and fnmatch.fnmatchcase(name, head) and _glob_matches(pattern[1:], parts[1:])
+
+
+def check_output_apart(
+    specs: str | Path | Iterable[str | Path],
+    files: Iterable[Path],
+    out_dir: Path,
+    outputs: Iterable[str],
+) -> None:
+    """Refuse an output folder that is, or holds, an input file (replacing it would delete the
+    input), or whose `outputs` (file names) a later run with the same inputs would read."""
+    out = out_dir.resolve()
+    resolved = [(path, path.resolve()) for path in files] if out.exists() else []
+    for path, real in resolved:
+        if out == real:
+            raise ValueError(f"--out '{out_dir}' is the input file '{path}': choose another folder")
+    held = [path for path, real in resolved if out in real.parents]
+    if held:
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        raise ValueError(
+            f"--out '{out_dir}' holds the input files ({held[0]}{more}): choose another folder"
+        )
+    for spec in input_specs(specs):
+        text = str(spec)
+        if _is_glob(text):
+            parts = Path(os.path.abspath(text)).parts
+            fixed = next(i for i, part in enumerate(parts) if _is_glob(part))
+            pattern = (*Path(*parts[:fixed]).resolve().parts, *parts[fixed:])
+            kind = "matched by the input glob"
+        elif Path(text).is_dir():
+            pattern, kind = (*Path(text).resolve().parts, "**", "*"), "inside the input folder"
+        else:
+            continue
+        if any(_glob_matches(pattern, (out / name).parts) for name in outputs):
+            raise ValueError(
+                f"--out '{out_dir}' is {kind} '{text}': a later run would read the output as "
+                "input: choose a folder outside it"
+            )
 
 
 def total_bytes(files: Iterable[Path]) -> int:

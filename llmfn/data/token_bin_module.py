@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from llmfn.data.sampling import WindowSampler, spread_starts
-from llmfn.data.token_bins import TokenBins
+from llmfn.data.token_bins import TokenBins, first_id_beyond, id_beyond_error
 from llmfn.data.tokenizer import Tokenizer, load_tokenizer
+
+SCAN_TOKENS = 1 << 28  # bins up to this size are scanned for bad ids at setup (~0.1 s when cached)
 
 
 def gather_windows(tokens: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
@@ -75,8 +77,16 @@ class TokenBinDataModule:
         self.bins = TokenBins.open(self.path)
         self.rank, self.world_size = rank, world_size
         self.vocab_size = self.bins.vocab_size
+        self._check_ids()
         tokenizer_path = self.bins.tokenizer_path
         self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+        if tokenizer_path is None:
+            warnings.warn(
+                f"{self.path} holds no {self.bins.meta['tokenizer'].get('file', 'tokenizer.json')}: "
+                "training works, but the run will have no tokenizer to generate text with "
+                "(copy the one the bins were made with into the folder)",
+                stacklevel=2,
+            )
         try:
             self.sampler = WindowSampler(
                 len(self.bins.train), self.window, self.batch_size, world_size, self.seed
@@ -85,6 +95,28 @@ class TokenBinDataModule:
         except ValueError as err:
             raise ValueError(f"{self.path / 'train.bin'}: {err}") from None
         self.val_starts = self._val_starts()
+
+    def _check_ids(self) -> None:
+        """Ids >= vocab_size would index past the model's embedding: scan bins of up to
+        SCAN_TOKENS now; every batch is checked as it is read in any case."""
+        for split, tokens in (("train", self.bins.train), ("val", self.bins.val)):
+            bad = first_id_beyond(tokens, self.vocab_size) if len(tokens) <= SCAN_TOKENS else None
+            if bad is not None:
+                path = self.path / f"{split}.bin"
+                raise id_beyond_error(path, int(tokens[bad]), bad, self.vocab_size)
+
+    def _windows(self, split: str, starts: np.ndarray) -> np.ndarray:
+        """int64 [B, window] of `split`'s bin, checked: no id >= vocab_size."""
+        tokens = self.bins.train if split == "train" else self.bins.val
+        windows = gather_windows(tokens, starts, self.window)
+        bad = first_id_beyond(windows, self.vocab_size)
+        if bad is not None:
+            row, col = divmod(bad, self.window)
+            position = int(starts[row]) + col
+            raise id_beyond_error(
+                self.path / f"{split}.bin", int(windows[row, col]), position, self.vocab_size
+            )
+        return windows
 
     def _val_starts(self) -> np.ndarray:
         count = self.num_val_batches * self.batch_size
@@ -109,11 +141,11 @@ class TokenBinDataModule:
         """Micro-batch `index` of this rank: {"inputs", "targets"} long [batch_size, seq_len]."""
         self._require_setup()
         starts = self.sampler.starts(index, self.rank)
-        return lm_batch(gather_windows(self.bins.train, starts, self.window))
+        return lm_batch(self._windows("train", starts))
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The same `val_batches` batches every call (and on every rank)."""
         self._require_setup()
         for first in range(0, len(self.val_starts), self.batch_size):
             starts = self.val_starts[first : first + self.batch_size]
-            yield lm_batch(gather_windows(self.bins.val, starts, self.window))
+            yield lm_batch(self._windows("val", starts))

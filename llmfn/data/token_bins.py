@@ -14,6 +14,8 @@ import numpy as np
 
 from llmfn.data.binarize import FORMAT
 
+SCAN_CHUNK = 1 << 24  # token ids checked per numpy call
+
 
 def _memmap(path: Path, dtype: np.dtype, expected: int) -> np.ndarray:
     """The 1-d token array in `path`; its length must match meta.json."""
@@ -29,6 +31,69 @@ def _memmap(path: Path, dtype: np.dtype, expected: int) -> np.ndarray:
     if expected == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _field(section: dict, key: str, meta_path: Path, expected: str, valid, label: str = ""):
+    """section[key] when present and `valid(value)`, else an error naming the file and field."""
+    name = label or key
+    if key not in section:
+        raise ValueError(f"{meta_path}: '{name}' is missing: expected {expected} (re-run prepare)")
+    if not valid(section[key]):
+        raise ValueError(
+            f"{meta_path}: '{name}' is {section[key]!r}: expected {expected} (re-run prepare)"
+        )
+    return section[key]
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_size(value) -> bool:
+    return _is_count(value) and value >= 1
+
+
+def _is_name(value) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def check_meta(meta, meta_path: Path) -> None:
+    """The fields of a token-bin meta.json that reading the folder relies on, with their types."""
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{meta_path}: expected a JSON object, got {type(meta).__name__} (re-run prepare)"
+        )
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    _field(meta, "dtype", meta_path, "uint16 or uint32", lambda v: v in ("uint16", "uint32"))
+    for key in ("train_tokens", "val_tokens"):
+        _field(meta, key, meta_path, "a whole number >= 0", _is_count)
+    tokenizer = _field(
+        meta, "tokenizer", meta_path, "an object with vocab_size", lambda v: isinstance(v, dict)
+    )
+    label = "tokenizer.vocab_size"
+    _field(tokenizer, "vocab_size", meta_path, "a whole number >= 1", _is_size, label)
+    if "file" in tokenizer:
+        _field(tokenizer, "file", meta_path, "a file name", _is_name, "tokenizer.file")
+
+
+def first_id_beyond(tokens: np.ndarray, vocab_size: int) -> int | None:
+    """Position of the first id >= `vocab_size` in tokens [...] (read in chunks), or None."""
+    if tokens.size == 0 or np.iinfo(tokens.dtype).max < vocab_size:
+        return None  # every storable id fits
+    flat = tokens.reshape(-1)
+    for start in range(0, len(flat), SCAN_CHUNK):
+        chunk = flat[start : start + SCAN_CHUNK]
+        if chunk.max() >= vocab_size:
+            return start + int(np.argmax(chunk >= vocab_size))
+    return None
+
+
+def id_beyond_error(path: Path, token: int, position: int, vocab_size: int) -> ValueError:
+    return ValueError(
+        f"{path}: token id {token} at position {position:,} is >= the vocabulary size "
+        f"{vocab_size} in meta.json: the bins do not match their tokenizer (re-run prepare)"
+    )
 
 
 @dataclass(frozen=True)
@@ -53,17 +118,12 @@ class TokenBins:
             )
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{meta_path} cannot be read as JSON: {err}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
-        if meta.get("dtype") not in ("uint16", "uint32"):
-            raise ValueError(
-                f"{meta_path}: dtype {meta.get('dtype')!r} is invalid: expected uint16 or uint32"
-            )
+        check_meta(meta, meta_path)
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        train = _memmap(folder / "train.bin", dtype, int(meta["train_tokens"]))
-        val = _memmap(folder / "val.bin", dtype, int(meta["val_tokens"]))
+        train = _memmap(folder / "train.bin", dtype, meta["train_tokens"])
+        val = _memmap(folder / "val.bin", dtype, meta["val_tokens"])
         return cls(folder, meta, train, val)
 
     @property

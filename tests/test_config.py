@@ -172,3 +172,17 @@ def test_a_yaml_path_with_an_equals_sign_is_a_path(tmp_path):
 def test_print_config_shows_overrides(capsys):
     assert main(["optim.lr=0.005", "--print-config"]) == 0
     assert "lr: 0.005" in capsys.readouterr().out
+
+
+def test_cli_prints_llmfn_warnings_on_one_line():
+    import warnings
+
+    import llmfn.trainer
+    from llmfn.train import one_line_warning
+
+    ours = one_line_warning(
+        "data/x holds no tokenizer.json", UserWarning, llmfn.trainer.__file__, 1
+    )
+    assert ours == "warning: data/x holds no tokenizer.json\n"
+    theirs = one_line_warning("deprecated", UserWarning, warnings.__file__, 7)
+    assert theirs.startswith(f"{warnings.__file__}:7: UserWarning: deprecated")

@@ -457,8 +457,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"checkpoint {path}: {MANIFEST_FILE} is not valid JSON: {err}"
         ) from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict):
+    if not isinstance(manifest, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: {MANIFEST_FILE} is not an {FORMAT} manifest: expected a JSON "
+            f"object, got a {type(manifest).__name__}"
+        )
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(
             f"checkpoint {path}: {MANIFEST_FILE} is not an {FORMAT} manifest (no 'files' map)"
         )

@@ -43,6 +43,11 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 def _check_empty(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} already exists and is not empty: choose a new folder")
+    above = next((p for p in out_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(
+            f"--out {out_dir} is inside {above}, which is a file: choose a folder path"
+        )
 
 
 def _is_hf_tokenizer(folder: Path) -> bool:
@@ -95,12 +100,17 @@ def export_safetensors(
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
     _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
+    step = read_manifest(folder).get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"checkpoint {folder}: manifest.json has step {step!r}: expected an int >= 0"
+        )
     tokenizer_dir = folder / TOKENIZER_DIR
     return save_params_folder(
         out_dir,
         params,
         config_yaml=(folder / CONFIG_FILE).read_text(encoding="utf-8"),
-        step=int(read_manifest(folder).get("step", 0)),
+        step=step,
         tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
     )
 
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.family is not None:
                 raise ValueError("--family applies to --format hf only")
             out = export_safetensors(args.checkpoint, args.out, dtype=dtype)
-    except (CheckpointError, ValueError, ImportError) as err:
+    except (CheckpointError, ValueError, ImportError, OSError) as err:
         print(f"error: cannot export {args.checkpoint} as {args.format}: {err}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} as {args.format} to {out}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 import types
 from collections.abc import Iterator, Sequence
@@ -167,6 +168,7 @@ class SamplingFlags:
     top_k: bool
     top_p: bool
     repetition_penalty: bool
+    vocab_limit: bool = False
 
 
 def penalize_repeats(
@@ -198,6 +200,13 @@ def filter_top_k_top_p(
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def limit_vocab(logits: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> -inf at ids >= limit (0-d long): e.g. the padding rows of a model
+    vocabulary larger than its tokenizer's, which the tokenizer cannot decode."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill(ids >= limit, float("-inf"))
+
+
 def gumbel_noise(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Standard Gumbel noise of `shape`, a pure function of the 0-d int64 key."""
     u = uniform(key, shape).add(0.5 / (1 << 24))  # in (0, 1): never log(0)
@@ -207,9 +216,12 @@ def gumbel_noise(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def choose_tokens(
     logits: torch.Tensor, sampler: dict, flags: SamplingFlags, key: torch.Tensor
 ) -> torch.Tensor:
-    """logits [B, V] -> next ids [B] long: greedy, or a sample after penalty, temperature,
-    top-k and top-p (Gumbel-max: argmax(logits / T + Gumbel) ~ softmax(logits / T))."""
+    """logits [B, V] -> next ids [B] long, below the vocab limit: greedy, or a sample after
+    penalty, temperature, top-k and top-p (Gumbel-max: argmax(logits / T + Gumbel) ~
+    softmax(logits / T))."""
     logits = logits.float()
+    if flags.vocab_limit:
+        logits = limit_vocab(logits, sampler["vocab_limit"])
     if flags.repetition_penalty:
         logits = penalize_repeats(logits, sampler["seen"], sampler["repetition_penalty"])
     if flags.greedy:
@@ -230,8 +242,9 @@ def sample_step(
     """Pick the token for cache slot `slot` -> (ids [B] long, updated sampler).
 
     Rows already finished get eos_id again; a row finishes when it emits eos_id (-1 = never).
-    sampler: {"key", "temperature", "top_k", "top_p", "repetition_penalty", "eos_id"} 0-d
-    tensors, "seen" [B, V] bool (ids in the prompt or generated), "finished" [B] bool.
+    sampler: {"key", "temperature", "top_k", "top_p", "repetition_penalty", "eos_id",
+    "vocab_limit"} 0-d tensors, "seen" [B, V] bool (ids in the prompt or generated),
+    "finished" [B] bool.
     """
     ids = choose_tokens(logits, sampler, flags, fold_in(sampler["key"], slot))
     eos = sampler["eos_id"]
@@ -255,8 +268,10 @@ def init_sampler(
     repetition_penalty: float,
     eos_id: int | None,
     seed: int,
+    vocab_limit: int | None = None,
 ) -> tuple[dict, SamplingFlags]:
-    """The sampler state for left-padded prompts tokens [B, T] and its static flags."""
+    """The sampler state for left-padded prompts tokens [B, T] and its static flags.
+    vocab_limit: sample only ids below it (None: any of the vocab_size ids)."""
     device = tokens.device
     scalar = lambda value, dtype: torch.tensor(value, dtype=dtype, device=device)  # noqa: E731
     flags = SamplingFlags(
@@ -264,6 +279,7 @@ def init_sampler(
         top_k=top_k is not None,
         top_p=top_p is not None and top_p < 1.0,
         repetition_penalty=repetition_penalty != 1.0,
+        vocab_limit=vocab_limit is not None and vocab_limit < vocab_size,
     )
     seen = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=device)
     if flags.repetition_penalty:
@@ -276,6 +292,7 @@ def init_sampler(
         "top_p": scalar(1.0 if top_p is None else top_p, torch.float32),
         "repetition_penalty": scalar(repetition_penalty, torch.float32),
         "eos_id": scalar(-1 if eos_id is None else eos_id, torch.long),
+        "vocab_limit": scalar(vocab_size if vocab_limit is None else vocab_limit, torch.long),
         "seen": seen,
         "finished": torch.zeros(tokens.shape[0], dtype=torch.bool, device=device),
     }
@@ -361,7 +378,62 @@ def own_code(fn):
     )
 
 
-def check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id) -> None:
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a device in bytes (physical RAM for cpu), or None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache `init_cache` allocates (measured on the meta device)."""
+    cache = init_cache(cfg, batch, max_len, dtype=dtype, device="meta")
+    return sum(t.numel() * t.element_size() for t in cache.values(True, True))
+
+
+def check_cache_fits(
+    cfg: ModelConfig, shape: torch.Size, max_new_tokens: int, dtype: torch.dtype, device
+) -> None:
+    """ValueError if the KV cache for prompts of shape [B, T] plus max_new_tokens would not fit
+    in the device's whole memory: such a run can never start. Positions set no bound here
+    (RoPE, ALiBi and sinusoidal models run past max_seq_len); only memory does."""
+    batch, prompt_len = shape
+    needed = cache_bytes(cfg, batch, cache_length(prompt_len, max_new_tokens), dtype)
+    memory = device_memory(torch.device(device))
+    if memory is not None and needed > memory:
+        raise ValueError(
+            f"generate: prompt length {prompt_len} + max_new_tokens={max_new_tokens} needs a KV "
+            f"cache of {needed / 2**30:.1f} GiB for {batch} prompt(s), more than the "
+            f"{memory / 2**30:.1f} GiB of memory on {device}: lower max_new_tokens "
+            "(or the number of prompts per call)"
+        )
+
+
+def allocate_cache(
+    cfg: ModelConfig, shape: torch.Size, max_len: int, dtype: torch.dtype, device
+) -> TensorDict:
+    """`init_cache` for prompts of shape [B, T]; a failed allocation is a ValueError naming
+    the option to lower."""
+    try:
+        return init_cache(cfg, shape[0], max_len, dtype=dtype, device=device)
+    except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        raise ValueError(
+            f"generate: the KV cache for {shape[0]} prompt(s) of {max_len} slots (prompt length "
+            f"{shape[1]} + max_new_tokens, rounded up) does not fit in the free memory of "
+            f"{device}: lower max_new_tokens (or the number of prompts per call)"
+        ) from None
+
+
+def check_options(
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit=None
+) -> None:
     checks = [
         ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an int >= 1"),
         ("temperature", temperature, isinstance(temperature, int | float) and temperature >= 0, "a float >= 0 (0 = greedy)"),
@@ -369,6 +441,7 @@ def check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
         ("top_p", top_p, top_p is None or (isinstance(top_p, int | float) and 0 < top_p <= 1), "None or a float in (0, 1]"),
         ("repetition_penalty", repetition_penalty, isinstance(repetition_penalty, int | float) and repetition_penalty > 0, "a float > 0 (1 = off)"),
         ("eos_id", eos_id, eos_id is None or (isinstance(eos_id, int) and eos_id >= 0), "None or an int >= 0"),
+        ("vocab_limit", vocab_limit, vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= 1), "None or an int >= 1"),
     ]  # fmt: skip
     for name, value, ok, expected in checks:
         if not ok:
@@ -386,6 +459,7 @@ def stream(
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
     eos_id: int | None = None,
+    vocab_limit: int | None = None,
     seed: int = 0,
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
@@ -393,10 +467,14 @@ def stream(
 
     prompts: a list of token-id lists (any lengths) or a [B, T] long tensor. Greedy when
     temperature is 0. Stops after max_new_tokens steps, or once every row has emitted eos_id.
+    vocab_limit: sample only ids below it, e.g. the tokenizer's vocab_size when
+    model.vocab_size is padded past it (None: any id; `stream_text` sets it).
     compile: run the decode step through torch.compile (compiled once per model config,
     sampling flags, batch size and cache length).
     """
-    check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id)
+    check_options(
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit
+    )
     device = params["embed", "weight"].device
     tokens, pad_lengths = pad_prompts(prompts)
     tokens, pad_lengths = tokens.to(device), pad_lengths.to(device)
@@ -407,9 +485,11 @@ def stream(
             f"generate: prompt length {tokens.shape[1]} + max_new_tokens={max_new_tokens} "
             f"exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)"
         )
+    dtype = params["embed", "weight"].dtype
+    check_cache_fits(cfg, tokens.shape, max_new_tokens, dtype, device)
     sampler, flags = init_sampler(
         tokens, pad_lengths, cfg.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, eos_id=eos_id, seed=seed,
+        repetition_penalty=repetition_penalty, eos_id=eos_id, seed=seed, vocab_limit=vocab_limit,
     )  # fmt: skip
     return decode_loop(params, cfg, tokens, pad_lengths, sampler, flags, max_new_tokens, compile)
 
@@ -431,7 +511,7 @@ def decode_loop(
         if device.type == "cpu":
             params = decode_weights(params)
         dtype = params["embed", "weight"].dtype
-        cache = init_cache(cfg, tokens.shape[0], max_len, dtype=dtype, device=device)
+        cache = allocate_cache(cfg, tokens.shape, max_len, dtype, device)
         key_valid = slot_mask(pad_lengths, max_len)
         logits, cache = prefill(params, cache, tokens, pad_lengths, key_valid, cfg, last_only=True)
         slot = torch.tensor(prompt_len, device=device)
@@ -564,15 +644,25 @@ def stream_text(
     """Yield (prompt index, text piece) as tokens arrive, for a list of prompt strings.
 
     A row ends at the tokenizer's EOS (or options["eos_id"]), at the first stop string (not
-    included in the text), or after max_new_tokens. Options as in `stream`.
+    included in the text), or after max_new_tokens. Only ids the tokenizer can decode are
+    sampled (options["vocab_limit"] defaults to its vocab_size). Options as in `stream`; they
+    are checked at the call, not at the first step.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     stops = [s for s in stop if s]
     ids = [encode_prompt(tokenizer, text, i) for i, text in enumerate(prompts)]
     eos_id = options.setdefault("eos_id", tokenizer.eos_id)
-    rows = [TextRow(tokenizer, stops) for _ in prompts]
-    for step in stream(params, cfg, ids, **options):
+    options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))
+    steps = stream(params, cfg, ids, **options)
+    return text_pieces(steps, [TextRow(tokenizer, stops) for _ in prompts], eos_id)
+
+
+def text_pieces(
+    steps: Iterator[list[int | None]], rows: list[TextRow], eos_id: int | None
+) -> Iterator[tuple[int, str]]:
+    """The generator behind `stream_text`: (prompt index, text piece) from `stream`'s steps."""
+    for step in steps:
         for index, (row, token) in enumerate(zip(rows, step, strict=True)):
             if row.done or token is None:
                 continue
@@ -640,21 +730,57 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """--device -> a device this machine has (default: cuda if available, else cpu)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type == "meta":
+        raise ValueError(f"--device {name!r} is not a device name: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r} but no CUDA device is available (use --device cpu)")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(
+            f"--device {name!r} but this machine has {count} CUDA device(s): "
+            f"cuda:0 to cuda:{count - 1}"
+        )
+    try:
+        torch.empty(0, device=device)
+    except Exception:  # an accelerator torch was not built for: several error types
+        raise ValueError(f"--device {name!r} is not available on this machine") from None
+    return device
+
+
 def load_model(path: str, device: str | None):
-    """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path or no tokenizer."""
+    """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path, a device this
+    machine lacks, or no tokenizer."""
     from llmfn.checkpoint import load_for_inference
 
     if not Path(path).exists():
         raise ValueError(
             f"checkpoint path {path} does not exist: expected a checkpoint or run folder"
         )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, params, tokenizer = load_for_inference(path, device=device)
+    cfg, params, tokenizer = load_for_inference(path, device=resolve_device(device))
     if tokenizer is None:
         raise ValueError(
             f"checkpoint {path} has no tokenizer/ folder: cannot turn text into token ids"
         )
     return cfg, params, tokenizer
+
+
+def print_stream(prompt: str, pieces: Iterator[tuple[int, str]]) -> None:
+    """Echo the prompt, then each piece as it arrives; the line is ended even when a piece
+    fails, so an error message starts on a line of its own."""
+    print(prompt, end="", flush=True)
+    try:
+        for _, piece in pieces:
+            print(piece, end="", flush=True)
+    finally:
+        print(flush=True)
 
 
 def main(argv=None) -> int:
@@ -665,7 +791,7 @@ def main(argv=None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k or None,
-        "top_p": args.top_p if args.top_p < 1.0 else None,
+        "top_p": None if args.top_p == 1.0 else args.top_p,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": args.stop,
@@ -685,10 +811,7 @@ def main(argv=None) -> int:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
         cfg, params, tokenizer = load_model(args.checkpoint, args.device)
         if args.prompt is not None:
-            print(args.prompt, end="", flush=True)
-            for _, piece in stream_text(params, cfg, tokenizer, prompts, **options):
-                print(piece, end="", flush=True)
-            print()
+            print_stream(args.prompt, stream_text(params, cfg, tokenizer, prompts, **options))
             return 0
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first : first + args.batch_size]

@@ -227,9 +227,9 @@ def make_sample_fn(config: Config, data, current_params):
             temperature=0.8,
             top_k=40,
             seed=config.train.seed,
+            vocab_limit=tokenizer.vocab_size,  # never a padded vocabulary's extra rows
         )
-        known = [i for i in new[0] if i < tokenizer.vocab_size]  # a padded vocab's extra rows
-        return prompt + tokenizer.decode(known)
+        return prompt + tokenizer.decode(new[0])
 
     return sample
 

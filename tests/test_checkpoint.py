@@ -211,6 +211,10 @@ CORRUPTIONS = {
         lambda p: (p / "manifest.json").write_text("{not json"),
         ["manifest.json", "JSON"],
     ),
+    "manifest not an object": (
+        lambda p: (p / "manifest.json").write_text("[1]"),
+        ["manifest.json", "not an llmfn-checkpoint manifest: expected a JSON object, got a list"],
+    ),
 }
 
 
@@ -311,6 +315,19 @@ def test_resume_skips_incomplete_and_corrupted_newer_folders_with_a_warning(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert load_for_inference(tmp_path)[0] == CFG
+
+
+@pytest.mark.parametrize("manifest", ["[1]", '"text"', "3", "null"])
+def test_resume_skips_a_folder_whose_manifest_is_not_a_json_object(tmp_path, manifest):
+    for step in (1, 2):
+        save(tmp_path, step)
+    (tmp_path / "step_000002" / "manifest.json").write_text(manifest)
+    with pytest.warns(UserWarning, match="step_000002.*expected a JSON object") as caught:
+        assert find_resume_checkpoint(tmp_path) == tmp_path / "step_000001"
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_for_inference(tmp_path)[0] == CFG  # a run folder or root skips it too
 
 
 def test_keep_last_n_prunes_old_steps_but_keeps_best_and_latest(tmp_path):

@@ -153,6 +153,26 @@ def test_safetensors_export_is_a_loadable_params_only_checkpoint(tmp_path):
             lambda ckpt, out: [
                 str(ckpt),
                 "--format",
+                "hf",
+                "--out",
+                str(ckpt / "config.yaml" / "sub"),
+            ],
+            "is inside {ckpt}/config.yaml, which is a file: choose a folder path",
+        ),
+        (
+            lambda ckpt, out: [
+                str(ckpt),
+                "--format",
+                "safetensors",
+                "--out",
+                str(ckpt / "config.yaml" / "a" / "b"),
+            ],
+            "which is a file",
+        ),
+        (
+            lambda ckpt, out: [
+                str(ckpt),
+                "--format",
                 "safetensors",
                 "--out",
                 str(out),
@@ -167,8 +187,47 @@ def test_bad_paths_and_arguments_are_clear_errors(tmp_path, capsys, make_args, m
     ckpt = write_checkpoint(tmp_path / "run" / "ckpt", LLAMA, init_params(LLAMA))
     out = tmp_path / "out"
     assert main(make_args(ckpt, out)) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message.format(ckpt=ckpt) in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_os_errors_while_writing_are_one_line(tmp_path, capsys, monkeypatch):
+    import llmfn.hf
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(llmfn.hf, "save_hf_pretrained", no_space)
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    assert main([str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export {ckpt} as hf: [Errno 28] No space left on device\n"
+    )
+
+
+def test_a_manifest_with_a_bad_step_is_a_checkpoint_error(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "step": [12]}))
+    assert main([str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export {ckpt} as safetensors: checkpoint {ckpt}: manifest.json has "
+        "step [12]: expected an int >= 0\n"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_manifest_that_is_not_an_object_is_a_checkpoint_error(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    (ckpt / "manifest.json").write_text("[1]")
+    for fmt in ("hf", "safetensors"):
+        assert main([str(ckpt), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot export {ckpt} as {fmt}: checkpoint {ckpt}: manifest.json is not an "
+            "llmfn-checkpoint manifest: expected a JSON object, got a list\n"
+        )
+        assert not (tmp_path / fmt).exists()
 
 
 def test_hf_export_of_an_moe_model_is_refused_before_writing(tmp_path, capsys):

@@ -297,6 +297,82 @@ def test_top_k_top_p_and_repetition_penalty_match_hf(seed, top_k, top_p):
     torch.testing.assert_close(penalize_repeats(logits, seen, torch.tensor(1.3)), expected)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_vocab_limit_never_samples_ids_past_it(compile, monkeypatch):
+    """Ids >= vocab_limit (a padded vocabulary's extra rows) are never sampled, greedy or not,
+    eager or compiled; the compiled step still never recompiles."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
+    prompts = [[1, 2, 3], [4, 50, 60, 7, 8]]  # prompts may hold any model id
+    modes = [
+        dict(temperature=0.0),
+        dict(temperature=1.5, seed=1),
+        dict(temperature=1.5, top_k=50, top_p=0.99, repetition_penalty=1.3, seed=2),
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    for options in modes:
+        free = generate(params, cfg, prompts, max_new_tokens=12, **options)
+        assert max(max(row) for row in free) >= 20  # the model does pick ids past the limit
+        limited = generate(
+            params, cfg, prompts, max_new_tokens=12, vocab_limit=20, compile=compile, **options
+        )
+        assert all(0 <= i < 20 for row in limited for i in row), (options, limited)
+        if compile:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                again = generate(
+                    params, cfg, prompts, max_new_tokens=12, vocab_limit=30, compile=True,
+                    **options,
+                )  # fmt: skip
+            assert all(i < 30 for row in again for i in row)
+            assert limited == generate(
+                params, cfg, prompts, max_new_tokens=12, vocab_limit=20, **options
+            )
+    assert counters["stats"]["unique_graphs"] == (len(modes) if compile else 0)
+    # A limit at or past the model's vocabulary changes nothing.
+    assert generate(params, cfg, prompts, max_new_tokens=6, vocab_limit=61) == generate(
+        params, cfg, prompts, max_new_tokens=6
+    )
+
+
+def test_a_kv_cache_too_large_for_the_device_is_a_clear_error(monkeypatch):
+    cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]  # 256 cache bytes per slot and row
+    with pytest.raises(
+        ValueError, match=r"max_new_tokens=1000000000000 needs a KV cache of"
+    ) as err:
+        stream(params, cfg, [[1, 2]], max_new_tokens=10**12)  # at the call, before any allocation
+    assert "lower max_new_tokens" in str(err.value)
+
+    monkeypatch.setattr(generate_module, "device_memory", lambda device: 20_000)
+    assert len(generate(params, cfg, [[1, 2, 3]], max_new_tokens=61)[0]) == 61  # 64 slots: 16 KiB
+    with pytest.raises(
+        ValueError, match=r"prompt length 3 \+ max_new_tokens=62 needs .* for 1 prompt"
+    ):
+        generate(params, cfg, [[1, 2, 3]], max_new_tokens=62)  # 128 slots: 32 KiB
+    with pytest.raises(ValueError, match="for 2 prompt"):
+        generate(params, cfg, [[1, 2, 3], [4]], max_new_tokens=61)
+
+    # RoPE models may run past max_seq_len (64): only memory bounds the length.
+    monkeypatch.setattr(generate_module, "device_memory", lambda device: None)
+    assert len(generate(params, cfg, [[1] * 60], max_new_tokens=40)[0]) == 40
+
+    # An allocation that fails anyway names the option to lower too.
+    real_init_cache = generate_module.init_cache
+
+    def failing_init_cache(cfg, batch, max_len, *, dtype, device):
+        if str(device) == "meta":
+            return real_init_cache(cfg, batch, max_len, dtype=dtype, device=device)
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"
+        )
+
+    monkeypatch.setattr(generate_module, "init_cache", failing_init_cache)
+    with pytest.raises(ValueError, match="KV cache for 1 prompt.* lower max_new_tokens"):
+        generate(params, cfg, [[1, 2, 3]], max_new_tokens=5)
+
+
 def test_bad_options_and_prompts_are_clear_errors():
     cfg, params = CONFIGS["llama_gqa"], PARAMS["llama_gqa"]
     cases = [
@@ -305,6 +381,7 @@ def test_bad_options_and_prompts_are_clear_errors():
         (dict(top_p=1.5), "top_p=1.5 is invalid"),
         (dict(max_new_tokens=0), "max_new_tokens=0 is invalid"),
         (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is invalid"),
+        (dict(vocab_limit=0), "vocab_limit=0 is invalid"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -460,23 +537,34 @@ def test_greedy_generation_equals_hf_generate(family):
 
 
 # --- CLI --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def write_text_checkpoint(root: Path, padding: int = 0):
+    """A run folder whose model has `padding` more ids than its char tokenizer -> (folder,
+    cfg, params, tokenizer). Padding rows get large logits: unmasked, they win every step."""
     from llmfn.checkpoint import save_checkpoint
     from llmfn.config import Config, to_yaml
     from llmfn.data import CharTokenizer
 
-    root = tmp_path_factory.mktemp("ckpt")
     tokenizer = CharTokenizer.train(["the quick brown fox jumps over the lazy dog. def main():"])
     tokenizer.save(root / "tok")
-    cfg = ModelConfig(**{**BASE, "vocab_size": tokenizer.vocab_size})
+    cfg = ModelConfig(**{**BASE, "vocab_size": tokenizer.vocab_size + padding})
     params = sharp_params(cfg, seed=2)
+    params["lm_head", "weight"][tokenizer.vocab_size :] *= 100
     state = TensorDict({"params": params}, batch_size=[])
     save_checkpoint(
         root / "run", 5, state, config_yaml=to_yaml(Config(model=cfg)), train_state={"step": 5},
         tokenizer_dir=root / "tok",
     )  # fmt: skip
     return root / "run", cfg, params, tokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def padded_checkpoint(tmp_path_factory):
+    return write_text_checkpoint(tmp_path_factory.mktemp("padded"), padding=30)
 
 
 def test_cli_streams_the_completion_of_a_prompt(checkpoint, capsys):
@@ -524,6 +612,84 @@ def test_cli_prompt_file_batches_and_stop_strings(checkpoint, capsys, tmp_path):
         zip(["the", "quick brown", "lazy dog"], texts, strict=True), 1
     ):
         assert f"=== {number}: {prompt}\n{prompt}{text}\n" in out
+
+
+def test_text_of_a_padded_vocabulary_uses_only_ids_the_tokenizer_decodes(
+    padded_checkpoint, capsys, monkeypatch
+):
+    monkeypatch.setattr(generate_module, "COMPILE_BACKEND", "eager")
+    path, cfg, params, tokenizer = padded_checkpoint
+    with pytest.raises(ValueError, match="outside"):  # the padding rows are what it would pick
+        generate_text(params, cfg, tokenizer, ["the"], max_new_tokens=5, vocab_limit=None)
+    options = dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=3)
+    text = generate_text(params, cfg, tokenizer, ["the", "fox"], **options)
+    assert all(len(t) > 0 for t in text)
+    assert generate_text(params, cfg, tokenizer, ["the", "fox"], compile=True, **options) == text
+    argv = [str(path), "--prompt", "the", "--max-new-tokens", "12", "--temperature", "0.9"]
+    assert main([*argv, "--seed", "3"]) == 0
+    assert capsys.readouterr() == ("the" + text[0] + "\n", "")
+    assert main([*argv, "--temperature", "0", "--compile"]) == 0
+    greedy = generate_text(params, cfg, tokenizer, ["the"], max_new_tokens=12, temperature=0)
+    assert capsys.readouterr().out == "the" + greedy[0] + "\n"
+
+
+def test_cli_error_after_the_prompt_starts_on_a_new_line(checkpoint, capsys, monkeypatch):
+    def failing_stream_text(*args, **options):
+        yield 0, " quick"
+        raise ValueError("something failed mid-stream")
+
+    monkeypatch.setattr(generate_module, "stream_text", failing_stream_text)
+    assert main([str(checkpoint[0]), "--prompt", "the"]) == 2
+    assert capsys.readouterr() == ("the quick\n", "error: something failed mid-stream\n")
+
+
+def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys):
+    path = str(checkpoint[0])
+    assert main([path, "--prompt", "the", "--max-new-tokens", str(10**12)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: generate: prompt length 3 + max_new_tokens=")
+    assert err.count("\n") == 1 and "lower max_new_tokens" in err
+    assert main([path, "--prompt", "the", "--top-p", "1.5"]) == 2  # not "1.5 = off"
+    assert capsys.readouterr() == (
+        "",
+        "error: generate: top_p=1.5 is invalid: expected None or a float in (0, 1]\n",
+    )
+
+
+def test_cli_bad_device_is_one_clear_error(checkpoint, capsys, monkeypatch):
+    path = str(checkpoint[0])
+    cases = [
+        ("tpu", "--device 'tpu' is not a device name: expected cpu, cuda or cuda:N"),
+        ("cuda:x", "--device 'cuda:x' is not a device name: expected cpu, cuda or cuda:N"),
+        ("meta", "--device 'meta' is not a device name: expected cpu, cuda or cuda:N"),
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases.append(("cuda", "--device 'cuda' but no CUDA device is available (use --device cpu)"))
+    for device, message in cases:
+        assert main([path, "--prompt", "hi", "--device", device]) == 2, device
+        assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert generate_module.resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main([path, "--prompt", "hi", "--device", "cuda:2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --device 'cuda:2' but this machine has 2 CUDA device(s): cuda:0 to cuda:1\n"
+    )
+
+
+def test_cli_checkpoint_with_a_list_manifest_is_a_checkpoint_error(checkpoint, capsys, tmp_path):
+    import shutil
+
+    run = shutil.copytree(checkpoint[0], tmp_path / "run")
+    (run / "step_000005" / "manifest.json").write_text("[1]")
+    assert main([str(run / "step_000005"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {run / 'step_000005'}: manifest.json is not an llmfn-checkpoint "
+        "manifest: expected a JSON object, got a list\n"
+    )
+    with pytest.warns(UserWarning, match="expected a JSON object"):
+        assert main([str(run), "--prompt", "hi"]) == 2
+    assert "no valid checkpoint under" in capsys.readouterr().err
 
 
 def test_cli_bad_checkpoint_path_or_options_are_clear_errors(checkpoint, capsys, tmp_path):

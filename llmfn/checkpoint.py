@@ -137,8 +137,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"pointer file {path} does not name an existing step folder")
         return target
     if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
         raise CheckpointError(
-            f"checkpoint path {path} does not exist: expected a step folder (step_000100/), "
+            f"checkpoint path {path} {what}: expected a step folder (step_000100/), "
             "a checkpoint root, or a run folder with checkpoints/"
         )
     if (path / MANIFEST_FILE).is_file() or step_of(path) is not None:

@@ -500,6 +500,11 @@ def main_entry(config: Config) -> int:
             raise
         print(f"error: {err}\n(set LLMFN_DEBUG=1 for the full traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop (data, compile)
+        if os.environ.get("LLMFN_DEBUG"):
+            raise
+        print("interrupted (no checkpoint saved since the last one)", file=sys.stderr)
+        return 130
     if result.stopped_by in ("SIGINT", "SIGTERM"):  # saved, but not done: say so to scripts
         return 128 + signal.Signals[result.stopped_by].value
     return 0

@@ -424,3 +424,15 @@ def test_sigkill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
     assert killed_mid_save >= 1, "no kill landed inside a save: the test did not exercise anything"
     assert step > trials, "the child saved too few checkpoints to test anything"
     assert time.monotonic() - start < 30
+
+
+def test_resolve_checkpoint_says_what_a_bad_path_is(tmp_path):
+    from llmfn.checkpoint import resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"checkpoint path .*nope does not exist: expected"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint path .*weights.bin is a file: expected"):
+        resolve_checkpoint(tmp_path / "weights.bin")
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint"):
+        resolve_checkpoint(tmp_path)

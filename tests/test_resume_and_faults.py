@@ -241,3 +241,15 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path):
     )
     assert resumed.step == 6
     assert {5, 6} <= train_losses(tmp_path / "ddp").keys()
+
+
+def test_an_interrupt_outside_the_loop_exits_130_in_one_line(monkeypatch, capsys):
+    import llmfn.trainer
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmfn.trainer, "train", interrupted)
+    monkeypatch.delenv("LLMFN_DEBUG", raising=False)
+    assert llmfn.trainer.main_entry(load_config(None, [], {})) == 130
+    assert capsys.readouterr().err == "interrupted (no checkpoint saved since the last one)\n"

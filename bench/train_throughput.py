@@ -89,6 +89,7 @@ def llmfn_runner(config, device, *, compiled: bool):
         lr_schedule_from_config(config.optim, config.train.max_steps),
         device_type=device.type,
         compile=compiled,
+        donate=device.type == "cuda",  # as the trainer runs it
     )
     holder = {"state": state}
 

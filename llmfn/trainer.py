@@ -352,6 +352,10 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         device_type=device.type,
         all_reduce=all_reduce,
         compile=config.train.compile,
+        # On GPU the update in place saves 3x the params' memory at the update (the peak when
+        # activations are checkpointed). On CPU it cost speed in A/Bs: glibc then returns and
+        # re-faults the freed activation memory each step (docs/performance.md).
+        donate=device.type == "cuda",
     )
     eval_fn = make_eval_step(task, config, device_type=device.type, compile=config.train.compile)
 

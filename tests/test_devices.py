@@ -75,7 +75,7 @@ def on_cuda(batch: dict) -> dict:
 @pytest.mark.parametrize("precision,accum", [("fp32", 1), ("bf16", 2), ("fp16", 2)])
 def test_train_and_eval_steps_stay_on_the_params_device(fake_cuda, model, precision, accum):
     config = config_for(model, precision=precision, grad_accum_steps=accum)
-    state, step = state_and_step(config)
+    state, step = state_and_step(config, donate=True)  # as the trainer runs on CUDA
     state = state.to(CUDA)
     batch = on_cuda(global_batch(config, 0, rows=2, accum=accum))
     new_state, metrics = step(state, batch)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from tensordict import TensorDict
 
 from llmfn import checkpoint as ckpt
+from llmfn.allocator import keep_freed_memory
 from llmfn.callbacks import RunInfo, default_callbacks
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
@@ -352,10 +353,10 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         device_type=device.type,
         all_reduce=all_reduce,
         compile=config.train.compile,
-        # On GPU the update in place saves 3x the params' memory at the update (the peak when
-        # activations are checkpointed). On CPU it cost speed in A/Bs: glibc then returns and
-        # re-faults the freed activation memory each step (docs/performance.md).
-        donate=device.type == "cuda",
+        # In place: 3x the params' memory less at the update (the peak on GPU when activations
+        # are checkpointed). On CPU only with glibc keeping freed memory: otherwise it then
+        # returns and re-faults the activations each step, slower (docs/performance.md).
+        donate=device.type == "cuda" or (device.type == "cpu" and keep_freed_memory()),
     )
     eval_fn = make_eval_step(task, config, device_type=device.type, compile=config.train.compile)
 

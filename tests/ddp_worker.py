@@ -17,7 +17,7 @@ def main(out_dir: str, steps: int, compiled: bool) -> None:
     proc = init_process("cpu", "gloo")
     config = small_config()
     all_reduce = GradientAllReduce(proc.world_size)
-    state, step = state_and_step(config, all_reduce=all_reduce, compile=compiled)
+    state, step = state_and_step(config, all_reduce=all_reduce, compile=compiled, donate=True)
     for i in range(steps):
         full = global_batch(config, i, rows=config.data.batch_size * proc.world_size)
         rows = slice(proc.rank * config.data.batch_size, (proc.rank + 1) * config.data.batch_size)

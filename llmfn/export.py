@@ -34,6 +34,7 @@ from llmfn.checkpoint import (
     resolve_checkpoint,
     save_params_folder,
 )
+from llmfn.warning_format import use_one_line_warnings
 
 FORMATS = ("hf", "safetensors")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,6 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_one_line_warnings()
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:

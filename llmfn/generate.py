@@ -36,6 +36,7 @@ from llmfn.layers.dropout import fold_in, uniform
 from llmfn.layers.panel_matmul import PANEL_WIDTH, kernel_available, panel_weight
 from llmfn.model import forward_cached, init_cache
 from llmfn.model_config import ModelConfig
+from llmfn.warning_format import use_one_line_warnings
 
 # Cache lengths are rounded up to this, so a new prompt length mostly reuses a compiled step.
 CACHE_LEN_MULTIPLE = 64
@@ -786,6 +787,7 @@ def print_stream(prompt: str, pieces: Iterator[tuple[int, str]]) -> None:
 def main(argv=None) -> int:
     from llmfn.checkpoint import CheckpointError
 
+    use_one_line_warnings()
     args = parse_args(argv)
     options = {
         "max_new_tokens": args.max_new_tokens,

@@ -10,10 +10,9 @@ Multi-process: torchrun --nproc_per_node N -m llmfn.train CONFIG.yaml ...
 from __future__ import annotations
 
 import sys
-import warnings
-from pathlib import Path
 
 from llmfn.config import Config, ConfigError, load_config, to_yaml
+from llmfn.warning_format import use_one_line_warnings
 
 USAGE = """usage: python -m llmfn.train [CONFIG.yaml] [section.key=value ...] [--print-config]
 
@@ -53,21 +52,9 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
     return load_config(path, overrides), print_only
 
 
-PACKAGE = Path(__file__).parent
-_default_format = warnings.formatwarning
-
-
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """llmfn's own warnings as `warning: ...` (they name the file or key that matters); other
-    libraries' keep Python's format, with the source line that raised them."""
-    if Path(filename).is_relative_to(PACKAGE) and issubclass(category, UserWarning):
-        return f"warning: {message}\n"
-    return _default_format(message, category, filename, lineno, line)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    warnings.formatwarning = one_line_warning
+    use_one_line_warnings()
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

@@ -178,7 +178,7 @@ def test_cli_prints_llmfn_warnings_on_one_line():
     import warnings
 
     import llmfn.trainer
-    from llmfn.train import one_line_warning
+    from llmfn.warning_format import one_line_warning
 
     ours = one_line_warning(
         "data/x holds no tokenizer.json", UserWarning, llmfn.trainer.__file__, 1

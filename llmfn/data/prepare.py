@@ -16,6 +16,7 @@ import sys
 
 from llmfn.data.binarize import DEFAULT_MAX_TOKENIZER_CHARS, DTYPES, prepare_bins
 from llmfn.data.sources import ERROR_POLICIES, InputError
+from llmfn.warning_format import use_one_line_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_one_line_warnings()
     args = build_parser().parse_args(argv)
     try:
         meta = prepare_bins(

@@ -152,8 +152,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                     f"no valid checkpoint under {root}: every step folder failed verification"
                 )
             return found
+    runs = sorted((p for p in path.iterdir() if (p / "checkpoints").is_dir()), key=os.path.getmtime)
+    hint = f" (it holds run folders: the newest is {runs[-1]})" if runs else ""
     raise CheckpointError(
-        f"{path} holds no checkpoint: expected manifest.json, step_<N>/ folders, or checkpoints/step_<N>/"
+        f"{path} holds no checkpoint: expected manifest.json, step_<N>/ folders, or "
+        f"checkpoints/step_<N>/{hint}"
     )
 
 

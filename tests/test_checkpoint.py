@@ -434,5 +434,8 @@ def test_resolve_checkpoint_says_what_a_bad_path_is(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"checkpoint path .*weights.bin is a file: expected"):
         resolve_checkpoint(tmp_path / "weights.bin")
-    with pytest.raises(CheckpointError, match=r"holds no checkpoint"):
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint: expected manifest.json"):
         resolve_checkpoint(tmp_path)
+    (tmp_path / "run-a" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"it holds run folders: the newest is .*run-a\)"):
+        resolve_checkpoint(tmp_path)  # the runs/ folder rather than one run

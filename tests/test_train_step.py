@@ -55,9 +55,10 @@ def test_step_does_not_mutate_its_input_state():
     assert_trees_close(state, before, rtol=0, atol=0)
 
 
-def test_compiled_step_does_not_recompile_across_steps():
+@pytest.mark.parametrize("donate", [False, True])
+def test_compiled_step_does_not_recompile_across_steps(donate):
     config = small_config()
-    state, compiled = state_and_step(config, compile=True)
+    state, compiled = state_and_step(config, compile=True, donate=donate)
     state, _ = compiled(state, global_batch(config, 0, rows=2))
     torch._dynamo.config.error_on_recompile = True
     try:

@@ -13,7 +13,8 @@ processes are timed interleaved: one step of each per round, the median of --ite
 load from other jobs weighs on all alike. On GPU the variants run one after the other in this
 process, so that each has its own peak memory, llmfn compiled and HF compiled first; each row is
 printed and the JSON rewritten as soon as it is measured, so a run cut short by a time limit
-keeps what it measured.
+keeps what it measured. Last on GPU, llmfn's compiled step without donating the state
+(`llmfn-compiled-pure`): what the in-place update the trainer uses there gains.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def run_config(preset: str, seq: int, batch: int, precision: str):
     )
 
 
-def llmfn_runner(config, device, *, compiled: bool):
+def llmfn_runner(config, device, *, compiled: bool, donate: bool | None = None):
+    """The step as the trainer runs it (donate: on CUDA; None = that default)."""
     task = get_task("lm")
     params = init_params(config.model, seed=0, device=device)
     optimizer = build_optimizer(config.optim, params)
@@ -89,7 +91,7 @@ def llmfn_runner(config, device, *, compiled: bool):
         lr_schedule_from_config(config.optim, config.train.max_steps),
         device_type=device.type,
         compile=compiled,
-        donate=device.type == "cuda",  # as the trainer runs it
+        donate=device.type == "cuda" if donate is None else donate,
     )
     holder = {"state": state}
 
@@ -153,6 +155,8 @@ def hf_runner(config, device, *, compiled: bool):
 RUNNERS = {
     "llmfn-compiled": lambda config, device: llmfn_runner(config, device, compiled=True),
     "llmfn-eager": lambda config, device: llmfn_runner(config, device, compiled=False),
+    # GPU only (on CPU llmfn-compiled is this): what donating the state gains there
+    "llmfn-compiled-pure": lambda c, d: llmfn_runner(c, d, compiled=True, donate=False),
     "hf-eager": lambda config, device: hf_runner(config, device, compiled=False),
     "hf-compiled": lambda config, device: hf_runner(config, device, compiled=True),
 }
@@ -295,7 +299,8 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled",
+        help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled llmfn-compiled-pure "
+        "(the last runs by default on GPU only)",
     )
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args()
@@ -307,7 +312,8 @@ def main() -> None:
     flops = flops_per_token(config.model, args.seq)
     peak = 989e12 if device.type == "cuda" else None
 
-    selected = [name for name in RUNNERS if not args.only or name in args.only]
+    default = [n for n in RUNNERS if device.type == "cuda" or n != "llmfn-compiled-pure"]
+    selected = [name for name in RUNNERS if name in (args.only or default)]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = Report(args, precision, device_name, tokens_per_step, flops, peak)
     if device.type == "cuda":
@@ -330,7 +336,7 @@ def main() -> None:
     report.print_table()
 
 
-GPU_ORDER = ["llmfn-compiled", "hf-compiled", "hf-eager", "llmfn-eager"]
+GPU_ORDER = ["llmfn-compiled", "hf-compiled", "hf-eager", "llmfn-eager", "llmfn-compiled-pure"]
 
 
 class Report:
@@ -355,7 +361,7 @@ class Report:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
         ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        return f"{name:<16}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+        return f"{name:<20}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
 
     def print_table(self) -> None:
         args = self.args
@@ -363,7 +369,7 @@ class Report:
             f"\n{args.preset}  B={args.batch} T={args.seq}  {self.precision}  device={self.device_name}"
         )
         print(
-            f"{'variant':<16}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
+            f"{'variant':<20}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
         )
         for name in self.results:
             print(self.row(name))

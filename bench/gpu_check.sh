@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the training step, prepared for a short lease on one H100/H200:
 #   bench  bench/train_throughput.py at Llama-135M, bf16, B16 x T2048: llmfn compiled, HF
-#          compiled, HF eager, llmfn eager, one after another (each its own peak memory): tok/s,
+#          compiled, HF eager, llmfn eager, llmfn compiled without donating the state, one
+#          after another (each its own peak memory; the time limit may cut the last): tok/s,
 #          MFU, peak GiB, ratios, each row printed and saved as measured (a timeout keeps them).
 #          About 5-7 minutes, most of it compiling (llmfn's cold compile was 253 s on 2 CPU cores).
 #   train  the CLI trains configs/llama-135m-gpu.yaml (compiled, bf16) for 20 steps with two

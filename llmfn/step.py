@@ -35,6 +35,14 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_autocast(device_type: str, precision: str) -> torch.autocast:
+    """The autocast context of a train.precision (disabled for fp32)."""
+    amp_dtype = autocast_dtype(precision)
+    return torch.autocast(
+        device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
+
+
 def init_train_state(
     params: TensorDict, optimizer: Optimizer, *, seed: int, precision: str
 ) -> TensorDict:
@@ -98,15 +106,12 @@ def make_train_step(
     step (3x the params' size; on CPU also their page faults). Values are the same either way.
     """
     precision = config.train.precision
-    amp_dtype = autocast_dtype(precision)
     max_norm = config.optim.grad_clip
     nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
     def loss_of(leaves, paths, shape, batch, rng, scale):
         params = tree_like(shape, paths, leaves)
-        with torch.autocast(
-            device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
+        with precision_autocast(device_type, precision):
             value, metrics = task.loss(params, batch, config, training=True, rng=rng)
         return value * scale, (value.detach(), metrics)
 
@@ -220,16 +225,10 @@ def make_eval_step(task, config, *, device_type: str = "cpu", compile: bool = Fa
 
     compile: run it as a `torch.compile`d function over the params' leaves, the tree split
     outside it as in `make_train_step`."""
-    amp_dtype = autocast_dtype(config.train.precision)
 
     def eval_leaves(paths, shape, leaves, batch):
         params = tree_like(shape, paths, leaves)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-            ),
-        ):
+        with torch.no_grad(), precision_autocast(device_type, config.train.precision):
             value, metrics = task.loss(params, batch, config, training=False)
         return {"loss": metrics.get("ce_loss", value).float(), "tokens": metrics["tokens"]}
 

@@ -10,19 +10,19 @@ import math
 import os
 import signal
 import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tensordict import TensorDict
 
 from llmfn import checkpoint as ckpt
 from llmfn.allocator import keep_freed_memory
-from llmfn.callbacks import RunInfo, default_callbacks
+from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
+from llmfn.data.data_module import DataModule
 from llmfn.distributed import (
     GradientAllReduce,
     ProcessInfo,
@@ -33,9 +33,16 @@ from llmfn.distributed import (
 )
 from llmfn.model import flops_per_token
 from llmfn.optim import build_optimizer
+from llmfn.run_folders import (
+    check_output_folders,
+    resume_checkpoint,
+    run_folder,
+    write_run_files,
+)
 from llmfn.schedule import lr_schedule_from_config
 from llmfn.step import init_train_state, make_eval_step, make_train_step
 from llmfn.tasks import get_task
+from llmfn.tasks.base import Task
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
@@ -104,64 +111,6 @@ def resolve_max_steps(config: Config, data) -> int:
             f"train.epochs={config.train.epochs} needs a finite dataset; data.module={config.data.module!r} has no epochs (use train.max_steps)"
         )
     return max(1, config.train.epochs * per_epoch // config.train.grad_accum_steps)
-
-
-def shared_run_name(config: Config) -> str:
-    """The run folder's name, the same on every rank."""
-    name = [config.train.run_name or time.strftime("%Y%m%d-%H%M%S")]
-    if dist.is_initialized():
-        dist.broadcast_object_list(name, src=0)
-    return name[0]
-
-
-def find_run_to_resume(config: Config) -> Path | None:
-    """resume=auto: the named run, else the newest run folder under run_dir with a checkpoint."""
-    root = Path(config.train.run_dir)
-    candidates = (
-        [root / config.train.run_name]
-        if config.train.run_name
-        else sorted(
-            (p for p in root.glob("*") if (p / "checkpoints").is_dir()),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-    )
-    for run in candidates:
-        found = ckpt.find_resume_checkpoint(run / "checkpoints")
-        if found is not None:
-            return found
-    return None
-
-
-def run_folder(config: Config, resume_from: Path | None) -> Path:
-    """Where this run writes. A resumed run continues in its folder when the checkpoint sits in
-    one (<run>/checkpoints/step_N); otherwise a new folder under train.run_dir, which must not
-    hold another run's checkpoints (they would be overwritten)."""
-    if resume_from is not None and resume_from.parent.name == "checkpoints":
-        return resume_from.parent.parent
-    run_dir = Path(config.train.run_dir) / shared_run_name(config)
-    existing = ckpt.list_checkpoints(run_dir / "checkpoints")
-    if existing:
-        why = (
-            "none of them passed verification (see the warnings above): inspect or move them"
-            if config.train.resume == "auto"
-            else f"continue that run with train.resume=auto or train.resume={run_dir}"
-        )
-        raise ValueError(
-            f"run folder {run_dir} already holds checkpoints ({existing[-1].name}, ...): {why}, "
-            "or choose another train.run_name"
-        )
-    return run_dir
-
-
-def check_output_folders(config: Config) -> None:
-    """train.run_dir and data.cache_dir are folders (or not there yet), before any work."""
-    for key, path in (
-        ("train.run_dir", config.train.run_dir),
-        ("data.cache_dir", config.data.cache_dir),
-    ):
-        if Path(path).exists() and not Path(path).is_dir():
-            raise ValueError(f"{key}={path!r} is a file: expected a folder (created if missing)")
 
 
 def check_batch_keys(task, batch: dict) -> None:
@@ -296,10 +245,9 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     torch.manual_seed(config.train.seed)
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = proc.device
     task = get_task(config.train.task)  # an unknown name fails before the data is prepared
     check_output_folders(config)
-    warning = slow_precision_warning(config.train.precision, device)
+    warning = slow_precision_warning(config.train.precision, proc.device)
     if warning:
         log(proc, warning)
 
@@ -311,186 +259,246 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     config = fit_vocab_to_tokenizer(config, data, proc)
     check_batch_keys(task, data.train_batch(0))
     max_steps = resolve_max_steps(config, data)
-    accum = config.train.grad_accum_steps
 
-    params = task.init_params(config, config.train.seed).to(device)
+    params = task.init_params(config, config.train.seed).to(proc.device)
     optimizer = build_optimizer(config.optim, params)
     state = init_train_state(
         params, optimizer, seed=config.train.seed, precision=config.train.precision
     )
     train_state: dict = {}
-
-    resume_from = None
-    if config.train.resume == "auto":
-        resume_from = find_run_to_resume(config)
-        if resume_from is None:
-            log(proc, "train.resume=auto: no checkpoint found, starting fresh")
-    elif config.train.resume:
-        resume_from = ckpt.resolve_checkpoint(config.train.resume)
+    resume_from = resume_checkpoint(config)
     if resume_from is not None:
         state, train_state = ckpt.load_checkpoint(
             resume_from, state, expected_model=config.model.to_dict()
         )
         log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
+    elif config.train.resume == "auto":
+        log(proc, "train.resume=auto: no checkpoint found, starting fresh")
     run_dir = run_folder(config, resume_from)
-    checkpoint_root = run_dir / "checkpoints"
+    tokenizer = getattr(data, "tokenizer", None)
     if proc.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        print("resolved config:\n" + to_yaml(config), flush=True)
-        tokenizer = getattr(data, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save(run_dir / "tokenizer")
-    tokenizer_dir = run_dir / "tokenizer" if getattr(data, "tokenizer", None) is not None else None
+        write_run_files(config, tokenizer, run_dir)
 
-    all_reduce = GradientAllReduce(proc.world_size) if proc.world_size > 1 else None
-    lr_fn = lr_schedule_from_config(config.optim, max_steps)
-    step_fn = make_train_step(
+    training = Training(
+        config=config,
+        proc=proc,
+        task=task,
+        data=data,
+        step_fn=build_train_step(config, task, optimizer, max_steps, proc),
+        eval_fn=make_eval_step(
+            task, config, device_type=proc.device.type, compile=config.train.compile
+        ),
+        state=state,
+        run=run_info(config, task, proc, run_dir, max_steps, start_step=int(state["step"])),
+        callbacks=default_callbacks(config, is_main=proc.is_main),
+        tokenizer_dir=run_dir / "tokenizer" if tokenizer is not None else None,
+        tokens_seen=torch.tensor(float(train_state.get("tokens_seen", 0)), device=proc.device),
+        best_val=train_state.get("best_val_loss"),
+    )
+    if task.generates_text:
+        training.run.sample_fn = make_sample_fn(config, data, lambda: training.state["params"])
+    for callback in extra_callbacks:
+        training.callbacks.append(callback)
+    training.callbacks.load_state_dict(train_state.get("callbacks", {}))
+    return training.run_to_end()
+
+
+def build_train_step(config: Config, task, optimizer, max_steps: int, proc: ProcessInfo):
+    """The driver's train step: compiled per `train.compile`, all-reduced over ranks, donating."""
+    device = proc.device
+    return make_train_step(
         task,
         config,
         optimizer,
-        lr_fn,
+        lr_schedule_from_config(config.optim, max_steps),
         device_type=device.type,
-        all_reduce=all_reduce,
+        all_reduce=GradientAllReduce(proc.world_size) if proc.world_size > 1 else None,
         compile=config.train.compile,
         # In place: 3x the params' memory less at the update (the peak on GPU when activations
         # are checkpointed). On CPU only with glibc keeping freed memory: otherwise it then
         # returns and re-faults the activations each step, slower (docs/performance.md).
         donate=device.type == "cuda" or (device.type == "cpu" and keep_freed_memory()),
     )
-    eval_fn = make_eval_step(task, config, device_type=device.type, compile=config.train.compile)
 
-    start_step = int(state["step"])
-    tokens_per_step = accum * proc.world_size * config.data.batch_size * config.model.max_seq_len
-    run = RunInfo(
+
+def run_info(
+    config: Config, task, proc: ProcessInfo, run_dir: Path, max_steps: int, *, start_step: int
+) -> RunInfo:
+    """What the callbacks read about this run (`sample_fn` is set once the loop's state exists)."""
+    counts_tokens = task.name != "regression"
+    global_rows = config.train.grad_accum_steps * proc.world_size * config.data.batch_size
+    return RunInfo(
         config=config,
         run_dir=run_dir,
         is_main=proc.is_main,
         max_steps=max_steps,
         start_step=start_step,
-        tokens_per_step=0 if task.name == "regression" else tokens_per_step,
-        flops_per_token=0
-        if task.name == "regression"
-        else flops_per_token(config.model, config.model.max_seq_len),
-        peak_flops=peak_flops(device),
+        tokens_per_step=global_rows * config.model.max_seq_len if counts_tokens else 0,
+        flops_per_token=flops_per_token(config.model, config.model.max_seq_len)
+        if counts_tokens
+        else 0,
+        peak_flops=peak_flops(proc.device),
         world_size=proc.world_size,
-        sample_fn=make_sample_fn(config, data, lambda: state["params"])
-        if task.generates_text
-        else None,
+        sample_fn=None,
     )
-    callbacks = default_callbacks(config, is_main=proc.is_main)
-    for callback in extra_callbacks:
-        callbacks.append(callback)
-    callbacks.load_state_dict(train_state.get("callbacks", {}))
-    tokens_seen = torch.tensor(float(train_state.get("tokens_seen", 0)), device=device)
-    best_val = train_state.get("best_val_loss")
 
-    saved: dict[int, Path | None] = {}
 
-    def save(step: int, *, name: str | None = None) -> Path | None:
+@dataclass
+class Training:
+    """One run's loop and what it carries from step to step: the state tree, the tokens seen,
+    the best validation loss and the steps already saved. Rank 0 writes; every rank computes."""
+
+    config: Config
+    proc: ProcessInfo
+    task: Task
+    data: DataModule
+    step_fn: Callable
+    eval_fn: Callable
+    state: TensorDict
+    run: RunInfo
+    callbacks: CallbackList
+    tokenizer_dir: Path | None
+    tokens_seen: torch.Tensor  # 0-d float on the device: no host sync per step
+    best_val: float | None
+    step: int = 0
+    saved: dict[int, Path | None] = field(default_factory=dict)
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run.run_dir / "checkpoints"
+
+    def batch(self, step: int) -> dict:
+        """Step `step`'s micro-batches, stacked [A, B, ...] on the device."""
+        accum = self.config.train.grad_accum_steps
+        return stacked_train_batch(self.data, step - 1, accum, self.proc.device)
+
+    def run_to_end(self) -> TrainResult:
+        """The loop with its callbacks, under the stop-signal handlers."""
+        self.step = self.run.start_step
+        self.callbacks.on_train_start(self.run)
+        with StopSignal() as stop:
+            try:
+                stopped_by, val = self.loop(stop)
+            except BaseException as error:
+                self.callbacks.on_exception(self.run, self.step, error)
+                raise
+        self.callbacks.on_train_end(self.run, self.step)
+        return TrainResult(self.run.run_dir, self.step, val.get("val_loss"), stopped_by)
+
+    def loop(self, stop: StopSignal) -> tuple[str, dict[str, float]]:
+        """Steps to max_steps or a stop; then the final eval and save. -> (stopped_by, val)."""
+        train, every, max_steps = (
+            self.config.train,
+            self.config.checkpoint.every,
+            self.run.max_steps,
+        )
+        stopped_by, val = "max_steps", {}
+        for step in range(self.run.start_step + 1, max_steps + 1):
+            self.step = step
+            self.state, metrics = self.step_fn(self.state, self.batch(step))
+            self.tokens_seen += metrics["tokens"]
+            self.callbacks.on_step_end(self.run, step, metrics)
+            if step % self.config.logging.log_every == 0 or step == max_steps:
+                self.check_nonfinite(step)
+            if step % train.eval_every == 0 and step < max_steps:
+                val = self.evaluate(step)
+            if every and step % every == 0 and step < max_steps:
+                self.save(step)
+            if self.stopped_by_signal(step, stop):
+                stopped_by = self.run.stop_signal
+                break
+            if self.run.stop_requested:  # EarlyStopping runs on every rank and agrees
+                stopped_by = "early_stopping"
+                break
+        if not self.run.stop_signal:
+            val = self.evaluate(self.step) or val
+            if self.config.checkpoint.save_at_end:
+                self.save(self.step)
+        return stopped_by, val
+
+    def stopped_by_signal(self, step: int, stop: StopSignal) -> bool:
+        """After SIGINT/SIGTERM on any rank: save, say how to continue, and end the loop. Ranks
+        agree at log steps (one all-reduce then); a single process checks every step."""
+        if step % self.config.logging.log_every and self.proc.world_size > 1:
+            return False
+        if not any_rank(stop.received is not None, self.proc.device):
+            return False
+        self.save(step)
+        log(
+            self.proc,
+            f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
+            f"in {self.checkpoint_root}; continue with train.resume=auto",
+        )
+        self.run.stop_signal = stop.received or "SIGTERM"
+        return True
+
+    def save(self, step: int, *, name: str | None = None) -> Path | None:
         """Checkpoint the state at `step` (once per step; rank 0 writes, every rank waits)."""
-        if name is None and step in saved:
-            return saved[step]
+        if name is None and step in self.saved:
+            return self.saved[step]
         path = None
-        if proc.is_main:
+        if self.proc.is_main:
             info = {
                 "step": step,
-                "tokens_seen": float(tokens_seen),
-                "callbacks": callbacks.state_dict(),
-                "best_val_loss": best_val,
-                "data_position": step * accum,
-                "world_size": proc.world_size,
+                "tokens_seen": float(self.tokens_seen),
+                "callbacks": self.callbacks.state_dict(),
+                "best_val_loss": self.best_val,
+                "data_position": step * self.config.train.grad_accum_steps,
+                "world_size": self.proc.world_size,
             }
             path = ckpt.save_checkpoint(
-                checkpoint_root,
+                self.checkpoint_root,
                 step,
-                state,
-                config_yaml=to_yaml(config),
+                self.state,
+                config_yaml=to_yaml(self.config),
                 train_state=info,
-                tokenizer_dir=tokenizer_dir,
-                keep_last_n=config.checkpoint.keep_last_n,
+                tokenizer_dir=self.tokenizer_dir,
+                keep_last_n=self.config.checkpoint.keep_last_n,
                 name=name,
             )
-            callbacks.on_checkpoint(run, step, path)
+            self.callbacks.on_checkpoint(self.run, step, path)
         barrier()
         if name is None:
-            saved[step] = path
+            self.saved[step] = path
         return path
 
-    def run_eval(step: int) -> dict[str, float]:
-        nonlocal best_val
-        metrics = evaluate(eval_fn, state["params"], data, device, perplexity=task.perplexity)
-        if metrics:
-            callbacks.on_eval(run, step, metrics)
-            if config.checkpoint.save_best and (best_val is None or metrics["val_loss"] < best_val):
-                best_val = metrics["val_loss"]
-                path = save(step)
-                if proc.is_main:
-                    ckpt.mark_best(checkpoint_root, path)
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Validation metrics (none without val data); a new best is saved and marked."""
+        metrics = evaluate(
+            self.eval_fn,
+            self.state["params"],
+            self.data,
+            self.proc.device,
+            perplexity=self.task.perplexity,
+        )
+        if not metrics:
+            return metrics
+        self.callbacks.on_eval(self.run, step, metrics)
+        is_best = self.best_val is None or metrics["val_loss"] < self.best_val
+        if self.config.checkpoint.save_best and is_best:
+            self.best_val = metrics["val_loss"]
+            path = self.save(step)
+            if self.proc.is_main:
+                ckpt.mark_best(self.checkpoint_root, path)
         return metrics
 
-    def check_nonfinite(step: int, batch_for) -> None:
+    def check_nonfinite(self, step: int) -> None:
         """Stop on non-finite steps: at once (halt) or after max_nonfinite in a row (skip)."""
-        streak = int(state["nonfinite_streak"])
-        limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
+        streak = int(self.state["nonfinite_streak"])
+        train = self.config.train
+        limit = 1 if train.nonfinite == "halt" else train.max_nonfinite
         if streak == 0:
             return
         if streak < limit:
-            log(proc, f"step {step}: {streak} non-finite step(s) in a row, updates skipped")
+            log(self.proc, f"step {step}: {streak} non-finite step(s) in a row, updates skipped")
             return
         first = step - streak + 1
-        where = nonfinite_report(task, config, state, batch_for(first))
-        path = save(step, name=f"nonfinite_step_{first:06d}")
+        where = nonfinite_report(self.task, self.config, self.state, self.batch(first))
+        path = self.save(step, name=f"nonfinite_step_{first:06d}")
         raise TrainingHalted(
-            f"non-finite loss or gradients from step {first} (train.nonfinite={config.train.nonfinite}, "
+            f"non-finite loss or gradients from step {first} (train.nonfinite={train.nonfinite}, "
             f"limit {limit} in a row): {where}. Diagnostic checkpoint (last good values): {path}"
         )
-
-    stopped_by, step, val = "max_steps", start_step, {}
-    callbacks.on_train_start(run)
-    with StopSignal() as stop:
-        try:
-            for step in range(start_step + 1, max_steps + 1):
-                batch = stacked_train_batch(data, step - 1, accum, device)
-                state, metrics = step_fn(state, batch)
-                tokens_seen += metrics["tokens"]
-                callbacks.on_step_end(run, step, metrics)
-                if step % config.logging.log_every == 0 or step == max_steps:
-                    check_nonfinite(
-                        step, batch_for=lambda s: stacked_train_batch(data, s - 1, accum, device)
-                    )
-                if step % config.train.eval_every == 0 and step < max_steps:
-                    val = run_eval(step)
-                if (
-                    config.checkpoint.every
-                    and step % config.checkpoint.every == 0
-                    and step < max_steps
-                ):
-                    save(step)
-                checkpoint_now = step % config.logging.log_every == 0 or proc.world_size == 1
-                if checkpoint_now and any_rank(stop.received is not None, device):
-                    save(step)
-                    log(
-                        proc,
-                        f"received {stop.received or 'a stop signal'}: saved a checkpoint at step {step} "
-                        f"in {checkpoint_root}; continue with train.resume=auto",
-                    )
-                    stopped_by = run.stop_signal = stop.received or "SIGTERM"
-                    break
-                if (
-                    run.stop_requested
-                ):  # EarlyStopping runs on every rank and agrees (same val data)
-                    stopped_by = "early_stopping"
-                    break
-            if not run.stop_signal:
-                val = run_eval(step) or val
-                if config.checkpoint.save_at_end:
-                    save(step)
-        except BaseException as error:
-            callbacks.on_exception(run, step, error)
-            raise
-    callbacks.on_train_end(run, step)
-    return TrainResult(run_dir, step, val.get("val_loss"), stopped_by)
 
 
 def main_entry(config: Config) -> int:

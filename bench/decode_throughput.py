@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from llmfn.generate import decode_weights, generate
+    from llmfn.cached_decode import decode_weights
+    from llmfn.generate import generate
     from llmfn.hf import from_hf
     from llmfn.layers.panel_matmul import kernel_available
     from llmfn.model import count_params

@@ -1,27 +1,24 @@
-"""Generation: a preallocated KV cache, sampling from an explicit key, a compiled decode step,
-and the `python -m llmfn.generate` CLI.
+"""Generation: the decode loop over a preallocated KV cache (`stream`, `generate`), its
+compiled step, text in and out (`stream_text`, `generate_text`), and the
+`python -m llmfn.generate` CLI.
 
     new_ids = generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=20)     # greedy
     for step in stream(params, cfg, prompts, temperature=0.8, top_p=0.95, seed=0):
         ...                                          # step: one new id (or None) per prompt
 
-Layout. Prompts are left-padded to a common length T and prefilled in one call. Cache slot s of
-row b holds position s - pad_b (pad_b = T - len(prompt_b)); slots before pad_b are masked out
-for the whole run, so the [B, max_len] key mask never changes. Each decode step writes one slot.
+The parts it runs: `llmfn.cached_decode` (the prompt and cache layout, prefill, the decode
+step, `decode_weights`), `llmfn.token_sampling` (the sampler) and `llmfn.streaming_text`
+(token ids -> text pieces, stop strings).
 
 Speed. `decode_step` is pure (it returns a new cache). The generate loop owns its cache, so its
 compiled step copies the new slot back into the old buffers; inductor turns that into an
 in-place write. The step also samples, so one compiled call per token does all the work, and
 its inputs have fixed shapes ([B, 1] tokens, 0-d slot, [B, max_len] mask): no recompiles.
-
-Sampling is a pure function of (seed, slot): Gumbel-max with noise from the hash in
-`llmfn.layers.dropout`, so the same seed gives the same tokens, compiled or not.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
@@ -32,272 +29,20 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from llmfn.layers.dropout import fold_in, uniform
-from llmfn.layers.panel_matmul import PANEL_WIDTH, kernel_available, panel_weight
-from llmfn.model import forward_cached, init_cache
+from llmfn.cached_decode import (
+    cache_length,
+    decode_step,
+    decode_weights,
+    pad_prompts,
+    prefill,
+    slot_mask,
+    slot_positions,
+)
+from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
+from llmfn.streaming_text import TextRow, encode_prompt, text_pieces
+from llmfn.token_sampling import SamplingFlags, init_sampler, sample_step
 from llmfn.warning_format import use_one_line_warnings
-
-# Cache lengths are rounded up to this, so a new prompt length mostly reuses a compiled step.
-CACHE_LEN_MULTIPLE = 64
-
-
-# --- Prompts ----------------------------------------------------------------------------------
-def pad_prompts(prompts, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of id lists (or a [B, T] tensor of real tokens) -> (tokens [B, T] long, left-padded
-    with pad_id; pad_lengths [B] long)."""
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] == 0 or prompts.is_floating_point():
-            raise ValueError(
-                f"prompts: expected a [B, T] integer tensor with T >= 1, got {tuple(prompts.shape)}"
-            )
-        return prompts.long(), torch.zeros(
-            prompts.shape[0], dtype=torch.long, device=prompts.device
-        )
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts: expected a non-empty list of token-id lists or a [B, T] tensor")
-    rows = []
-    for i, prompt in enumerate(prompts):
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt
-        if isinstance(ids, int | str) or not ids or not all(isinstance(t, int) for t in ids):
-            raise ValueError(
-                f"prompts[{i}]: expected a non-empty list of int token ids, got {prompt!r:.80}"
-            )
-        rows.append(list(ids))
-    length = max(len(r) for r in rows)
-    tokens = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], dtype=torch.long)
-    return tokens, torch.tensor([length - len(r) for r in rows], dtype=torch.long)
-
-
-def cache_length(prompt_len: int, max_new_tokens: int) -> int:
-    """Slots needed for the prompt plus the new tokens, rounded up to CACHE_LEN_MULTIPLE."""
-    needed = prompt_len + max_new_tokens
-    return -(-needed // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
-
-
-def slot_mask(pad_lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """pad_lengths [B] -> [B, max_len] bool: True at slots holding a real token (slot >= pad)."""
-    return torch.arange(max_len, device=pad_lengths.device)[None, :] >= pad_lengths[:, None]
-
-
-def slot_positions(slots: torch.Tensor, pad_lengths: torch.Tensor) -> torch.Tensor:
-    """slots [T] (or 0-d), pad_lengths [B] -> positions [B, T] = slot - pad, clamped at 0."""
-    return (slots.reshape(1, -1) - pad_lengths[:, None]).clamp(min=0)
-
-
-# --- The decode step --------------------------------------------------------------------------
-def decode_step(
-    params: TensorDict,
-    cache: TensorDict,
-    tokens: torch.Tensor,
-    pos: torch.Tensor,
-    cfg: ModelConfig,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, TensorDict]:
-    """One token per row: tokens [B, 1] written at cache slot `pos` (0-d long) -> (logits [B, V],
-    the new cache). Pure: the cache passed in is not modified.
-
-    attention_mask: [B, max_len] over cache slots (0 = padding); positions: [B, 1] (default pos).
-    """
-    logits, cache = forward_cached(
-        params, tokens, cfg, cache, pos, positions=positions, attention_mask=attention_mask
-    )
-    return logits[:, -1], cache
-
-
-def prefill(
-    params: TensorDict,
-    cache: TensorDict,
-    tokens: torch.Tensor,
-    pad_lengths: torch.Tensor,
-    key_valid: torch.Tensor,
-    cfg: ModelConfig,
-    *,
-    last_only: bool = False,
-) -> tuple[torch.Tensor, TensorDict]:
-    """Left-padded prompts tokens [B, T] into slots 0..T-1 -> (logits [B, T, V], or [B, 1, V]
-    with last_only, and the cache)."""
-    start = torch.zeros((), dtype=torch.long, device=tokens.device)
-    slots = torch.arange(tokens.shape[1], device=tokens.device)
-    positions = slot_positions(slots, pad_lengths)
-    logits, cache = forward_cached(
-        params, tokens, cfg, cache, start, positions=positions, attention_mask=key_valid,
-        last_logits_only=last_only,
-    )  # fmt: skip
-    return logits, cache
-
-
-def decode_weights(params: TensorDict) -> TensorDict:
-    """The params with every float32 matmul weight [out, in] in the layout CPU decode
-    multiplies fastest (same values; `llmfn.layers.linear` runs any layout):
-
-    - contiguous column panels [out // 8, in, 8] (`panel_weight`), which the panel kernel
-      (`llmfn.layers.panel_matmul`) streams once per step for any number of rows;
-    - a column-major copy (shape [out, in], strides (1, out)) where 8 does not divide `out`,
-      or the kernel is not available here: F.linear then streams a row-major [in, out]
-      matrix, which MKL does fastest for a few rows.
-
-    Lookup tables (embed, pos) and 3-D leaves (expert weights, or panels already) are left as
-    they are, and so are weights already in the target layout: converting costs about a dozen
-    decode steps, so code that generates many times converts once,
-
-        params = decode_weights(params)  # then generate(params, ...) copies nothing
-
-    (`generate` does it on CPU; bench/decode_throughput.py has the speeds).
-    """
-    lookups = {("embed", "weight"), ("pos", "weight")}
-    out = params.clone(recurse=False)
-    for key, leaf in params.items(include_nested=True, leaves_only=True):
-        if leaf.dim() != 2 or key in lookups:
-            continue
-        panels = leaf.dtype == torch.float32 and leaf.shape[0] % PANEL_WIDTH == 0
-        if panels and kernel_available():
-            out[key] = panel_weight(leaf)
-        elif not leaf.t().is_contiguous():
-            out[key] = leaf.t().contiguous().t()
-    return out
-
-
-# --- Sampling ---------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SamplingFlags:
-    """The static choices of a sampler (the values are tensors, so they never recompile)."""
-
-    greedy: bool
-    top_k: bool
-    top_p: bool
-    repetition_penalty: bool
-    vocab_limit: bool = False
-
-
-def penalize_repeats(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
-) -> torch.Tensor:
-    """logits [B, V], seen [B, V] bool: divide positive / multiply negative logits of seen ids
-    by `penalty` (CTRL, as HF's RepetitionPenaltyLogitsProcessor)."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def filter_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
-    """logits [B, V] -> logits with -inf outside the top_k (0-d long) largest and outside the
-    smallest set whose probability reaches top_p (0-d float); top_k first, as HF. Ties at the
-    threshold are kept; the most likely token always is."""
-    vocab = logits.shape[-1]
-    ascending = logits.sort(dim=-1).values
-    threshold = ascending[:, :1]
-    if top_k is not None:
-        first_kept = (vocab - top_k.clamp(1, vocab)).expand(logits.shape[0], 1)
-        threshold = ascending.gather(-1, first_kept)
-        ascending = ascending.masked_fill(ascending < threshold, float("-inf"))
-    if top_p is not None:
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        removed = (cumulative <= 1 - top_p).sum(dim=-1, keepdim=True).clamp(max=vocab - 1)
-        threshold = torch.maximum(threshold, ascending.gather(-1, removed))
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def limit_vocab(logits: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """logits [B, V] -> -inf at ids >= limit (0-d long): e.g. the padding rows of a model
-    vocabulary larger than its tokenizer's, which the tokenizer cannot decode."""
-    ids = torch.arange(logits.shape[-1], device=logits.device)
-    return logits.masked_fill(ids >= limit, float("-inf"))
-
-
-def gumbel_noise(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Standard Gumbel noise of `shape`, a pure function of the 0-d int64 key."""
-    u = uniform(key, shape).add(0.5 / (1 << 24))  # in (0, 1): never log(0)
-    return -torch.log(-torch.log(u))
-
-
-def choose_tokens(
-    logits: torch.Tensor, sampler: dict, flags: SamplingFlags, key: torch.Tensor
-) -> torch.Tensor:
-    """logits [B, V] -> next ids [B] long, below the vocab limit: greedy, or a sample after
-    penalty, temperature, top-k and top-p (Gumbel-max: argmax(logits / T + Gumbel) ~
-    softmax(logits / T))."""
-    logits = logits.float()
-    if flags.vocab_limit:
-        logits = limit_vocab(logits, sampler["vocab_limit"])
-    if flags.repetition_penalty:
-        logits = penalize_repeats(logits, sampler["seen"], sampler["repetition_penalty"])
-    if flags.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / sampler["temperature"]
-    if flags.top_k or flags.top_p:
-        logits = filter_top_k_top_p(
-            logits,
-            sampler["top_k"] if flags.top_k else None,
-            sampler["top_p"] if flags.top_p else None,
-        )
-    return (logits + gumbel_noise(key, logits.shape)).argmax(dim=-1)
-
-
-def sample_step(
-    logits: torch.Tensor, sampler: dict, slot: torch.Tensor, flags: SamplingFlags
-) -> tuple[torch.Tensor, dict]:
-    """Pick the token for cache slot `slot` -> (ids [B] long, updated sampler).
-
-    Rows already finished get eos_id again; a row finishes when it emits eos_id (-1 = never).
-    sampler: {"key", "temperature", "top_k", "top_p", "repetition_penalty", "eos_id",
-    "vocab_limit"} 0-d tensors, "seen" [B, V] bool (ids in the prompt or generated),
-    "finished" [B] bool.
-    """
-    ids = choose_tokens(logits, sampler, flags, fold_in(sampler["key"], slot))
-    eos = sampler["eos_id"]
-    ids = torch.where(sampler["finished"], eos.clamp(min=0), ids)
-    seen = (
-        sampler["seen"].scatter(1, ids[:, None], True)
-        if flags.repetition_penalty
-        else sampler["seen"]
-    )
-    return ids, {**sampler, "seen": seen, "finished": sampler["finished"] | (ids == eos)}
-
-
-def init_sampler(
-    tokens: torch.Tensor,
-    pad_lengths: torch.Tensor,
-    vocab_size: int,
-    *,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    eos_id: int | None,
-    seed: int,
-    vocab_limit: int | None = None,
-) -> tuple[dict, SamplingFlags]:
-    """The sampler state for left-padded prompts tokens [B, T] and its static flags.
-    vocab_limit: sample only ids below it (None: any of the vocab_size ids)."""
-    device = tokens.device
-    scalar = lambda value, dtype: torch.tensor(value, dtype=dtype, device=device)  # noqa: E731
-    flags = SamplingFlags(
-        greedy=temperature == 0,
-        top_k=top_k is not None,
-        top_p=top_p is not None and top_p < 1.0,
-        repetition_penalty=repetition_penalty != 1.0,
-        vocab_limit=vocab_limit is not None and vocab_limit < vocab_size,
-    )
-    seen = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=device)
-    if flags.repetition_penalty:
-        real = slot_mask(pad_lengths, tokens.shape[1])
-        seen = torch.zeros_like(seen, dtype=torch.long).scatter_add(1, tokens, real.long()) > 0
-    sampler = {
-        "key": scalar(seed, torch.long),
-        "temperature": scalar(max(temperature, 1e-6), torch.float32),
-        "top_k": scalar(top_k or 0, torch.long),
-        "top_p": scalar(1.0 if top_p is None else top_p, torch.float32),
-        "repetition_penalty": scalar(repetition_penalty, torch.float32),
-        "eos_id": scalar(-1 if eos_id is None else eos_id, torch.long),
-        "vocab_limit": scalar(vocab_size if vocab_limit is None else vocab_limit, torch.long),
-        "seen": seen,
-        "finished": torch.zeros(tokens.shape[0], dtype=torch.bool, device=device),
-    }
-    return sampler, flags
 
 
 # --- The loop ---------------------------------------------------------------------------------
@@ -575,64 +320,6 @@ def generate(params: TensorDict, cfg: ModelConfig, prompts, **options) -> list[l
 
 
 # --- Text: a tokenizer, stop strings, streaming -----------------------------------------------
-def encode_prompt(tokenizer, text: str, index: int) -> list[int]:
-    """Token ids of one prompt; an empty prompt starts from BOS (or EOS) if the tokenizer has one."""
-    ids = tokenizer.encode(text)
-    if ids:
-        return ids
-    start = tokenizer.bos_id if getattr(tokenizer, "bos_id", None) is not None else tokenizer.eos_id
-    if start is None:
-        raise ValueError(
-            f"prompt {index} is empty and the tokenizer has no BOS or EOS id to start from"
-        )
-    return [start]
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters may still change: an incomplete UTF-8 character (decoded
-    as U+FFFD) or the beginning of a stop string."""
-    partial = max(
-        (n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0
-    )
-    replacement = len(text) - len(text.rstrip("\ufffd"))
-    return max(partial, replacement)
-
-
-class TextRow:
-    """The decoded text of one prompt's new tokens and how much of it was handed out."""
-
-    def __init__(self, tokenizer, stops: Sequence[str]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.done = False
-
-    def add(self, token: int) -> str:
-        """Append a token -> the text that became final (a stop string ends the row, unprinted)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        cuts = [
-            i
-            for i in (text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stops)
-            if i >= 0
-        ]
-        if cuts:
-            self.done = True
-            return self.take(text, min(cuts))
-        return self.take(text, len(text) - held_back(text, self.stops))
-
-    def finish(self) -> str:
-        """The row ended (EOS or length): hand out what was held back."""
-        self.done = True
-        return self.take(self.tokenizer.decode(self.ids), None)
-
-    def take(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
-        piece = text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return piece
-
-
 def stream_text(
     params: TensorDict,
     cfg: ModelConfig,
@@ -657,25 +344,6 @@ def stream_text(
     options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))
     steps = stream(params, cfg, ids, **options)
     return text_pieces(steps, [TextRow(tokenizer, stops) for _ in prompts], eos_id)
-
-
-def text_pieces(
-    steps: Iterator[list[int | None]], rows: list[TextRow], eos_id: int | None
-) -> Iterator[tuple[int, str]]:
-    """The generator behind `stream_text`: (prompt index, text piece) from `stream`'s steps."""
-    for step in steps:
-        for index, (row, token) in enumerate(zip(rows, step, strict=True)):
-            if row.done or token is None:
-                continue
-            piece = row.finish() if token == eos_id else row.add(token)
-            if piece:
-                yield index, piece
-        if all(row.done for row in rows):
-            return
-    for index, row in enumerate(rows):
-        piece = "" if row.done else row.finish()
-        if piece:
-            yield index, piece
 
 
 def generate_text(

@@ -14,10 +14,12 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llmfn.generate import decode_and_sample, init_sampler, prefill, slot_mask
+from llmfn.cached_decode import prefill, slot_mask
+from llmfn.generate import decode_and_sample
 from llmfn.model import init_cache
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
+from llmfn.token_sampling import init_sampler
 from tests.step_fixtures import global_batch, small_config, state_and_step
 
 CUDA = torch.device("cuda", 0)

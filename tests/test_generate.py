@@ -14,29 +14,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
+import llmfn.cached_decode as cached_decode_module
 import llmfn.generate  # noqa: F401  (the module; `llmfn.generate` is the function)
 from llmfn import generate as generate_fn
 from llmfn import stream as stream_fn
-from llmfn.generate import (
-    TextRow,
+from llmfn.cached_decode import (
     decode_step,
     decode_weights,
-    filter_top_k_top_p,
-    generate,
-    generate_text,
-    init_sampler,
-    main,
     pad_prompts,
-    penalize_repeats,
     prefill,
-    sample_step,
     slot_mask,
     slot_positions,
-    stream,
-    stream_text,
 )
+from llmfn.generate import generate, generate_text, main, stream, stream_text
 from llmfn.model import forward, forward_cached, init_cache, init_params
 from llmfn.model_config import ModelConfig
+from llmfn.streaming_text import TextRow
+from llmfn.token_sampling import filter_top_k_top_p, init_sampler, penalize_repeats, sample_step
 
 REPO = Path(__file__).resolve().parents[1]
 generate_module = sys.modules["llmfn.generate"]
@@ -143,7 +137,7 @@ def test_decode_weights_makes_panels_once_and_column_major_where_they_do_not_fit
     assert decode_weights(panels)["layers", "0", "attn", "wqkv"] is panel  # converts once
 
     # Without the kernel (no C compiler), column-major weights for F.linear instead.
-    monkeypatch.setattr(generate_module, "kernel_available", lambda: False)
+    monkeypatch.setattr(cached_decode_module, "kernel_available", lambda: False)
     column_major = decode_weights(params)
     converted = column_major["layers", "0", "attn", "wqkv"]
     assert converted.shape == wqkv.shape and converted.stride() == (1, wqkv.shape[0])

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from llmfn.generate import decode_weights
+from llmfn.cached_decode import decode_weights
 from llmfn.layers.dropout import dropout
 from llmfn.layers.linear import linear
 from llmfn.layers.mlp import mlp

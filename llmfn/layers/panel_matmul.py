@@ -8,7 +8,7 @@ accumulate in registers (bench/decode_throughput.py measures it against MKL).
 
 Where the kernel cannot serve (gradients to compute, vmap, not float32, not on CPU) torch.matmul
 computes the same product; where it cannot be built (no C compiler, a CPU without AVX2/FMA or
-NEON) `kernel_available()` is False and `llmfn.generate.decode_weights` keeps column-major
+NEON) `kernel_available()` is False and `llmfn.cached_decode.decode_weights` keeps column-major
 weights instead.
 """
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from llmfn.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -29,33 +31,12 @@ class ProcessInfo:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """ "auto" -> cuda:local_rank when a GPU is present, else cpu."""
-    if name == "auto":
-        return (
-            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        )
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"train.device={name!r} is invalid: expected auto, cpu, cuda or cuda:N"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"train.device={name!r} but no CUDA device is available (use train.device=cpu)"
-        )
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def init_process(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> ProcessInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise one process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, option="train.device", local_rank=local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

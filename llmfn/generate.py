@@ -38,6 +38,7 @@ from llmfn.cached_decode import (
     slot_mask,
     slot_positions,
 )
+from llmfn.devices import resolve_device
 from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
 from llmfn.streaming_text import TextRow, encode_prompt, text_pieces
@@ -382,7 +383,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile the decode step (pays off for long runs)",
     )
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda, ... (default: cuda if available)"
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N"
     )
     return parser.parse_args(argv)
 
@@ -399,32 +400,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device -> a device this machine has (default: cuda if available, else cpu)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type == "meta":
-        raise ValueError(f"--device {name!r} is not a device name: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} but no CUDA device is available (use --device cpu)")
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type == "cuda" and (device.index or 0) >= count:
-        raise ValueError(
-            f"--device {name!r} but this machine has {count} CUDA device(s): "
-            f"cuda:0 to cuda:{count - 1}"
-        )
-    try:
-        torch.empty(0, device=device)
-    except Exception:  # an accelerator torch was not built for: several error types
-        raise ValueError(f"--device {name!r} is not available on this machine") from None
-    return device
-
-
-def load_model(path: str, device: str | None):
+def load_model(path: str, device: str):
     """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path, a device this
     machine lacks, or no tokenizer."""
     from llmfn.checkpoint import load_for_inference
@@ -433,7 +409,9 @@ def load_model(path: str, device: str | None):
         raise ValueError(
             f"checkpoint path {path} does not exist: expected a checkpoint or run folder"
         )
-    cfg, params, tokenizer = load_for_inference(path, device=resolve_device(device))
+    cfg, params, tokenizer = load_for_inference(
+        path, device=resolve_device(device, option="--device")
+    )
     if tokenizer is None:
         raise ValueError(
             f"checkpoint {path} has no tokenizer/ folder: cannot turn text into token ids"

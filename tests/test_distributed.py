@@ -44,9 +44,24 @@ def test_two_ranks_agree_and_match_one_process(tmp_path, compiled):
     )  # it trained
 
 
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    from llmfn.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError) as error:
+        resolve_device("auto", option="train.device", local_rank=2)
+    assert str(error.value) == (
+        "train.device='auto' (cuda:2 for LOCAL_RANK=2) but this machine has 2 CUDA device(s): "
+        "cuda:0 to cuda:1"
+    )
+
+
 @pytest.mark.parametrize("name", ["tpu", "cuda:x", "gpu"])
 def test_a_bad_device_name_is_one_clear_error(name):
-    from llmfn.distributed import resolve_device
+    from llmfn.distributed import init_process
 
-    with pytest.raises(ValueError, match=rf"train.device='{name}' is invalid: expected auto, cpu"):
-        resolve_device(name)
+    with pytest.raises(
+        ValueError, match=rf"train.device='{name}' is not a device name: expected auto, cpu"
+    ):
+        init_process(name)

@@ -653,16 +653,16 @@ def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys)
 def test_cli_bad_device_is_one_clear_error(checkpoint, capsys, monkeypatch):
     path = str(checkpoint[0])
     cases = [
-        ("tpu", "--device 'tpu' is not a device name: expected cpu, cuda or cuda:N"),
-        ("cuda:x", "--device 'cuda:x' is not a device name: expected cpu, cuda or cuda:N"),
-        ("meta", "--device 'meta' is not a device name: expected cpu, cuda or cuda:N"),
+        ("tpu", "--device 'tpu' is not a device name: expected auto, cpu, cuda or cuda:N"),
+        ("cuda:x", "--device 'cuda:x' is not a device name: expected auto, cpu, cuda or cuda:N"),
+        ("meta", "--device 'meta' is not a device name: expected auto, cpu, cuda or cuda:N"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases.append(("cuda", "--device 'cuda' but no CUDA device is available (use --device cpu)"))
     for device, message in cases:
         assert main([path, "--prompt", "hi", "--device", device]) == 2, device
         assert capsys.readouterr() == ("", f"error: {message}\n")
-    assert generate_module.resolve_device(None) == torch.device("cpu")
+    assert generate_module.resolve_device("auto", option="--device") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert main([path, "--prompt", "hi", "--device", "cuda:2"]) == 2

@@ -11,7 +11,8 @@ warnings.filterwarnings(
     "ignore", message="'llmfn.generate' found in sys.modules", category=RuntimeWarning
 )
 
-from llmfn.generate import decode_weights, generate, stream  # noqa: E402
+from llmfn.cached_decode import decode_weights  # noqa: E402
+from llmfn.generate import generate, stream  # noqa: E402
 from llmfn.model import (  # noqa: E402
     IGNORE_INDEX,
     ModelOutput,
@@ -26,6 +27,7 @@ from llmfn.model import (  # noqa: E402
     loss,
 )
 from llmfn.model_config import ModelConfig  # noqa: E402
+from llmfn.module import as_module  # noqa: E402
 
 __all__ = [
     "decode_weights",
@@ -33,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "apply",
+    "as_module",
     "count_params",
     "flops_per_token",
     "forward",

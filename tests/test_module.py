@@ -1,0 +1,216 @@
+"""The nn.Module bridge: `as_module(params, cfg)` runs `llmfn.forward` over Parameters that
+share storage with the tree, named by the tree's dotted paths."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel
+
+import llmfn
+from llmfn.module import ModelModule, as_module
+
+DENSE = llmfn.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    max_seq_len=16,
+)
+MOE = DENSE.replace(
+    use_moe=True,
+    num_experts=4,
+    top_k=2,
+    num_shared_experts=1,
+    dropout=0.1,
+    position="learned",
+    norm_type="layernorm",
+)
+TIED = DENSE.replace(tie_embeddings=True)
+CONFIGS = {"dense": DENSE, "moe_dropout": MOE, "tied": TIED}
+RNG = torch.tensor(11)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~100x slower on two threads of a busy machine (OpenMP waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(cfg: llmfn.ModelConfig, rows: int = 3, length: int = 8) -> dict:
+    """Inputs, shifted targets with a few ignored (-100), and left padding in row 0."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, length + 1), generator=gen)
+    targets = tokens[:, 1:].clone()
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, :2] = 0
+    targets[0, :2] = -100
+    return {"inputs": tokens[:, :-1], "targets": targets, "attention_mask": mask}
+
+
+def flat_keys(tree: TensorDict) -> list[str]:
+    return list(tree.flatten_keys(".").keys())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_equals_the_functional_forward(name):
+    cfg = CONFIGS[name]
+    params = llmfn.init_params(cfg, seed=0)
+    batch = make_batch(cfg)
+    options = {"attention_mask": batch["attention_mask"], "training": True, "rng": RNG}
+    expected = llmfn.forward(params, batch["inputs"], cfg, **options)
+    torch.testing.assert_close(as_module(params, cfg)(batch["inputs"], **options), expected)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameters_are_the_tree_leaves_by_dotted_path(name):
+    cfg = CONFIGS[name]
+    params = llmfn.init_params(cfg, seed=0)
+    module = as_module(params, cfg)
+    keys = flat_keys(params)
+    assert list(module.state_dict()) == keys
+    assert [key for key, _ in module.named_parameters()] == keys
+    for key, param in module.named_parameters():
+        assert isinstance(param, torch.nn.Parameter) and param.requires_grad
+        assert param.data_ptr() == params.get(tuple(key.split("."))).data_ptr(), key
+    if cfg.tie_embeddings:  # one embedding Parameter, no head
+        assert "lm_head.weight" not in keys and "embed.weight" in keys
+
+
+def test_load_state_dict_writes_into_the_tree():
+    params = llmfn.init_params(DENSE, seed=0)
+    other = llmfn.init_params(DENSE, seed=1)
+    as_module(params, DENSE).load_state_dict(other.flatten_keys(".").to_dict())
+    assert (params == other).all()
+
+
+def test_tree_gives_the_parameters_back_as_plain_tensors_with_the_same_storage():
+    params = llmfn.init_params(DENSE, seed=0)
+    module = as_module(params, DENSE)
+    tree = module.tree()
+    assert flat_keys(tree) == flat_keys(params)
+    for key in params.keys(True, True):
+        assert type(tree[key]) is torch.Tensor and not tree[key].requires_grad
+        assert tree[key].data_ptr() == params[key].data_ptr()
+    tokens = make_batch(DENSE)["inputs"]
+    torch.testing.assert_close(llmfn.forward(tree, tokens, DENSE), module(tokens))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_functional_call_runs_the_model_with_another_tree(name):
+    cfg = CONFIGS[name]
+    params, other = llmfn.init_params(cfg, seed=0), llmfn.init_params(cfg, seed=1)
+    module = as_module(params, cfg)
+    tokens = make_batch(cfg)["inputs"]
+    logits = functional_call(module, other.flatten_keys(".").to_dict(), (tokens,))
+    torch.testing.assert_close(logits, llmfn.forward(other, tokens, cfg))
+    assert not torch.allclose(logits, llmfn.forward(params, tokens, cfg), atol=1e-3)
+    torch.testing.assert_close(module(tokens), llmfn.forward(params, tokens, cfg))  # restored
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_backward_gives_the_grads_of_torch_func_grad(name):
+    cfg = CONFIGS[name]
+    params = llmfn.init_params(cfg, seed=0)
+    batch = make_batch(cfg)
+    module = as_module(params, cfg)
+    value, metrics = module.loss(batch, training=True, rng=RNG)
+    expected_value, expected_metrics = llmfn.loss(params, batch, cfg, training=True, rng=RNG)
+    torch.testing.assert_close(value, expected_value)
+    assert metrics.keys() == expected_metrics.keys()
+    value.backward()
+    grads = torch.func.grad(lambda p: llmfn.loss(p, batch, cfg, training=True, rng=RNG)[0])(params)
+    for key, param in module.named_parameters():
+        expected = grads.get(tuple(key.split(".")))
+        assert expected.abs().sum() > 0, key  # every leaf is used (tied: embed twice)
+        torch.testing.assert_close(param.grad, expected, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_tied_embedding_gets_the_gradient_of_both_uses():
+    params = llmfn.init_params(TIED, seed=0)
+    batch = make_batch(TIED)
+    module = as_module(params, TIED)
+    module.loss(batch)[0].backward()
+
+    lookup_grad, head_grad = torch.func.grad(
+        lambda lookup, head: untied_loss(params, batch, lookup, head), argnums=(0, 1)
+    )(params["embed", "weight"], params["embed", "weight"])
+    torch.testing.assert_close(module.embed.weight.grad, lookup_grad + head_grad)
+    assert head_grad.abs().sum() > 0 and lookup_grad.abs().sum() > 0
+
+
+def untied_loss(params: TensorDict, batch: dict, lookup, head) -> torch.Tensor:
+    """The tied model's loss with its embedding lookup and LM head as separate tensors."""
+    untied = params.clone()
+    untied["embed", "weight"] = lookup
+    untied["lm_head"] = TensorDict({"weight": head}, [])
+    return llmfn.loss(untied, batch, DENSE)[0]
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_a_torch_optim_step_updates_the_tree_in_place(optimizer):
+    params = llmfn.init_params(DENSE, seed=0)
+    before = params.clone()
+    module = as_module(params, DENSE)
+    opt = optimizer(module.parameters(), lr=0.1)
+    module.loss(make_batch(DENSE))[0].backward()
+    opt.step()
+    if optimizer is torch.optim.SGD:
+        for key, param in module.named_parameters():
+            path = tuple(key.split("."))
+            torch.testing.assert_close(params.get(path), before.get(path) - 0.1 * param.grad)
+    assert all(not torch.equal(params[key], before[key]) for key in params.keys(True, True)), (
+        "every leaf of the original tree moves"
+    )
+
+
+def test_torch_compile_gives_the_same_logits():
+    params = llmfn.init_params(DENSE, seed=0)
+    compiled = torch.compile(as_module(params, DENSE), backend="eager", fullgraph=True)
+    tokens = make_batch(DENSE)["inputs"]
+    torch.testing.assert_close(compiled(tokens), llmfn.forward(params, tokens, DENSE))
+
+
+def test_hooks_see_the_logits_and_the_parameter_grads():
+    params = llmfn.init_params(DENSE, seed=0)
+    module = as_module(params, DENSE)
+    seen = {}
+    module.register_forward_hook(lambda mod, args, out: seen.update(logits=out))
+    wqkv = module.get_parameter("layers.0.attn.wqkv")
+    wqkv.register_hook(lambda grad: seen.update(grad=grad))
+    tokens = make_batch(DENSE)["inputs"]
+    module(tokens).sum().backward()
+    torch.testing.assert_close(seen["logits"], llmfn.forward(params, tokens, DENSE))
+    torch.testing.assert_close(seen["grad"], wqkv.grad)
+
+
+def test_ddp_in_one_process_matches_the_plain_module(tmp_path):
+    params = llmfn.init_params(DENSE, seed=0)
+    batch = make_batch(DENSE)
+    plain = as_module(params.clone(), DENSE)
+    plain(batch["inputs"]).sum().backward()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(as_module(params, DENSE))
+        for _ in range(2):  # a second step fails if DDP's reducer lost track of a parameter
+            ddp.zero_grad()
+            ddp(batch["inputs"]).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    for (key, param), (_, expected) in zip(
+        ddp.module.named_parameters(), plain.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(param.grad, expected.grad, msg=key)
+
+
+def test_a_stacked_ensemble_is_refused():
+    stacked = torch.stack([llmfn.init_params(DENSE, seed=s) for s in (0, 1)])
+    with pytest.raises(ValueError, match=r"batch_size=\[2\]: expected one model"):
+        ModelModule(stacked, DENSE)

@@ -125,16 +125,34 @@ def own_code(fn):
     )
 
 
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory(device: torch.device) -> int | None:
-    """Total memory of a device in bytes (physical RAM for cpu), or None where unknown."""
+    """Total memory of a device in bytes, or None where unknown. For cpu: physical RAM, or the
+    container's memory limit (cgroup v2 or v1) where that is lower."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if device.type != "cpu":
         return None
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
         return None
+    return min([physical, *cgroup_memory_limits()])
+
+
+def cgroup_memory_limits(paths: Sequence[str] = CGROUP_MEMORY_LIMITS) -> list[int]:
+    """The memory limits (bytes) of this process's cgroup files that exist and set one."""
+    limits = []
+    for path in paths:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (cgroup v2) means none
+            limits.append(int(text))
+    return limits
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:

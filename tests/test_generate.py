@@ -4,6 +4,7 @@ left-padded batches == prompts alone, seeded sampling, EOS, stop strings, the co
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,20 @@ def test_vocab_limit_never_samples_ids_past_it(compile, monkeypatch):
     assert generate(params, cfg, prompts, max_new_tokens=6, vocab_limit=61) == generate(
         params, cfg, prompts, max_new_tokens=6
     )
+
+
+def test_cpu_memory_is_the_lower_of_ram_and_the_container_limit(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # cgroup v2 without a limit
+    v1.write_text("1073741824\n")
+    assert generate_module.cgroup_memory_limits([str(v2), str(v1), str(tmp_path / "none")]) == [
+        2**30
+    ]
+    monkeypatch.setattr(generate_module, "cgroup_memory_limits", lambda: [2**30])
+    assert generate_module.device_memory(torch.device("cpu")) == 2**30
+    monkeypatch.setattr(generate_module, "cgroup_memory_limits", lambda: [2**62])
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert generate_module.device_memory(torch.device("cpu")) == physical
 
 
 def test_a_kv_cache_too_large_for_the_device_is_a_clear_error(monkeypatch):

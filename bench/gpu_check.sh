@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the training step, prepared for a short lease on one H100/H200:
 #   bench  bench/train_throughput.py at Llama-135M, bf16, B16 x T2048: llmfn compiled, HF
-#          compiled, HF eager, llmfn eager, llmfn compiled without donating the state, one
-#          after another (each its own peak memory; the time limit may cut the last): tok/s,
-#          MFU, peak GiB, ratios, each row printed and saved as measured (a timeout keeps them).
-#          About 5-7 minutes, most of it compiling (llmfn's cold compile was 253 s on 2 CPU cores).
+#          compiled, llmfn's model the nn.Module way (as_module + backward + fused AdamW), HF
+#          eager, llmfn eager, llmfn compiled without donating the state, one after another
+#          (each its own peak memory; the time limit may cut the last rows): tok/s, MFU, peak
+#          GiB, ratios, each row printed and saved as measured (a timeout keeps them). About
+#          6-9 minutes, most of it compiling (llmfn's cold compile was 253 s on 2 CPU cores).
 #   train  the CLI trains configs/llama-135m-gpu.yaml (compiled, bf16) for 20 steps with two
 #          evals and a sample, into a run folder. About 2-3 minutes.
 # Each part has its own time limit, so a slow one still leaves the other's results, in $OUT
@@ -24,7 +25,7 @@ for part in $parts; do
     bench)
       timeout 560 python3 bench/train_throughput.py --preset llama-135m --batch 16 --seq 2048 \
         --out "$out/train_throughput_gpu.json" >"$out/bench.log" 2>&1
-      echo "bench: exit $? (log $out/bench.log)"; tail -n 9 "$out/bench.log" ;;
+      echo "bench: exit $? (log $out/bench.log)"; tail -n 16 "$out/bench.log" ;;
     train)
       timeout 300 python3 -m llmfn.train configs/llama-135m-gpu.yaml \
         train.max_steps=20 train.eval_every=10 data.val_batches=2 checkpoint.every=0 checkpoint.save_best=false \

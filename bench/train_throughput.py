@@ -2,6 +2,9 @@
 transformers `LlamaForCausalLM` (eager and `torch.compile`d, torch.optim.AdamW), same config, same
 batch, in one run. Prints a table of tokens/s, ratios, peak memory and (on GPU) MFU; writes JSON.
 HF computes its loss as its Trainer does, inside the model's forward (so compiled with it).
+A row `llmfn-module-compiled` trains llmfn's own model the nn.Module way (`llmfn.as_module`,
+compiled forward and loss, `loss.backward()`, torch.optim.AdamW): the same model, so the two
+llmfn rows compare the functional step with the usual one.
 
     python bench/train_throughput.py                     # ~15M params, CPU, fp32
     python bench/train_throughput.py --preset llama-135m --batch 16 --seq 2048   # GPU, bf16
@@ -32,6 +35,7 @@ import torch
 
 from llmfn.config import from_dict
 from llmfn.model import count_params, flops_per_token, init_params
+from llmfn.module import as_module
 from llmfn.optim import build_optimizer
 from llmfn.schedule import lr_schedule_from_config
 from llmfn.step import init_train_state, make_train_step
@@ -122,34 +126,58 @@ def hf_runner(config, device, *, compiled: bool):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).to(device)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    forward = torch.compile(model) if compiled else model
+
+    def loss_of(batch):
+        # The loss as HF's Trainer computes it: inside the model's forward (so compiled with
+        # it); shift_labels are the already-shifted targets, labels only switch the loss on.
+        return forward(
+            input_ids=batch["inputs"], labels=batch["targets"], shift_labels=batch["targets"]
+        ).loss
+
+    run = backward_and_torch_adamw(model, loss_of, device, config.train.precision)
+    return run, sum(p.numel() for p in model.parameters())
+
+
+def module_runner(config, device):
+    """llmfn's model trained the nn.Module way: through `llmfn.as_module`, the forward and loss
+    compiled, `loss.backward()`, torch.optim.AdamW (fused on CUDA). Against llmfn-compiled it
+    shows what the functional step itself costs or gains, the model being the same."""
+    module = as_module(init_params(config.model, seed=0, device=device), config.model)
+    loss_of = torch.compile(lambda batch: module.loss(batch, training=True)[0])
+    run = backward_and_torch_adamw(module, loss_of, device, config.train.precision)
+    return run, count_params(module.tree())
+
+
+def backward_and_torch_adamw(model: torch.nn.Module, loss_of, device, precision: str):
+    """A train step as nn.Module code writes it: autocast, `loss_of(batch)`, backward, clip
+    to norm 1, torch.optim.AdamW (decay on matrices but embeddings; fused on CUDA)."""
+    named = list(model.named_parameters())
+    decays = lambda name, p: p.ndim >= 2 and "embed" not in name  # noqa: E731
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": 0.1},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ],
         lr=1e-3,
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
         foreach=device.type != "cuda",
     )
-    forward = torch.compile(model) if compiled else model
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def run(batch):
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            # The loss as HF's Trainer computes it: inside the model's forward (so compiled with
-            # it); shift_labels are the already-shifted targets, labels only switch the loss on.
-            loss = forward(
-                input_ids=batch["inputs"], labels=batch["targets"], shift_labels=batch["targets"]
-            ).loss
+            loss = loss_of(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return run, sum(p.numel() for p in model.parameters())
+    return run
 
 
 RUNNERS = {
@@ -159,6 +187,7 @@ RUNNERS = {
     "llmfn-compiled-pure": lambda c, d: llmfn_runner(c, d, compiled=True, donate=False),
     "hf-eager": lambda config, device: hf_runner(config, device, compiled=False),
     "hf-compiled": lambda config, device: hf_runner(config, device, compiled=True),
+    "llmfn-module-compiled": module_runner,
 }
 
 
@@ -299,7 +328,8 @@ def main() -> None:
         "--only",
         nargs="*",
         default=None,
-        help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled llmfn-compiled-pure "
+        help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled llmfn-module-compiled "
+        "llmfn-compiled-pure "
         "(the last runs by default on GPU only)",
     )
     parser.add_argument("--out", default="bench/results/train_throughput.json")
@@ -336,7 +366,14 @@ def main() -> None:
     report.print_table()
 
 
-GPU_ORDER = ["llmfn-compiled", "hf-compiled", "hf-eager", "llmfn-eager", "llmfn-compiled-pure"]
+GPU_ORDER = [
+    "llmfn-compiled",
+    "hf-compiled",
+    "llmfn-module-compiled",
+    "hf-eager",
+    "llmfn-eager",
+    "llmfn-compiled-pure",
+]
 
 
 class Report:
@@ -361,7 +398,7 @@ class Report:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
         ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        return f"{name:<20}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+        return f"{name:<23}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
 
     def print_table(self) -> None:
         args = self.args
@@ -369,7 +406,7 @@ class Report:
             f"\n{args.preset}  B={args.batch} T={args.seq}  {self.precision}  device={self.device_name}"
         )
         print(
-            f"{'variant':<20}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
+            f"{'variant':<23}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
         )
         for name in self.results:
             print(self.row(name))

@@ -379,6 +379,38 @@ def test_single_expert_moe_equals_the_dense_mlp(cfg, seed):
     torch.testing.assert_close(losses["moe_aux_loss"], torch.tensor(1.0))  # E·f·p = 1·1·1
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_router_learns_from_the_model_loss(top_k):
+    """Switch-style top-1 keeps the raw probability: renormalised it is exactly 1 and the
+    router's gradient from the output (aux losses aside) would be zero."""
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_heads=2,
+        num_layers=1,
+        use_moe=True,
+        num_experts=4,
+        top_k=top_k,
+    )
+    params = init_params(cfg, seed=0)["layers", "0", "moe"]
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    target = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+
+    def output_loss(router):
+        with_router = params.clone(recurse=False)
+        with_router["router"] = router
+        out, _ = moe(with_router, x, cfg)  # no aux losses in it
+        return (out - target).pow(2).mean()
+
+    router_grad = torch.func.grad(output_loss)(params["router"].clone())
+    assert router_grad.abs().sum() > 0
+    weights, _, _ = route(params["router"], x.reshape(-1, 16), cfg)
+    if top_k > 1:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(10))
+    else:
+        assert (weights < 1).all()
+
+
 def moe_reference(
     params: TensorDict, x: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, int]:

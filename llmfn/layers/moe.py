@@ -6,8 +6,9 @@ params: {"router": [E, D], "experts": {"w13": [E, 2·I, D] | "w1": [E, I, D], "w
 
 Dispatch has no Python loop over tokens or experts: every (token, choice) pair gets a slot in a
 [E, C, D] buffer through a cumulative count, the experts run as two batched matmuls, and the
-results are gathered back. C = N·top_k (dropless) unless `moe_capacity_factor` caps it, in which
-case pairs past an expert's capacity are skipped (their weight drops out of the sum).
+results are gathered back. C = N (an expert sees each token at most once: dropless) unless
+`moe_capacity_factor` caps it, in which case pairs past an expert's capacity are skipped (their
+weight drops out of the sum).
 """
 
 import math
@@ -55,11 +56,15 @@ def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
-    """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors)."""
+    """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors). The
+    weights are the chosen experts' router probabilities, renormalised to sum to 1 for k > 1."""
     logits = linear(x, router).float()  # [N, E]
     probs = logits.softmax(dim=-1)
     weights, experts = probs.topk(cfg.top_k, dim=-1)
-    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cfg.top_k > 1:  # the chosen experts' weights sum to 1 (Mixtral)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    # top_k = 1 keeps the raw probability (Switch Transformer): renormalised it would be exactly
+    # 1, and the router would learn nothing from the model's loss, only from the aux losses.
     chosen = one_hot(experts, cfg.num_experts).sum(dim=1).float()  # [N, E]
     fraction_routed = chosen.mean(dim=0) / cfg.top_k
     load_balance = cfg.num_experts * (fraction_routed * probs.mean(dim=0)).sum()

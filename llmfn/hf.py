@@ -417,6 +417,11 @@ def _check_expressible(cfg: ModelConfig, family: str) -> None:
             attention_bias=True,
         )
         _require(cfg, family, mlp_bias=True, sliding_window=None)
+        if cfg.kv_heads != cfg.num_heads:
+            raise ValueError(
+                f"model.num_kv_heads={cfg.num_kv_heads} cannot be expressed as HF gpt2: expected "
+                f"None or num_heads={cfg.num_heads} (GPT-2 has no grouped-query attention)"
+            )
         return
     _require(cfg, family, norm_type="rmsnorm", position="rope", use_glu=True)
     if family == "llama":

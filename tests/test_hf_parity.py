@@ -387,6 +387,16 @@ def test_qwen2_mixed_sliding_layers_are_rejected():
         config_from_hf(config)
 
 
+GPT2_STYLE = ModelConfig(
+    norm_type="layernorm",
+    position="learned",
+    use_glu=False,
+    activation="gelu",
+    attention_bias=True,
+    mlp_bias=True,
+)
+
+
 @pytest.mark.parametrize(
     ("cfg", "family", "message"),
     [
@@ -396,6 +406,9 @@ def test_qwen2_mixed_sliding_layers_are_rejected():
         (ModelConfig(), "qwen2", "attention_bias=False"),
         (ModelConfig(mlp_bias=True, sliding_window=4), None, "mlp_bias.*mistral"),
         (ModelConfig(), "falcon", "family='falcon'"),
+        (GPT2_STYLE, "gpt2", None),
+        (GPT2_STYLE.replace(num_kv_heads=4), "gpt2", None),  # = num_heads: plain MHA
+        (GPT2_STYLE.replace(num_kv_heads=2), "gpt2", "num_kv_heads=2 .* no grouped-query"),
     ],
 )
 def test_inexpressible_configs_name_the_field(cfg, family, message):

@@ -265,6 +265,7 @@ def _validate(cfg: Config) -> None:
     positive("logging.log_every", cfg.logging.log_every)
     positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
     positive("train.max_nonfinite", cfg.train.max_nonfinite)
+    positive("train.sample_tokens", cfg.train.sample_tokens)
     positive("train.early_stopping_patience", cfg.train.early_stopping_patience)
     positive("data.val_batches", cfg.data.val_batches)
     positive("data.max_files", cfg.data.max_files)
@@ -282,7 +283,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} is invalid: expected a float in [0, 1)")
     for key, value in [("optim.eps", cfg.optim.eps), ("optim.weight_decay", cfg.optim.weight_decay),
                        ("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta),
-                       ("train.sample_tokens", cfg.train.sample_tokens)]:  # fmt: skip
+                       ("train.sample_every", cfg.train.sample_every)]:  # fmt: skip
         if value < 0:
             raise ConfigError(f"{key}={value} is invalid: expected >= 0")
     name = cfg.train.run_name

@@ -81,6 +81,8 @@ def test_int_widens_to_float_but_not_the_reverse():
             ["train.early_stopping_patience=0"],
             r"train.early_stopping_patience=0 is invalid: expected a positive number",
         ),
+        (["train.sample_tokens=0"], r"train.sample_tokens=0 is invalid: expected a positive"),
+        (["train.sample_every=-5"], r"train.sample_every=-5 is invalid: expected >= 0"),
         (["lr=1"], r"needs a section"),
         (["optim.lr"], r"not of the form section.key=value"),
     ],

@@ -367,20 +367,15 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def parse_value(text: str):
-    """A CLI/env value as YAML would read it: 3e-4 -> float, true -> bool, null (or None) -> None."""
+    """A CLI/env value as YAML would read it: 3 -> int, 0.1 -> float, true -> bool, null (or
+    None) -> None, anything else a string. YAML 1.1 leaves 3e-4 a string: float fields accept
+    such strings (`_coerce`), string fields keep them as written (train.run_name=1e3)."""
     if text in ("None", "none"):
         return None
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    # YAML 1.1 reads "3e-4" as a string; accept scientific notation as a float.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in "e.") else value
-        except ValueError:
-            return value
-    return value
 
 
 def env_variable(key: str) -> str:

@@ -45,6 +45,15 @@ def test_int_widens_to_float_but_not_the_reverse():
         load_config(None, ["train.max_steps=1.5"], {})
 
 
+def test_override_values_are_read_for_the_field_they_set():
+    cfg = load_config(None, ["train.run_name=1e3", "optim.lr=2e-3", "optim.eps=1e-8"], {})
+    assert cfg.train.run_name == "1e3"  # a folder name, not 1000.0
+    assert cfg.optim.lr == 2e-3 and cfg.optim.eps == 1e-8
+    env = {"LLMFN_TRAIN__RUN_NAME": "5e2", "LLMFN_OPTIM__MIN_LR": "1e-4"}
+    cfg = load_config(None, [], env)
+    assert cfg.train.run_name == "5e2" and cfg.optim.min_lr == 1e-4
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

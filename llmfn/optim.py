@@ -168,11 +168,17 @@ def as_scalar(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def decay_and_apply(
-    p: list, decay: list[bool], decay_factor, apply_: Callable, apply: Callable, *operands: list
+    p: list,
+    decay: list[bool],
+    decay_factor,
+    foreach_op_: Callable,
+    foreach_op: Callable,
+    *operands: list,
 ) -> list:
-    """New leaves: apply_(p * decay_factor, *operands) on decayed leaves (in place on the fresh
-    product), apply(p, *operands) out of place elsewhere. `apply_`/`apply` are a foreach op pair;
-    decay_factor (1 - lr·wd, 0-d) None = no decay anywhere."""
+    """New leaves: foreach_op_(p * decay_factor, *operands) on decayed leaves (in place on the
+    fresh product), foreach_op(p, *operands) out of place elsewhere: a foreach op pair such as
+    `torch._foreach_add_` / `torch._foreach_add`. decay_factor (1 - lr·wd, 0-d) None = no decay
+    anywhere."""
     if decay_factor is None:
         decay = [False] * len(p)
     p_decay, p_keep = split_by_mask(p, decay)
@@ -180,9 +186,9 @@ def decay_and_apply(
     decayed, kept = [], []
     if p_decay:
         decayed = torch._foreach_mul(p_decay, decay_factor)
-        apply_(decayed, *(yes for yes, _ in split_operands))
+        foreach_op_(decayed, *(yes for yes, _ in split_operands))
     if p_keep:
-        kept = apply(p_keep, *(no for _, no in split_operands))
+        kept = foreach_op(p_keep, *(no for _, no in split_operands))
     return merge_by_mask(decayed, kept, decay)
 
 
@@ -225,6 +231,11 @@ def adamw(
         return state_tree(params, exp_avg=zeros_tree(params), exp_avg_sq=zeros_tree(params))
 
     def update_leaves(paths, p, g, moments, *, lr, step, batch_dims=0):
+        if step is None:
+            raise ValueError(
+                "adamw update needs step= (the 1-based number of this update, for its bias "
+                "corrections; a 0-d tensor, so that a compiled update does not recompile)"
+            )
         exp_avg, exp_avg_sq = moments_named(moments, ("exp_avg", "exp_avg_sq"))
         lr = as_scalar(lr, p[0])
         neg_step_size, inv_sqrt_bc2, decay_factor = adam_coefficients(

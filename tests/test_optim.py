@@ -455,3 +455,10 @@ def test_clipped_norm_never_exceeds_max(max_norm, scale, seed):
     after = global_norm(clipped).item()
     assert after <= max_norm * (1 + 1e-5)
     assert after == pytest.approx(min(before.item(), max_norm), rel=1e-4)
+
+
+def test_adamw_without_a_step_says_what_it_needs():
+    params = TensorDict({"w": torch.ones(2, 2)}, [])
+    optimizer = adamw()
+    with pytest.raises(ValueError, match=r"adamw update needs step= \(the 1-based number"):
+        optimizer.update(params, params, optimizer.init(params), lr=torch.tensor(0.1))

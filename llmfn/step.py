@@ -80,6 +80,30 @@ def next_loss_scale(scale: torch.Tensor, good_steps: torch.Tensor, finite: torch
     return new_scale, new_good
 
 
+def average_over_ranks(all_reduce: GradientAllReduce, grads: list, loss, tokens, extra: dict):
+    """grads, loss, tokens and the task's metrics averaged over ranks in one all-reduce (tokens
+    as a float: the mean; the caller multiplies by the world size)."""
+    averaged = [loss, tokens.float(), *extra.values()]
+    reduced = all_reduce([*grads, *(value.reshape(1) for value in averaged)])
+    grads = reduced[: len(grads)]
+    loss, tokens, *rest = (r[0] for r in reduced[len(grads) :])
+    return grads, loss, tokens, dict(zip(extra, rest, strict=True))
+
+
+def select_update(take: torch.Tensor, new: tuple, old: tuple, *, donate: bool) -> tuple:
+    """(params, moments) of the update where `take` (0-d bool), else the old ones. donate: the
+    result is written into the old tensors and returned as them (in place when compiled)."""
+    (new_params, new_moments), (params, moments) = new, old
+    new_params = where_leaves(take, new_params, params)
+    new_moments = {name: where_leaves(take, new_moments[name], moments[name]) for name in moments}
+    if not donate:
+        return new_params, new_moments
+    torch._foreach_copy_(params, new_params)
+    for name in moments:
+        torch._foreach_copy_(moments[name], new_moments[name])
+    return params, moments
+
+
 def make_train_step(
     task,
     config,
@@ -120,13 +144,9 @@ def make_train_step(
     # took 4x longer (68 s against 16 s to trace a 30-layer model's gradient).
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
-    def step_leaves(paths, shape, params, moments, scalars, batch):
-        """The step over lists of leaves: params [leaves at paths], moments {name: leaves},
-        scalars {name: 0-d tensor} (STATE_SCALARS) -> (params, moments, scalars, metrics).
-        `paths` and `shape` (the params tree's TreeShape) are Python constants: compiled, a
-        state of another structure recompiles rather than being misread."""
-        step, scale = scalars["step"], scalars["loss_scale"]
-        step_key = fold_in(scalars["rng"], step)
+    def gradients(paths, shape, params, batch, step_key, scale):
+        """Mean gradients over the batch's A micro-batches (each with its own dropout key) ->
+        (grads [leaves], loss, tokens, the task's other metrics averaged)."""
         num_micro = next(iter(batch.values())).shape[0]
         grads, losses, task_metrics = None, [], []
         for i in range(num_micro):
@@ -136,41 +156,46 @@ def make_train_step(
             grads = g if grads is None else torch._foreach_add(grads, g)
             losses.append(value)
             task_metrics.append(metrics)
-        loss = torch.stack(losses).mean()
-        tokens = torch.stack([m["tokens"] for m in task_metrics]).sum()
         extra = {
             k: torch.stack([m[k] for m in task_metrics]).float().mean()
             for k in task_metrics[0]
             if k != "tokens"
         }
+        tokens = torch.stack([m["tokens"] for m in task_metrics]).sum()
         grads = torch._foreach_div(grads, scale * num_micro)
+        return grads, torch.stack(losses).mean(), tokens, extra
 
+    def step_leaves(paths, shape, params, moments, scalars, batch):
+        """The step over lists of leaves: params [leaves at paths], moments {name: leaves},
+        scalars {name: 0-d tensor} (STATE_SCALARS) -> (params, moments, scalars, metrics).
+        `paths` and `shape` (the params tree's TreeShape) are Python constants: compiled, a
+        state of another structure recompiles rather than being misread."""
+        step, scale, streak = scalars["step"], scalars["loss_scale"], scalars["nonfinite_streak"]
+        step_key = fold_in(scalars["rng"], step)
+        grads, loss, tokens, extra = gradients(paths, shape, params, batch, step_key, scale)
         if all_reduce is not None:
-            averaged = [loss, tokens.float(), *extra.values()]
-            reduced = all_reduce([*grads, *(s.reshape(1) for s in averaged)])
-            grads = reduced[: len(grads)]
-            loss, tokens, *rest = (r[0] for r in reduced[len(grads) :])  # means over ranks
-            extra = dict(zip(extra, rest, strict=True))
-
+            grads, loss, tokens, extra = average_over_ranks(all_reduce, grads, loss, tokens, extra)
         grads, grad_norm = clip_leaves_by_global_norm(grads, max_norm)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        streak = scalars["nonfinite_streak"]
         # Once the streak reaches the limit the state freezes until the driver stops, so the
         # diagnostic checkpoint holds the last good values and the step of the first failure.
-        apply = finite & (streak < nonfinite_limit)
+        take_update = finite & (streak < nonfinite_limit)
         lr = learning_rate(step)
         new_params, new_moments = optimizer.update_leaves(
             paths, params, grads, moments, lr=lr, step=step + 1, batch_dims=len(shape.batch_size)
         )
-        new_scale, new_good = (scale, scalars["good_steps"])
+        new_params, new_moments = select_update(
+            take_update, (new_params, new_moments), (params, moments), donate=donate
+        )
+        new_scale, new_good = scale, scalars["good_steps"]
         if precision == "fp16":
-            new_scale, new_good = next_loss_scale(scale, scalars["good_steps"], finite)
+            new_scale, new_good = next_loss_scale(scale, new_good, finite)
         new_scalars = {
             "step": step + 1,
             "rng": scalars["rng"],
             "loss_scale": new_scale,
             "good_steps": new_good,
-            "nonfinite_streak": torch.where(apply, 0, streak + 1),
+            "nonfinite_streak": torch.where(take_update, 0, streak + 1),
         }
         world = 1 if all_reduce is None else all_reduce.world_size
         metrics = {
@@ -183,15 +208,6 @@ def make_train_step(
         }
         if precision == "fp16":
             metrics["loss_scale"] = scale
-        new_params = where_leaves(apply, new_params, params)
-        new_moments = {
-            name: where_leaves(apply, new_moments[name], moments[name]) for name in moments
-        }
-        if donate:
-            torch._foreach_copy_(params, new_params)
-            for name in moments:
-                torch._foreach_copy_(moments[name], new_moments[name])
-            new_params, new_moments = params, moments
         return new_params, new_moments, new_scalars, metrics
 
     if compile:

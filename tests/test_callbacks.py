@@ -257,7 +257,7 @@ def test_console_logger_prints_nothing_off_rank_zero(tmp_path, capsys):
 # --- ProgressBar -------------------------------------------------------------------------------
 def test_progress_bar_shows_loss_tok_s_and_mfu_and_finishes(tmp_path):
     out = io.StringIO()
-    bar = ProgressBar(log_every=5, file=out)
+    bar = ProgressBar(log_every=5, console=out)
     bar.throughput.clock = FakeClock(1.0)
     run = make_run(tmp_path, max_steps=20, peak_flops=1e8)
     bar.on_train_start(run)
@@ -275,7 +275,7 @@ def test_progress_bar_shows_loss_tok_s_and_mfu_and_finishes(tmp_path):
 
 def test_progress_bar_starts_at_start_step_on_resume_and_has_no_mfu_on_cpu(tmp_path):
     out = io.StringIO()
-    bar = ProgressBar(log_every=5, file=out)
+    bar = ProgressBar(log_every=5, console=out)
     run = make_run(tmp_path, max_steps=40, start_step=30, peak_flops=None)
     bar.on_train_start(run)
     assert bar.bar.n == 30 and bar.bar.total == 40
@@ -361,6 +361,20 @@ def test_jsonl_logger_drops_records_of_the_interrupted_run_on_resume(tmp_path):
 def test_jsonl_logger_writes_nothing_off_rank_zero(tmp_path):
     drive(JsonlLogger(every=1), make_run(tmp_path, is_main=False), evals={3: 1.0})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_jsonl_logger_excludes_checkpoint_time_from_throughput(tmp_path):
+    logger = JsonlLogger(every=10)
+    clock = FakeClock(1.0)
+    logger.throughput.clock = clock
+    run = make_run(tmp_path, max_steps=20)
+    logger.on_train_start(run)  # t=1
+    logger.on_step_end(run, 10, step_metrics(10))  # t=2
+    clock.now += 100.0  # a slow save
+    logger.on_checkpoint(run, 10, tmp_path)  # restart at t=103
+    logger.on_step_end(run, 20, step_metrics(20))  # t=104: 10 steps in 1 s
+    logger.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["tok_per_s"] == 10_000
 
 
 # --- TensorBoardLogger -------------------------------------------------------------------------

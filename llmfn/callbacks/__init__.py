@@ -19,7 +19,7 @@ from llmfn.callbacks.progress import ProgressBar
 from llmfn.callbacks.sample_text import SampleText
 from llmfn.callbacks.scalars import to_floats
 from llmfn.callbacks.tensorboard_logger import TensorBoardLogger
-from llmfn.callbacks.throughput import Throughput, model_flops_utilization
+from llmfn.callbacks.throughput import Throughput, TimedCallback, model_flops_utilization
 
 __all__ = [
     "Callback",
@@ -35,6 +35,7 @@ __all__ = [
     "SampleText",
     "TensorBoardLogger",
     "Throughput",
+    "TimedCallback",
     "default_callbacks",
     "model_flops_utilization",
     "read_jsonl",

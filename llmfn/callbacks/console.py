@@ -12,10 +12,10 @@ from typing import TextIO
 
 import torch
 
-from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.base import RunInfo
 from llmfn.callbacks.output import write_line
 from llmfn.callbacks.scalars import to_floats
-from llmfn.callbacks.throughput import Throughput
+from llmfn.callbacks.throughput import TimedCallback
 
 MAIN_METRICS = ("loss", "grad_norm", "lr")
 NOT_PRINTED = ("tokens", "step", "nonfinite")  # bookkeeping; the driver reports non-finite steps
@@ -65,30 +65,30 @@ def format_eval_line(run: RunInfo, step: int, values: dict[str, float]) -> str:
     return " | ".join(fields)
 
 
-class ConsoleLogger(Callback):
+class ConsoleLogger(TimedCallback):
     """Prints step lines every `every` steps and eval lines, on rank 0 only.
 
     tok/s and MFU are the throughput of the steps since the previous logged line; the clock
     restarts after each eval and checkpoint so their time is not counted as training time.
     """
 
-    def __init__(self, every: int = 10, file: TextIO | None = None):
+    def __init__(self, every: int = 10, console: TextIO | None = None):
+        super().__init__()
         self.every = every
-        self.file = file
-        self.throughput = Throughput()
+        self.console = console
 
     def print(self, run: RunInfo, text: str) -> None:
         if run.is_main:
-            write_line(text, self.file)
+            write_line(text, self.console)
 
     def on_train_start(self, run: RunInfo) -> None:
-        self.throughput.restart(run.start_step)
         resumed = f" (resumed at step {run.start_step})" if run.start_step > 0 else ""
         tokens = f", {run.tokens_per_step:,} tokens/step" if run.tokens_per_step > 0 else ""
         self.print(
             run,
             f"training to step {run.max_steps}{resumed}{tokens}, {run.world_size} process(es), logs in {run.run_dir}",
         )
+        super().on_train_start(run)
 
     def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if not run.is_main:
@@ -99,11 +99,11 @@ class ConsoleLogger(Callback):
 
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
         self.print(run, format_eval_line(run, step, to_floats(metrics)))
-        self.throughput.restart(step)
+        super().on_eval(run, step, metrics)
 
     def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
         self.print(run, f"saved checkpoint at step {step}: {path}")
-        self.throughput.restart(step)
+        super().on_checkpoint(run, step, path)
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
         if run.stop_signal:

@@ -11,18 +11,20 @@ from llmfn.callbacks.lr_monitor import LRMonitor
 from llmfn.callbacks.progress import ProgressBar
 from llmfn.callbacks.sample_text import SampleText
 from llmfn.callbacks.tensorboard_logger import TensorBoardLogger
+from llmfn.tasks import get_task
 
 
 def default_callbacks(config, *, is_main: bool) -> CallbackList:
     """The standard set for `config` (an llmfn.config.Config).
 
     Callbacks that print or write are built on rank 0 only; EarlyStopping is built on every rank
-    so all ranks stop at the same step. SampleText comes first: the loggers restart their
-    throughput clocks in `on_eval`, after the sample, so sampling time is not counted as training.
+    so all ranks stop at the same step. SampleText, for tasks that generate text, comes first: the
+    loggers restart their throughput clocks in `on_eval`, after the sample, so sampling time is not
+    counted as training.
     """
     log, train = config.logging, config.train
     callbacks = []
-    if is_main and train.task != "regression":
+    if is_main and get_task(train.task).generates_text:
         callbacks.append(SampleText(train.sample_every, train.sample_prompt, train.sample_tokens))
     if is_main and log.progress:
         callbacks.append(ProgressBar(log.log_every))

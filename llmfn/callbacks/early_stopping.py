@@ -24,7 +24,7 @@ class EarlyStopping(Callback):
         patience: int,
         min_delta: float = 0.0,
         monitor: str = "val_loss",
-        file: TextIO | None = None,
+        console: TextIO | None = None,
     ):
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(
@@ -37,7 +37,7 @@ class EarlyStopping(Callback):
         self.patience = patience
         self.min_delta = float(min_delta)
         self.monitor = monitor
-        self.file = file
+        self.console = console
         self.best: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
@@ -71,7 +71,7 @@ class EarlyStopping(Callback):
                 write_line(
                     f"early stopping at step {step}: {self.monitor} has not improved by more than "
                     f"{self.min_delta:g} for {self.bad_evals} evals (best {best})",
-                    self.file,
+                    self.console,
                 )
 
     def state_dict(self) -> dict:

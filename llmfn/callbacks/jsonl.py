@@ -20,7 +20,7 @@ import torch
 
 from llmfn.callbacks.base import FileCallback, RunInfo
 from llmfn.callbacks.scalars import finite_or_none, to_floats
-from llmfn.callbacks.throughput import Throughput
+from llmfn.callbacks.throughput import TimedCallback
 
 FILE_NAME = "metrics.jsonl"
 
@@ -52,21 +52,25 @@ def record(kind: str, step: int, *parts: dict[str, float]) -> dict:
     return out
 
 
-class JsonlLogger(FileCallback):
+class JsonlLogger(TimedCallback, FileCallback):
     """Appends one JSON line every `every` steps and one per eval to run_dir/metrics.jsonl."""
 
     def __init__(self, every: int = 10, file_name: str = FILE_NAME):
+        super().__init__()
         self.every = every
         self.file_name = file_name
         self.file: TextIO | None = None
-        self.throughput = Throughput()
         self.start_time = time.perf_counter()
 
     def on_train_start(self, run: RunInfo) -> None:
-        self.throughput.restart(run.start_step)
         self.start_time = time.perf_counter()
-        if not run.is_main:
-            return
+        if run.is_main:
+            self.open_file(run)
+        super().on_train_start(run)
+
+    def open_file(self, run: RunInfo) -> None:
+        """Open run_dir/<file_name>: appended to on resume (after dropping the records past
+        `start_step`), truncated otherwise."""
         path = Path(run.run_dir) / self.file_name
         if run.start_step > 0 and path.exists():
             keep_records_up_to(path, run.start_step)
@@ -89,7 +93,4 @@ class JsonlLogger(FileCallback):
 
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
         self.write(record("eval", step, to_floats(metrics)))
-        self.throughput.restart(step)
-
-    def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
-        self.throughput.restart(step)
+        super().on_eval(run, step, metrics)

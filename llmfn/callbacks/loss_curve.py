@@ -61,10 +61,10 @@ def draw_loss_curve(
 class LossCurvePlot(Callback):
     """Records loss every `every` steps and val_loss at each eval; plots them at the end."""
 
-    def __init__(self, every: int = 10, file_name: str = FILE_NAME, file: TextIO | None = None):
+    def __init__(self, every: int = 10, file_name: str = FILE_NAME, console: TextIO | None = None):
         self.every = every
         self.file_name = file_name
-        self.file = file
+        self.console = console
         self.train: list[list[float]] = []  # [step, loss]
         self.val: list[list[float]] = []  # [step, val_loss]
         self.have_matplotlib = matplotlib_available()  # imported here, not in the timed loop
@@ -76,7 +76,9 @@ class LossCurvePlot(Callback):
         self.val = [p for p in self.val if p[0] <= run.start_step]
         self.enabled = run.is_main and self.have_matplotlib
         if run.is_main and not self.have_matplotlib:
-            write_line(MISSING_MESSAGE.format(path=Path(run.run_dir) / self.file_name), self.file)
+            write_line(
+                MISSING_MESSAGE.format(path=Path(run.run_dir) / self.file_name), self.console
+            )
 
     def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if self.enabled and "loss" in metrics:
@@ -94,7 +96,7 @@ class LossCurvePlot(Callback):
             return
         path = Path(run.run_dir) / self.file_name
         draw_loss_curve(path, self.train, self.val, title=Path(run.run_dir).name)
-        write_line(f"loss curve: {path}", self.file)
+        write_line(f"loss curve: {path}", self.console)
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
         self.plot(run)

@@ -64,9 +64,8 @@ class LRMonitor(FileCallback):
     def on_train_start(self, run: RunInfo) -> None:
         if not run.is_main:
             return
-        optim = getattr(run.config, "optim", None)
-        if optim is not None and self.print_schedule:
-            write_line(describe_schedule(optim), self.console)
+        if self.print_schedule:
+            write_line(describe_schedule(run.config.optim), self.console)
         path = Path(run.run_dir) / self.file_name
         if run.start_step > 0 and path.exists():
             keep_rows_up_to(path, run.start_step)

@@ -8,6 +8,6 @@ from typing import TextIO
 from tqdm import tqdm
 
 
-def write_line(text: str, file: TextIO | None = None) -> None:
-    """Print `text` above any active progress bar (to `file`, default stdout)."""
-    tqdm.write(text, file=file if file is not None else sys.stdout)
+def write_line(text: str, console: TextIO | None = None) -> None:
+    """Print `text` above any active progress bar (to `console`, default stdout)."""
+    tqdm.write(text, file=console if console is not None else sys.stdout)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import TextIO
 
 import torch
 from tqdm import tqdm
 
-from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.base import RunInfo
 from llmfn.callbacks.scalars import to_floats
-from llmfn.callbacks.throughput import Throughput
+from llmfn.callbacks.throughput import TimedCallback
 
 
 def bar_postfix(values: dict[str, float], rates: dict[str, float]) -> dict[str, str]:
@@ -28,40 +27,40 @@ def bar_postfix(values: dict[str, float], rates: dict[str, float]) -> dict[str, 
     return postfix
 
 
-class ProgressBar(Callback):
+class ProgressBar(TimedCallback):
     """Advances every step (no device sync), refreshes loss/tok/s/MFU every `log_every` steps.
 
     The bar starts at `run.start_step` on resume, so its ETA counts only the steps left.
-    MFU appears only when `run.peak_flops` is known (GPU). Without a `file` it draws on stderr
+    MFU appears only when `run.peak_flops` is known (GPU). Without a `console` it draws on stderr
     when that is a terminal, and not at all when output goes to a log file or a pipe (its
     carriage-return redraws would interleave with the console logger's lines there).
     """
 
     every = 1
 
-    def __init__(self, log_every: int = 10, file: TextIO | None = None):
+    def __init__(self, log_every: int = 10, console: TextIO | None = None):
         if log_every <= 0:
             raise ValueError(
                 f"ProgressBar.log_every={log_every!r} is invalid: expected a positive int"
             )
+        super().__init__()
         self.log_every = log_every
-        self.file = file
+        self.console = console
         self.bar: tqdm | None = None
-        self.throughput = Throughput()
         self.shown: dict[str, float] = {}
         self.rates: dict[str, float] = {}
 
     def on_train_start(self, run: RunInfo) -> None:
-        self.throughput.restart(run.start_step)
-        if run.is_main and (self.file is not None or sys.stderr.isatty()):
+        if run.is_main and (self.console is not None or sys.stderr.isatty()):
             self.bar = tqdm(
                 total=run.max_steps,
                 initial=run.start_step,
                 desc="train",
                 unit="step",
                 dynamic_ncols=True,
-                file=self.file,
+                file=self.console,
             )
+        super().on_train_start(run)
 
     def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if self.bar is None:
@@ -73,13 +72,10 @@ class ProgressBar(Callback):
         self.bar.update(max(0, step - self.bar.n))
 
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
-        self.throughput.restart(step)
         if self.bar is not None:
             self.shown.update(to_floats(metrics))
             self.bar.set_postfix(bar_postfix(self.shown, self.rates))
-
-    def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
-        self.throughput.restart(step)
+        super().on_eval(run, step, metrics)
 
     def close(self) -> None:
         if self.bar is not None:

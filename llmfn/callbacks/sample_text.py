@@ -24,7 +24,7 @@ class SampleText(Callback):
         sample_every: int = 0,
         prompt: str = "",
         max_new_tokens: int = 128,
-        file: TextIO | None = None,
+        console: TextIO | None = None,
         file_name: str | None = FILE_NAME,
     ):
         if sample_every < 0:
@@ -38,7 +38,7 @@ class SampleText(Callback):
         self.sample_every = sample_every
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
-        self.file = file
+        self.console = console
         self.file_name = file_name
         self.window_step = 0  # the last step sampled, or the start step: windows count from it
         self.sampled_at: int | None = None
@@ -49,7 +49,7 @@ class SampleText(Callback):
         text = run.sample_fn(self.prompt, self.max_new_tokens)
         self.window_step = self.sampled_at = step
         block = f"--- sample at step {step} (prompt {self.prompt!r}) ---\n{text}\n---"
-        write_line(block, self.file)
+        write_line(block, self.console)
         if self.file_name is not None:
             with (Path(run.run_dir) / self.file_name).open("a", encoding="utf-8") as out:
                 out.write(block + "\n")

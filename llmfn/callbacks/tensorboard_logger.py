@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from llmfn.callbacks.base import Callback, RunInfo
+from llmfn.callbacks.base import RunInfo
 from llmfn.callbacks.scalars import to_floats
-from llmfn.callbacks.throughput import Throughput
+from llmfn.callbacks.throughput import TimedCallback
 
 MISSING_MESSAGE = (
     "logging.tensorboard=true needs the tensorboard package, which is not installed: "
@@ -35,25 +35,25 @@ def val_tag(name: str) -> str:
     return "val/" + name.removeprefix("val_")
 
 
-class TensorBoardLogger(Callback):
+class TensorBoardLogger(TimedCallback):
     """Writes scalars to an event file in run_dir/<subdir>; fails at construction, with the
     install command, if tensorboard is not installed."""
 
     def __init__(self, every: int = 10, subdir: str = "tensorboard"):
+        super().__init__()
         self.every = every
         self.subdir = subdir
         self.writer_class = summary_writer_class()
         self.writer = None
-        self.throughput = Throughput()
 
     def on_train_start(self, run: RunInfo) -> None:
-        self.throughput.restart(run.start_step)
         if run.is_main:
             # purge_step drops events after the resume point left by an interrupted run.
             purge_step = run.start_step + 1 if run.start_step > 0 else None
             self.writer = self.writer_class(
                 log_dir=str(Path(run.run_dir) / self.subdir), purge_step=purge_step
             )
+        super().on_train_start(run)
 
     def on_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
         if self.writer is None:
@@ -64,17 +64,16 @@ class TensorBoardLogger(Callback):
             self.writer.add_scalar(f"perf/{name}", value, step)
 
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
-        self.throughput.restart(step)
-        if self.writer is None:
-            return
-        for name, value in to_floats(metrics).items():
-            self.writer.add_scalar(val_tag(name), value, step)
-        self.writer.flush()
+        if self.writer is not None:
+            for name, value in to_floats(metrics).items():
+                self.writer.add_scalar(val_tag(name), value, step)
+            self.writer.flush()
+        super().on_eval(run, step, metrics)
 
     def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
-        self.throughput.restart(step)
         if self.writer is not None:
             self.writer.flush()
+        super().on_checkpoint(run, step, path)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -2,14 +2,16 @@
 
 The clock runs from one measurement to the next, so each number is the throughput of the steps
 in between. The caller syncs the device first (`.item()` on a metric), so queued GPU work is
-included. `restart` after an eval, sample or checkpoint keeps their time out of the next number.
+included. `restart` after an eval, sample or checkpoint keeps their time out of the next number;
+`TimedCallback` does that for the callbacks that report throughput.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from llmfn.callbacks.base import RunInfo
+from llmfn.callbacks.base import Callback, RunInfo
 
 
 def model_flops_utilization(run: RunInfo, tokens_per_second: float) -> float | None:
@@ -47,3 +49,24 @@ class Throughput:
             if mfu is not None:
                 rates["mfu"] = mfu
         return rates
+
+
+class TimedCallback(Callback):
+    """A callback that reports `self.throughput.measure(run, step)` in `on_step_end`.
+
+    The clock starts with training and restarts after each eval and checkpoint, so their time is
+    not counted as training. A subclass that overrides one of these hooks does its own printing
+    or writing first and calls `super()` last, so that time is not counted either.
+    """
+
+    def __init__(self):
+        self.throughput = Throughput()
+
+    def on_train_start(self, run: RunInfo) -> None:
+        self.throughput.restart(run.start_step)
+
+    def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
+        self.throughput.restart(step)
+
+    def on_checkpoint(self, run: RunInfo, step: int, path: Path) -> None:
+        self.throughput.restart(step)

@@ -173,19 +173,17 @@ def prepare_bins(
     val_fraction: float = 0.005,
     errors: str = "strict",
     dtype: str = "auto",
-    overwrite: bool = False,
-    if_exists: str | None = None,
+    if_exists: str = "error",
     max_tokenizer_chars: int = DEFAULT_MAX_TOKENIZER_CHARS,
     progress: bool = True,
 ) -> dict:
     """Tokenize `inputs` (files, folders, globs) into `out_dir`; returns the meta.json dict.
 
     tokenizer: "char" | "bpe" (trained on the corpus, at most `max_tokenizer_chars`
-    characters, `vocab_size` ids) or a tokenizer.json path / folder. if_exists overrides
-    `overwrite`: "error" | "replace" | "keep" (keep: another writer's complete folder wins).
+    characters, `vocab_size` ids) or a tokenizer.json path / folder. if_exists, when `out_dir`
+    exists: "error" | "replace" | "keep" (keep: another writer's complete folder wins).
     """
     out_dir = Path(out_dir)
-    if_exists = if_exists or ("replace" if overwrite else "error")
     if errors not in ERROR_POLICIES:
         raise ValueError(
             f"errors={errors!r} is invalid: expected one of {', '.join(ERROR_POLICIES)}"

@@ -53,7 +53,7 @@ def build_data_module(data_cfg, *, seq_len: int, seed: int) -> DataModule:
         "val_fraction": data_cfg.val_fraction,
         "cache_dir": data_cfg.cache_dir,
     }
-    errors = getattr(data_cfg, "errors", "strict")
+    errors = data_cfg.errors
     module = data_cfg.module
     if module == "stdlib":
         max_files = DEFAULT_MAX_FILES if data_cfg.max_files is None else data_cfg.max_files
@@ -70,8 +70,7 @@ def build_data_module(data_cfg, *, seq_len: int, seed: int) -> DataModule:
         return SFTDataModule(data_cfg.path, pack=data_cfg.pack, **tokenized, **common)
     size = {"size": data_cfg.synthetic_size, "val_fraction": data_cfg.val_fraction}
     if module == "synthetic":
-        vocab_size = getattr(data_cfg, "synthetic_vocab_size", 256)
-        return SyntheticDataModule(vocab_size=vocab_size, **size, **common)
+        return SyntheticDataModule(vocab_size=data_cfg.synthetic_vocab_size, **size, **common)
     if module == "regression":
         common.pop("seq_len")
         return RegressionDataModule(features=data_cfg.regression_features, **size, **common)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction,
             errors=args.errors,
             dtype=args.dtype,
-            overwrite=args.overwrite,
+            if_exists="replace" if args.overwrite else "error",
             max_tokenizer_chars=args.max_tokenizer_chars,
             progress=not args.no_progress,
         )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmfn.data.atomic import atomic_folder
+from llmfn.data.lifecycle import NotSetUp, is_prepared, require_prepared
 from llmfn.data.sampling import SlotSampler
 from llmfn.data.sft_records import (
     check_jsonl_path,
@@ -29,7 +30,6 @@ from llmfn.data.sft_records import (
     tokenize_example,
 )
 from llmfn.data.text_module import cache_key, slug, tokenizer_label
-from llmfn.data.token_bin_module import NotSetUp
 from llmfn.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -118,7 +118,7 @@ class SFTDataModule:
 
     # --- prepare: tokenizer + tokenized examples, once ---------------------------------------
     def prepare(self) -> None:
-        if (self.path / "meta.json").is_file():
+        if is_prepared(self.path):
             return
         examples = [render(record, where) for where, record in read_records(self.source)]
         if not examples:
@@ -152,10 +152,7 @@ class SFTDataModule:
         return [(ids[a:b], learn[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
     def setup(self, *, rank: int = 0, world_size: int = 1) -> None:
-        if not (self.path / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"prepared SFT data '{self.path}' is missing: call prepare() (on rank 0) before setup()"
-            )
+        require_prepared(self.path, "prepared SFT data")
         self.rank, self.world_size = rank, world_size
         self.tokenizer = load_tokenizer(self.path)
         self.vocab_size = self.tokenizer.vocab_size
@@ -163,28 +160,30 @@ class SFTDataModule:
         examples = self._examples()
         is_val = held_out(len(examples), self.val_fraction)
         window = self.seq_len + 1
-        train = pack_rows(
+        train_ids, train_learn, train_truncated = pack_rows(
             [e for e, v in zip(examples, is_val, strict=True) if not v], window, pad, self.pack
         )
-        val = pack_rows(
+        val_ids, val_learn, val_truncated = pack_rows(
             [e for e, v in zip(examples, is_val, strict=True) if v], window, pad, self.pack
         )
-        if train[2] + val[2]:
+        truncated = train_truncated + val_truncated
+        if truncated:
             warnings.warn(
-                f"{self.source}: {train[2] + val[2]} examples are longer than seq_len + 1 = {window} tokens and were truncated",
+                f"{self.source}: {truncated} examples are longer than seq_len + 1 = {window} tokens and were truncated",
                 stacklevel=2,
             )
-        if len(train[1]) and not train[1][:, 1:].any():  # every target would be -100
+        if len(train_learn) and not train_learn[:, 1:].any():  # every target would be -100
             cause = (
                 f"remain after truncating examples to seq_len+1={window} tokens: raise "
                 "model.max_seq_len or shorten the prompts"
-                if train[2]
+                if train_truncated
                 else "to learn: every response is empty"
             )
             raise ValueError(f"{self.source}: no response tokens {cause}")
-        self.train_rows, self.val_rows, self.pad_id = train[:2], val[:2], pad
+        self.train_rows, self.val_rows = (train_ids, train_learn), (val_ids, val_learn)
+        self.pad_id = pad
         try:
-            self.sampler = SlotSampler(len(train[0]), self.batch_size, world_size, self.seed)
+            self.sampler = SlotSampler(len(train_ids), self.batch_size, world_size, self.seed)
         except ValueError as err:
             raise ValueError(
                 f"{self.source} ({'packed' if self.pack else 'padded'} rows of {window} tokens): {err}"
@@ -194,7 +193,7 @@ class SFTDataModule:
     # --- batches -------------------------------------------------------------------------------
     def train_batch(self, index: int) -> dict[str, torch.Tensor]:
         if self.train_rows is None:
-            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+            raise NotSetUp()
         rows = self.sampler.slots(index, self.rank)
         return sft_batch(self.train_rows[0][rows], self.train_rows[1][rows])
 
@@ -202,7 +201,7 @@ class SFTDataModule:
         """Up to `val_batches` batches of the held-out rows, in order; a short last batch is
         filled with padding rows that carry no loss (so shapes stay fixed)."""
         if self.train_rows is None:
-            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+            raise NotSetUp()
         ids, learn = self.val_rows
         for first in range(
             0, min(len(ids), self.num_val_batches * self.batch_size), self.batch_size

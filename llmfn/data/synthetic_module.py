@@ -19,8 +19,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from llmfn.data.lifecycle import NotSetUp
 from llmfn.data.sampling import SlotSampler
-from llmfn.data.token_bin_module import NotSetUp, lm_batch
+from llmfn.data.token_bin_module import lm_batch
 
 BRANCHING = 4
 REGRESSION_NOISE = 0.1
@@ -94,14 +95,14 @@ class _InMemoryModule:
 
     def train_batch(self, index: int) -> dict[str, torch.Tensor]:
         if self.sampler is None:
-            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+            raise NotSetUp()
         rows = self.sampler.slots(index, self.rank)
         return self._batch({name: array[rows] for name, array in self.train.items()})
 
     def val_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Up to `val_batches` full batches of the held-out examples, the same every call."""
         if self.sampler is None:
-            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+            raise NotSetUp()
         count = min(self.num_val // self.batch_size, self.num_val_batches)
         for first in range(0, count * self.batch_size, self.batch_size):
             yield self._batch(

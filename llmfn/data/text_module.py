@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llmfn.data.binarize import FORMAT_VERSION, prepare_bins
+from llmfn.data.lifecycle import is_prepared, require_prepared
 from llmfn.data.sources import resolve_inputs
 from llmfn.data.token_bin_module import TokenBinDataModule
 from llmfn.data.tokenizer import TRAINABLE, tokenizer_file
@@ -97,15 +98,12 @@ class TextDataModule(TokenBinDataModule):
 
     def prepare(self) -> None:
         """Tokenize into the cache folder unless a complete one is there (idempotent)."""
-        if (self.path / "meta.json").is_file():
+        if is_prepared(self.path):
             return
         prepare_bins(
             self.files, self.path, if_exists="keep", progress=self.progress, **self.prepare_options
         )
 
     def setup(self, *, rank: int = 0, world_size: int = 1) -> None:
-        if not (self.path / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"prepared data '{self.path}' is missing: call prepare() (on rank 0) before setup()"
-            )
+        require_prepared(self.path)
         super().setup(rank=rank, world_size=world_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmfn.data.lifecycle import NotSetUp
 from llmfn.data.sampling import WindowSampler, spread_starts
 from llmfn.data.token_bins import TokenBins, first_id_beyond, id_beyond_error
 from llmfn.data.tokenizer import Tokenizer, load_tokenizer
@@ -31,10 +32,6 @@ def lm_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
     # numpy copies: torch's intra-op threads make the same copy ~100x slower on a busy CPU
     inputs, targets = np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
     return {"inputs": torch.from_numpy(inputs), "targets": torch.from_numpy(targets)}
-
-
-class NotSetUp(RuntimeError):
-    pass
 
 
 class TokenBinDataModule:
@@ -142,7 +139,7 @@ class TokenBinDataModule:
 
     def _require_setup(self) -> None:
         if self.bins is None:
-            raise NotSetUp("call setup(rank=..., world_size=...) before asking for batches")
+            raise NotSetUp()
 
     def train_batch(self, index: int) -> dict[str, torch.Tensor]:
         """Micro-batch `index` of this rank: {"inputs", "targets"} long [batch_size, seq_len]."""

@@ -2,11 +2,15 @@
 
 llmfn's warnings name the file, folder or key that matters, so Python's default second line
 (the source line that called `warnings.warn`) only adds noise for a user of the CLIs. Other
-libraries' warnings keep Python's format. Imports nothing from llmfn, so every CLI may use it.
+libraries' warnings keep Python's format, except one notice dropped: torch's "No CUDA runtime is
+found, using CUDA_HOME=..." that a CUDA build of torch logs on a machine without a GPU the first
+time a step compiles (it means nothing to someone training on CPU). Imports nothing from llmfn,
+so every CLI may use it.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -22,5 +26,22 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def use_one_line_warnings() -> None:
-    """Process-wide: print warnings with `one_line_warning` (called by each CLI's main)."""
+    """Process-wide: print warnings with `one_line_warning` and drop torch's CUDA_HOME notice
+    (called by each CLI's main; calling it again changes nothing)."""
     warnings.formatwarning = one_line_warning
+    logging.getLogger(CUDA_HOME_NOTICE_LOGGER).addFilter(DROP_CUDA_HOME_NOTICE)
+
+
+class DropMessage(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+CUDA_HOME_NOTICE_LOGGER = "torch.utils.cpp_extension"
+DROP_CUDA_HOME_NOTICE = DropMessage("No CUDA runtime is found")

@@ -197,3 +197,18 @@ def test_cli_prints_llmfn_warnings_on_one_line():
     assert ours == "warning: data/x holds no tokenizer.json\n"
     theirs = one_line_warning("deprecated", UserWarning, warnings.__file__, 7)
     assert theirs.startswith(f"{warnings.__file__}:7: UserWarning: deprecated")
+
+
+def test_the_clis_drop_torchs_cuda_home_notice_and_nothing_else(caplog):
+    import logging
+
+    from llmfn.warning_format import CUDA_HOME_NOTICE_LOGGER, use_one_line_warnings
+
+    use_one_line_warnings()
+    use_one_line_warnings()  # twice: still one filter
+    logger = logging.getLogger(CUDA_HOME_NOTICE_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=CUDA_HOME_NOTICE_LOGGER):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("Error checking compiler version for c++")
+    assert [r.getMessage() for r in caplog.records] == ["Error checking compiler version for c++"]

@@ -177,15 +177,19 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
 
 
+def _sections_with(name: str) -> list[str]:
+    """The config sections that have a key called `name`, in section order."""
+    return [section for section, cls in _field_types(Config).items() if name in _field_types(cls)]
+
+
 def _unknown(key: str, name: str, known: list[str], source: str = "") -> ConfigError:
     prefix = key[: -len(name)]
     close = difflib.get_close_matches(name, known, n=1)
-    sections = _field_types(Config).items() if prefix else []
-    elsewhere = [f"{section}.{name}" for section, cls in sections if name in _field_types(cls)]
+    owners = _sections_with(name) if prefix else []
     if close:
         hint = f" (did you mean '{prefix}{close[0]}'?)"
-    elif elsewhere:
-        hint = f" (did you mean '{elsewhere[0]}'?)"
+    elif owners:
+        hint = f" (did you mean '{owners[0]}.{name}'?)"
     else:
         hint = f" (known: {', '.join(sorted(known))})"
     return ConfigError(f"unknown config key '{key}'{source}{hint}")
@@ -250,42 +254,76 @@ def _build_section(section: str, cls, values: dict):
         raise ConfigError(str(err)) from None
 
 
-def _validate(cfg: Config) -> None:
-    def positive(key: str, value) -> None:
+POSITIVE_KEYS = (  # expected > 0; None (an optional key left unset) passes
+    "data.batch_size",
+    "train.max_steps",
+    "train.epochs",
+    "train.grad_accum_steps",
+    "train.eval_every",
+    "optim.lr",
+    "optim.grad_clip",
+    "logging.log_every",
+    "checkpoint.keep_last_n",
+    "train.max_nonfinite",
+    "train.sample_tokens",
+    "train.early_stopping_patience",
+    "data.val_batches",
+    "data.max_files",
+    "data.synthetic_size",
+    "data.synthetic_vocab_size",
+    "data.regression_features",
+    "data.tokenizer_vocab_size",
+    "distributed.timeout_s",
+)
+# (keys, in_range(value), the range the message expects); checked once every float is finite
+RANGES = (
+    (
+        ("optim.beta1", "optim.beta2", "optim.momentum", "data.val_fraction"),
+        lambda v: 0 <= v < 1,
+        "a float in [0, 1)",
+    ),
+    (
+        (
+            "optim.eps",
+            "optim.weight_decay",
+            "optim.warmup_steps",
+            "train.early_stopping_min_delta",
+            "train.sample_every",
+        ),
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    (("optim.decay_fraction",), lambda v: 0 < v <= 1, "a float in (0, 1]"),
+    (("checkpoint.every",), lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+)
+NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
+TASK_MODULES = {"regression": "regression", "sft": "sft"}  # train.task -> the data.module it needs
+
+
+def _value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Each key on its own: positive, finite, within its range."""
+    for key in POSITIVE_KEYS:
+        value = _value(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid: expected a positive number")
-
-    positive("data.batch_size", cfg.data.batch_size)
-    positive("train.max_steps", cfg.train.max_steps)
-    positive("train.epochs", cfg.train.epochs)
-    positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
-    positive("train.eval_every", cfg.train.eval_every)
-    positive("optim.lr", cfg.optim.lr)
-    positive("optim.grad_clip", cfg.optim.grad_clip)
-    positive("logging.log_every", cfg.logging.log_every)
-    positive("checkpoint.keep_last_n", cfg.checkpoint.keep_last_n)
-    positive("train.max_nonfinite", cfg.train.max_nonfinite)
-    positive("train.sample_tokens", cfg.train.sample_tokens)
-    positive("train.early_stopping_patience", cfg.train.early_stopping_patience)
-    positive("data.val_batches", cfg.data.val_batches)
-    positive("data.max_files", cfg.data.max_files)
-    positive("data.synthetic_size", cfg.data.synthetic_size)
-    positive("data.synthetic_vocab_size", cfg.data.synthetic_vocab_size)
-    positive("data.regression_features", cfg.data.regression_features)
-    positive("data.tokenizer_vocab_size", cfg.data.tokenizer_vocab_size)
-    positive("distributed.timeout_s", cfg.distributed.timeout_s)
     for key, value in _float_values(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"{key}={value} is invalid: expected a finite number")
-    for key, value in [("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2),
-                       ("optim.momentum", cfg.optim.momentum)]:  # fmt: skip
-        if not 0 <= value < 1:
-            raise ConfigError(f"{key}={value} is invalid: expected a float in [0, 1)")
-    for key, value in [("optim.eps", cfg.optim.eps), ("optim.weight_decay", cfg.optim.weight_decay),
-                       ("train.early_stopping_min_delta", cfg.train.early_stopping_min_delta),
-                       ("train.sample_every", cfg.train.sample_every)]:  # fmt: skip
-        if value < 0:
-            raise ConfigError(f"{key}={value} is invalid: expected >= 0")
+    for keys, in_range, expected in RANGES:
+        for key in keys:
+            value = _value(cfg, key)
+            if not in_range(value):
+                raise ConfigError(f"{key}={value} is invalid: expected {expected}")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """What a single key's range cannot say: a valid run name, min_lr <= lr, the data a module
+    or a task needs."""
     name = cfg.train.run_name
     if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
         raise ConfigError(
@@ -296,29 +334,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}"
         )
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} is invalid: expected >= 0")
-    if not 0 < cfg.optim.decay_fraction <= 1:
-        raise ConfigError(
-            f"optim.decay_fraction={cfg.optim.decay_fraction} is invalid: expected a float in (0, 1]"
-        )
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(
-            f"data.val_fraction={cfg.data.val_fraction} is invalid: expected a float in [0, 1)"
-        )
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(
-            f"checkpoint.every={cfg.checkpoint.every} is invalid: expected >= 0 (0 = only at the end)"
-        )
-    needs_path = {"text", "token_bin", "sft"}
-    if cfg.data.module in needs_path and not cfg.data.path:
+    if cfg.data.module in NEEDS_PATH and not cfg.data.path:
         raise ConfigError(
             f"data.module={cfg.data.module!r} needs data.path (a file or folder to read)"
         )
-    if cfg.train.task == "regression" and cfg.data.module != "regression":
-        raise ConfigError("train.task='regression' needs data.module='regression'")
-    if cfg.train.task == "sft" and cfg.data.module != "sft":
-        raise ConfigError("train.task='sft' needs data.module='sft'")
+    module = TASK_MODULES.get(cfg.train.task)
+    if module is not None and cfg.data.module != module:
+        raise ConfigError(f"train.task={cfg.train.task!r} needs data.module={module!r}")
 
 
 def _float_values(cfg: Config):
@@ -342,7 +364,8 @@ def from_dict(tree: dict) -> Config:
             raise _unknown(name, name, list(sections))
         built[name] = _build_section(name, sections[name], values or {})
     cfg = Config(**built)
-    _validate(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
     return cfg
 
 
@@ -404,8 +427,7 @@ def _section_hint(name: str, text: str) -> str:
     sections = _field_types(Config)
     if name in sections:
         return f"sets a whole section: set one of its keys, e.g. {name}.<key>={text}"
-    owners = [section for section, cls in sections.items() if name in _field_types(cls)]
-    example = " or ".join(f"{s}.{name}={text}" for s in owners) or "section.key=value"
+    example = " or ".join(f"{s}.{name}={text}" for s in _sections_with(name)) or "section.key=value"
     return f"needs a section: write {example}"
 
 

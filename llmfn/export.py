@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from llmfn import hf
 from llmfn.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_DIR,
     CheckpointError,
     load_for_inference,
-    read_manifest,
+    manifest_step,
     resolve_checkpoint,
     save_params_folder,
 )
@@ -71,14 +72,12 @@ def export_hf(
 ) -> Path:
     """Write an HF transformers folder (config.json, model.safetensors, tokenizer files) from
     a checkpoint. Raises ValueError for a model HF cannot express (e.g. MoE, post-norm)."""
-    from llmfn.hf import save_hf_pretrained, to_hf_config
-
     out_dir = Path(out_dir)
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
     cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
-    to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
-    save_hf_pretrained(params, cfg, out_dir, family)
+    hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
+    hf.save_hf_pretrained(params, cfg, out_dir, family)
     tokenizer_dir = folder / TOKENIZER_DIR
     if _is_hf_tokenizer(tokenizer_dir):
         for name in HF_TOKENIZER_FILES:
@@ -101,11 +100,7 @@ def export_safetensors(
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
     _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
-    step = read_manifest(folder).get("step", 0)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(
-            f"checkpoint {folder}: manifest.json has step {step!r}: expected an int >= 0"
-        )
+    step = manifest_step(folder)
     tokenizer_dir = folder / TOKENIZER_DIR
     return save_params_folder(
         out_dir,
@@ -128,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="the output folder (new or empty)")
     parser.add_argument(
         "--family",
-        choices=("llama", "mistral", "qwen2", "gpt2"),
+        choices=tuple(hf.FAMILIES),
         default=None,
         help="hf: the HF architecture (default: llama; mistral with a sliding window; gpt2 for learned positions)",
     )

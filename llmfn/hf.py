@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
+from llmfn.model import init_params
 from llmfn.model_config import ModelConfig
 
 _LLAMA_NAMES = {
@@ -78,20 +79,26 @@ class Family:
 
     name: str
     model_class: str  # the transformers *ForCausalLM class
+    config_class: str  # its transformers config class
     names: dict[str, str | tuple[str, ...]]  # llmfn key -> HF key(s), "{}" = layer index
     conv1d: frozenset[str] = field(default_factory=frozenset)  # llmfn keys HF stores [in, out]
     zero_in_hf: frozenset[str] = field(default_factory=frozenset)  # llmfn leaves HF lacks (zeros)
 
 
 FAMILIES = {
-    "llama": Family("llama", "LlamaForCausalLM", _LLAMA_NAMES),
-    "mistral": Family("mistral", "MistralForCausalLM", _LLAMA_NAMES),
+    "llama": Family("llama", "LlamaForCausalLM", "LlamaConfig", _LLAMA_NAMES),
+    "mistral": Family("mistral", "MistralForCausalLM", "MistralConfig", _LLAMA_NAMES),
     "qwen2": Family(
-        "qwen2", "Qwen2ForCausalLM", _LLAMA_NAMES, zero_in_hf=frozenset({"layers.{}.attn.bo"})
+        "qwen2",
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        _LLAMA_NAMES,
+        zero_in_hf=frozenset({"layers.{}.attn.bo"}),
     ),
     "gpt2": Family(
         "gpt2",
         "GPT2LMHeadModel",
+        "GPT2Config",
         _GPT2_NAMES,
         conv1d=frozenset(
             {"layers.{}.attn.wqkv", "layers.{}.attn.wo", "layers.{}.mlp.w1", "layers.{}.mlp.w2"}
@@ -173,8 +180,6 @@ def _hf_names(family: Family, key: str) -> tuple[tuple[str, ...], str]:
 
 def _template(cfg: ModelConfig) -> TensorDict:
     """The llmfn tree of `cfg` on the meta device: key order and shapes, no memory."""
-    from llmfn.model import init_params
-
     with torch.device("meta"):
         return init_params(cfg)
 
@@ -432,6 +437,13 @@ def _check_expressible(cfg: ModelConfig, family: str) -> None:
         _require(cfg, family, attention_bias=True, mlp_bias=False)
 
 
+def _resolve_family(cfg: ModelConfig, family: str | None) -> Family:
+    """The Family named `family` (default: `default_family(cfg)`), once cfg is known to fit it."""
+    fam = get_family(family or default_family(cfg))
+    _check_expressible(cfg, fam.name)
+    return fam
+
+
 def _rope_scaling_to_hf(cfg: ModelConfig) -> dict | None:
     if cfg.rope_scaling is None:
         return None
@@ -450,11 +462,8 @@ def _token_id(default: int, cfg: ModelConfig) -> int | None:
     return default if default < cfg.vocab_size else None
 
 
-def _llama_like_hf_config(cfg: ModelConfig, family: str):
-    transformers = _transformers()
-    config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[
-        family
-    ]
+def _llama_like_hf_fields(cfg: ModelConfig, family: str) -> dict:
+    """The keyword arguments of the family's HF config (LlamaConfig, MistralConfig, Qwen2Config)."""
     # HF dynamic NTK scales from max_position_embeddings: that must be the original context.
     original = cfg.rope_original_max_seq_len if cfg.rope_scaling == "dynamic" else None
     common = dict(
@@ -483,11 +492,12 @@ def _llama_like_hf_config(cfg: ModelConfig, family: str):
         common.update(
             use_sliding_window=window, sliding_window=cfg.sliding_window, max_window_layers=0
         )
-    return getattr(transformers, config_class)(**common)
+    return common
 
 
-def _gpt2_hf_config(cfg: ModelConfig):
-    return _transformers().GPT2Config(
+def _gpt2_hf_fields(cfg: ModelConfig) -> dict:
+    """The keyword arguments of GPT2Config."""
+    return dict(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_seq_len,
         n_embd=cfg.hidden_size,
@@ -511,11 +521,13 @@ def to_hf_config(cfg: ModelConfig, family: str | None = None):
 
     family defaults to `default_family(cfg)`; raises if cfg has a feature the family lacks.
     """
-    family = family or default_family(cfg)
-    get_family(family)
-    _check_expressible(cfg, family)
-    hf_config = _gpt2_hf_config(cfg) if family == "gpt2" else _llama_like_hf_config(cfg, family)
-    hf_config.architectures = [FAMILIES[family].model_class]
+    fam = _resolve_family(cfg, family)
+    if fam.name == "gpt2":
+        fields = _gpt2_hf_fields(cfg)
+    else:
+        fields = _llama_like_hf_fields(cfg, fam.name)
+    hf_config = getattr(_transformers(), fam.config_class)(**fields)
+    hf_config.architectures = [fam.model_class]
     return hf_config
 
 
@@ -528,8 +540,7 @@ def to_hf_state_dict(
     a contiguous copy. With tie_embeddings, "lm_head.weight" is the embedding tensor itself (as
     in HF's own state_dict); `save_hf_pretrained` leaves it out of the file.
     """
-    fam = get_family(family or default_family(cfg))
-    _check_expressible(cfg, fam.name)
+    fam = _resolve_family(cfg, family)
     state_dict = {}
     for key in _leaf_keys(params):
         value = params.get(tuple(key.split(".")))

@@ -24,7 +24,7 @@ def _check_choice(field: str, value, allowed: tuple) -> None:
         _fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
 
 
-def _check_positive(field: str, value, *, allow_zero: bool = False) -> None:
+def _check_positive_int(field: str, value, *, allow_zero: bool = False) -> None:
     ok = (
         isinstance(value, int)
         and not isinstance(value, bool)
@@ -76,27 +76,42 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        self._check_shape()
+        self._check_scalars()
+        self._check_choices()
+        self._check_rope()
+        if self.use_moe:
+            self._check_moe()
+
+    def _check_shape(self) -> None:
+        """Sizes, and heads that divide the hidden size and each other."""
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
-            _check_positive(name, getattr(self, name))
-        if self.num_kv_heads is not None:
-            _check_positive("num_kv_heads", self.num_kv_heads)
-        if self.intermediate_size is not None:
-            _check_positive("intermediate_size", self.intermediate_size)
+            _check_positive_int(name, getattr(self, name))
+        for name in ("num_kv_heads", "intermediate_size", "sliding_window"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
             _fail("hidden_size", self.hidden_size, f"a multiple of num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
             _fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
+
+    def _check_scalars(self) -> None:
+        """The float hyperparameters outside RoPE and MoE: dropout, init_std, norm_eps."""
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             _fail("dropout", self.dropout, "a float in [0, 1)")
         if not self.init_std >= 0:
             _fail("init_std", self.init_std, "a non-negative float")
+        if not self.norm_eps > 0:
+            _fail("norm_eps", self.norm_eps, "a positive float")
+
+    def _check_choices(self) -> None:
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
         _check_choice("position", self.position, POSITIONS)
         _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
-        if not self.norm_eps > 0:
-            _fail("norm_eps", self.norm_eps, "a positive float")
+
+    def _check_rope(self) -> None:
         if self.position == "rope" and self.head_dim % 2:
             _fail(
                 "hidden_size", self.hidden_size, f"an even head_dim for RoPE (got {self.head_dim})"
@@ -110,30 +125,29 @@ class ModelConfig:
                 "a float >= 1 when rope_scaling is set",
             )
         if self.rope_original_max_seq_len is not None:
-            _check_positive("rope_original_max_seq_len", self.rope_original_max_seq_len)
+            _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
         if (
             self.rope_scaling == "llama3"
             and not self.rope_low_freq_factor < self.rope_high_freq_factor
         ):
             expected = f"< rope_high_freq_factor={self.rope_high_freq_factor} for llama3 scaling"
             _fail("rope_low_freq_factor", self.rope_low_freq_factor, expected)
-        if self.sliding_window is not None:
-            _check_positive("sliding_window", self.sliding_window)
-        if self.use_moe:
-            _check_positive("num_experts", self.num_experts)
-            _check_positive("top_k", self.top_k)
-            _check_positive("num_shared_experts", self.num_shared_experts, allow_zero=True)
-            if self.top_k > self.num_experts:
-                _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
-            if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
-                _fail(
-                    "moe_capacity_factor",
-                    self.moe_capacity_factor,
-                    "None (dropless) or a positive float",
-                )
-            for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
-                if not getattr(self, name) >= 0:
-                    _fail(name, getattr(self, name), "a non-negative float")
+
+    def _check_moe(self) -> None:
+        _check_positive_int("num_experts", self.num_experts)
+        _check_positive_int("top_k", self.top_k)
+        _check_positive_int("num_shared_experts", self.num_shared_experts, allow_zero=True)
+        if self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            _fail(
+                "moe_capacity_factor",
+                self.moe_capacity_factor,
+                "None (dropless) or a positive float",
+            )
+        for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                _fail(name, getattr(self, name), "a non-negative float")
 
     @property
     def kv_heads(self) -> int:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 import torch
 
 SCHEDULES = ("constant", "linear", "cosine", "wsd")
-CONFIG_KEYS = {  # learning_rate argument -> the config key that sets it
+CONFIG_KEYS = {  # learning_rate argument -> the OptimConfig key that sets it
     "schedule": "optim.schedule",
     "peak_lr": "optim.lr",
     "min_lr": "optim.min_lr",
     "warmup_steps": "optim.warmup_steps",
-    "total_steps": "total_steps",
     "decay_fraction": "optim.decay_fraction",
 }
 
@@ -41,22 +41,27 @@ def check_schedule(
     warmup_steps: int,
     total_steps: int,
     decay_fraction: float,
+    names: Mapping[str, str] | None = None,
 ) -> None:
-    """Raise ValueError naming the first bad argument."""
+    """Raise ValueError naming the first bad argument, as `names` calls it if it has it
+    (`CONFIG_KEYS`: the config key), else by its own name."""
+    names = names or {}
+
+    def fail(argument: str, value, expected: str) -> NoReturn:
+        raise ValueError(f"{names.get(argument, argument)}={value} is invalid: expected {expected}")
+
     if schedule not in SCHEDULES:
-        raise ValueError(
-            f"schedule={schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}"
-        )
+        fail("schedule", repr(schedule), f"one of {', '.join(SCHEDULES)}")
     if not peak_lr > 0:
-        raise ValueError(f"peak_lr={peak_lr} is invalid: expected a positive number")
+        fail("peak_lr", peak_lr, "a positive number")
     if not 0 <= min_lr <= peak_lr:
-        raise ValueError(f"min_lr={min_lr} is invalid: expected 0 <= min_lr <= peak_lr={peak_lr}")
+        fail("min_lr", min_lr, f"0 <= min_lr <= peak_lr={peak_lr}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps} is invalid: expected >= 0")
+        fail("warmup_steps", warmup_steps, ">= 0")
     if total_steps <= 0:
-        raise ValueError(f"total_steps={total_steps} is invalid: expected a positive number")
+        fail("total_steps", total_steps, "a positive number")
     if not 0 < decay_fraction <= 1:
-        raise ValueError(f"decay_fraction={decay_fraction} is invalid: expected a float in (0, 1]")
+        fail("decay_fraction", decay_fraction, "a float in (0, 1]")
 
 
 def decay_start(schedule: str, warmup_steps: int, total_steps: int, decay_fraction: float) -> float:
@@ -116,9 +121,5 @@ def lr_schedule_from_config(optim_cfg, total_steps: int) -> Callable[[torch.Tens
         "total_steps": total_steps,
         "decay_fraction": optim_cfg.decay_fraction,
     }
-    try:
-        check_schedule(**settings)
-    except ValueError as err:
-        argument = str(err).split("=", 1)[0]
-        raise ValueError(f"{CONFIG_KEYS[argument]}{str(err)[len(argument) :]}") from None
+    check_schedule(**settings, names=CONFIG_KEYS)
     return functools.partial(learning_rate, **settings)

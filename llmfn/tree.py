@@ -38,26 +38,28 @@ def tree_shape(tree: TensorDict) -> TreeShape:
     return TreeShape(children, tree.batch_size, tree.device)
 
 
-def leaf_paths(tree: TensorDict) -> list[Path]:
-    """Every leaf's key path, in the tree's own order (top-level leaves as 1-tuples)."""
-    return [
-        key if isinstance(key, tuple) else (key,)
-        for key in tree.keys(include_nested=True, leaves_only=True)
-    ]
+def _as_path(key: str | Path) -> Path:
+    """A TensorDict key as a path: a top-level key "embed" becomes ("embed",)."""
+    return key if isinstance(key, tuple) else (key,)
 
 
 def paths_and_leaves(tree: TensorDict) -> tuple[list[Path], list[torch.Tensor]]:
-    """(leaf_paths(tree), its leaves in that order), in one pass over the tree."""
+    """Every leaf's key path, in the tree's own order, and the leaves in that order, in one pass
+    over the tree."""
     items = list(tree.items(include_nested=True, leaves_only=True))
-    return [key if isinstance(key, tuple) else (key,) for key, _ in items], [v for _, v in items]
+    return [_as_path(key) for key, _ in items], [leaf for _, leaf in items]
+
+
+def leaf_paths(tree: TensorDict) -> list[Path]:
+    """Every leaf's key path, in the tree's own order (top-level leaves as 1-tuples)."""
+    return paths_and_leaves(tree)[0]
 
 
 def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.Tensor]:
     """The leaves of `tree` at `paths`; a missing path is a KeyError naming `name` and the path.
     (One pass over the tree: under torch.compile a `get` per path traces several times slower.)"""
     by_path = {
-        key if isinstance(key, tuple) else (key,): leaf
-        for key, leaf in tree.items(include_nested=True, leaves_only=True)
+        _as_path(key): leaf for key, leaf in tree.items(include_nested=True, leaves_only=True)
     }
     missing = [path for path in paths if path not in by_path]
     if missing:

@@ -61,7 +61,7 @@ from llmfn.checkpoint.layout import (
     step_of,
 )
 from llmfn.checkpoint.loading import load_checkpoint, load_for_inference, load_params
-from llmfn.checkpoint.verification import read_manifest, verify_checkpoint
+from llmfn.checkpoint.verification import manifest_step, read_manifest, verify_checkpoint
 from llmfn.checkpoint.writing import (
     mark_best,
     prune_checkpoints,
@@ -95,6 +95,7 @@ __all__ = [
     "load_checkpoint",
     "load_for_inference",
     "load_params",
+    "manifest_step",
     "mark_best",
     "model_config_from_checkpoint",
     "prune_checkpoints",

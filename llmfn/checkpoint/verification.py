@@ -49,6 +49,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def manifest_step(path: str | os.PathLike) -> int:
+    """The step a step folder's manifest.json records (0 if it records none)."""
+    step = read_manifest(path).get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"checkpoint {path}: {MANIFEST_FILE} has step {step!r}: expected an int >= 0"
+        )
+    return step
+
+
 def _check_entry(folder: Path, name: str, entry, check_hashes: bool) -> None:
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts or not isinstance(entry, dict):

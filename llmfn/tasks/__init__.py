@@ -6,9 +6,7 @@ from llmfn.tasks.base import Task
 AVAILABLE_TASKS: dict[str, Task] = {
     "lm": lm.LM,
     "sft": lm.SFT,
-    "regression": Task(
-        "regression", regression.init_params, regression.regression_loss, batch_keys=("x", "y")
-    ),
+    "regression": regression.REGRESSION,
 }
 
 

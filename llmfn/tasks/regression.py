@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
+from llmfn.tasks.base import Task
+
 
 def init_params(config, seed: int) -> TensorDict:
     gen = torch.Generator().manual_seed(seed)
@@ -38,3 +40,6 @@ def regression_loss(params, batch, config, *, training: bool = False, rng=None):
     error = F.mse_loss(predict(params, batch["x"]).float(), batch["y"].float())
     examples = torch.tensor(batch["x"].shape[0], device=batch["x"].device)
     return error, {"mse": error.detach(), "tokens": examples}
+
+
+REGRESSION = Task("regression", init_params, regression_loss, batch_keys=("x", "y"))

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmfn.layers.decode_attention import attend, load_kernel, sdpa
+from llmfn.layers.decode_attention import kernel_attention, load_kernel, sdpa
 from llmfn.layers.panel_matmul import kernel_available, panel_matmul, panel_weight
 
 # (out, in) of every weight the decode bench's model multiplies per step: 6 layers, the head.
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
         q = torch.randn(batch, 6, 1, 64, generator=gen)
         visible = torch.ones(batch, 1, 1, args.keys, dtype=torch.bool)
         variants = {
-            "kernel": lambda q=q, k=k, v=v, m=visible: attend(q, k, v, m),
+            "kernel": lambda q=q, k=k, v=v, m=visible: kernel_attention(q, k, v, m),
             "SDPA": lambda q=q, k=k, v=v, m=visible: sdpa(q, k, v, m),
         }
         print_rows(f"batch {batch}", interleaved(variants, 10 * args.rounds), scale=1e3)

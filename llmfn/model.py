@@ -69,15 +69,18 @@ def init_cache(
 ) -> TensorDict:
     """A zeroed KV cache: layers/{i}/k and /v, each [B, num_kv_heads, max_len, head_dim]."""
     shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-    layer = lambda: TensorDict(  # noqa: E731
-        {
-            "k": torch.zeros(shape, dtype=dtype, device=device),
-            "v": torch.zeros(shape, dtype=dtype, device=device),
-        },
-        [],
-    )
+
+    def layer_cache() -> TensorDict:
+        return TensorDict(
+            {
+                "k": torch.zeros(shape, dtype=dtype, device=device),
+                "v": torch.zeros(shape, dtype=dtype, device=device),
+            },
+            [],
+        )
+
     return TensorDict(
-        {"layers": TensorDict({str(i): layer() for i in range(cfg.num_layers)}, [])}, []
+        {"layers": TensorDict({str(i): layer_cache() for i in range(cfg.num_layers)}, [])}, []
     )
 
 
@@ -88,12 +91,14 @@ class ModelOutput(NamedTuple):
 
 
 def default_positions(
-    tokens: torch.Tensor, attention_mask: torch.Tensor | None, start
+    tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache_start: torch.Tensor | None
 ) -> torch.Tensor:
     """[B, T] positions: start + t, or the count of real tokens before t when padding is masked
-    (so left-padded rows start at 0). With a cache the mask is over slots, and the positions are
-    read at slots start .. start + T - 1 (so cached decode matches the uncached forward)."""
-    slots = torch.arange(tokens.shape[1], device=tokens.device) + (0 if start is None else start)
+    (so left-padded rows start at 0); start = cache_start (0-d long), 0 without a cache. With a
+    cache the mask is over slots, and the positions are read at slots start .. start + T - 1
+    (so cached decode matches the uncached forward)."""
+    start = 0 if cache_start is None else cache_start
+    slots = torch.arange(tokens.shape[1], device=tokens.device) + start
     if attention_mask is None:
         return slots.expand(tokens.shape)
     real_before = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T or max_len]
@@ -180,27 +185,19 @@ def apply(
         name = str(i)
         layer_cache = None if cache is None else cache["layers", name]
         layer_key = None if dropout_key is None else fold_in(dropout_key, i + 1)
+        layer_inputs = dict(
+            positions=positions, rope=rope, key_valid=attention_mask, dropout_key=layer_key
+        )
         if cfg.activation_checkpointing and cache is None and torch.is_grad_enabled():
-            x, losses = checkpointed_block(
-                params["layers", name],
-                x,
-                cfg,
-                positions=positions,
-                rope=rope,
-                key_valid=attention_mask,
-                dropout_key=layer_key,
-            )
+            x, losses = checkpointed_block(params["layers", name], x, cfg, **layer_inputs)
         else:
             x, layer_cache, losses = block(
                 params["layers", name],
                 x,
                 cfg,
-                positions=positions,
-                rope=rope,
-                key_valid=attention_mask,
                 cache=layer_cache,
                 cache_start=cache_start,
-                dropout_key=layer_key,
+                **layer_inputs,
             )
         new_layers[name] = layer_cache
         layer_losses.append(losses)
@@ -212,12 +209,16 @@ def apply(
     head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
     logits = linear(x, head)
     new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
-    losses = {}
-    if layer_losses and layer_losses[0]:
-        losses = {
-            key: torch.stack([lo[key] for lo in layer_losses]).mean() for key in layer_losses[0]
-        }
-    return ModelOutput(logits, new_cache, losses)
+    return ModelOutput(logits, new_cache, mean_over_layers(layer_losses))
+
+
+def mean_over_layers(layer_losses: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-layer MoE losses [{name: 0-d tensor}] -> {name: their mean over the layers} ({} for
+    a dense model, whose layers have none)."""
+    if not layer_losses or not layer_losses[0]:
+        return {}
+    names = layer_losses[0]
+    return {name: torch.stack([losses[name] for losses in layer_losses]).mean() for name in names}
 
 
 def forward(params: TensorDict, tokens: torch.Tensor, cfg: ModelConfig, **options) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """How torch code calls a C kernel: one rule for both CPU decode kernels.
 
-y = call_kernel(torch.ops.llmfn.panel_matmul.default, multiply, matmul, x, panels)
+y = call_kernel(torch.ops.llmfn.panel_matmul.default, kernel_matmul, torch_matmul, x, panels)
 """
 
 import torch

@@ -5,15 +5,12 @@ params: {"wqkv": [(H + 2·KV)·hd, D], "wo": [D, H·hd]} (+ "bqkv", "bo" with at
 The fused q/k/v weight is one matmul (DESIGN.md §3); `llmfn.hf` splits and joins it.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from llmfn.layers.decode_attention import decode_attention
-from llmfn.layers.decode_attention import serves as decode_attention_serves
-from llmfn.layers.init import normal, zeros
+from llmfn.layers.decode_attention import decode_attention, kernel_serves
+from llmfn.layers.init import normal, residual_std, zeros
 from llmfn.layers.linear import linear
 from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
 from llmfn.model_config import ModelConfig
@@ -21,10 +18,9 @@ from llmfn.model_config import ModelConfig
 
 def init_attention(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
     qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     leaves = {
         "wqkv": normal((qkv_out, cfg.hidden_size), cfg.init_std, gen),
-        "wo": normal((cfg.hidden_size, cfg.num_heads * cfg.head_dim), residual_std, gen),
+        "wo": normal((cfg.hidden_size, cfg.num_heads * cfg.head_dim), residual_std(cfg), gen),
     }
     if cfg.attention_bias:
         leaves["bqkv"] = zeros(qkv_out)
@@ -84,6 +80,78 @@ def written_slots(
     return k[:, :, :n], v[:, :, :n], key_valid
 
 
+def write_cache(
+    cache: TensorDict, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> TensorDict:
+    """The cache {"k", "v"}, each [B, KV, max_len, hd], with k and v [B, KV, T, hd] written at
+    slots [T] (in the cache's dtype)."""
+    return TensorDict(
+        {
+            "k": cache["k"].index_copy(2, slots, k.to(cache["k"].dtype)),
+            "v": cache["v"].index_copy(2, slots, v.to(cache["v"].dtype)),
+        },
+        batch_size=cache.batch_size,
+    )
+
+
+def attention_bias(
+    q_slots: torch.Tensor,
+    num_keys: int,
+    key_valid: torch.Tensor | None,
+    cfg: ModelConfig,
+    *,
+    cached: bool,
+    batch_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """What SDPA's attn_mask gets for queries at cache slots q_slots [Tq] over keys 0 .. Tk - 1
+    (Tk = num_keys; key_valid: [B, Tk] bool or None, False at padding):
+
+    - None for plain causal attention over the call's own tokens (no cache, padding or sliding
+      window): SDPA's is_causal does it without a mask;
+    - else the bool mask [B or 1, 1, Tq, Tk] of `attention_mask`, True where a query sees a key;
+    - with ALiBi, an additive float bias [B, H, Tq, Tk] of `dtype` (B = batch_size):
+      -slope · (q - k) where the query sees the key, -inf elsewhere.
+
+    A cache always needs the explicit mask: its queries sit at slots past the first key, which
+    is_causal (aligned to the top left) does not know.
+    """
+    if cfg.position == "alibi":
+        visible = attention_mask(q_slots, num_keys, key_valid, cfg.sliding_window)
+        q_pos = q_slots[None].expand(batch_size, q_slots.shape[0])
+        k_pos = torch.arange(num_keys, device=q_slots.device)[None].expand(batch_size, -1)
+        bias = alibi_bias(q_pos, k_pos, cfg.num_heads)
+        return bias.to(dtype).masked_fill(~visible, float("-inf"))
+    if not cached and key_valid is None and cfg.sliding_window is None:
+        return None
+    return attention_mask(q_slots, num_keys, key_valid, cfg.sliding_window)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    cfg: ModelConfig,
+    *,
+    cached: bool,
+) -> torch.Tensor:
+    """q [B, H, Tq, hd], k and v [B, KV, Tk, hd], bias from `attention_bias` -> [B, H, Tq, hd].
+
+    The CPU decode kernel (`llmfn.layers.decode_attention`) for cached steps it serves, SDPA
+    (causal when bias is None) everywhere else."""
+    if cached and kernel_serves(q, bias):
+        return decode_attention(q, k, v, bias)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=bias,
+        is_causal=bias is None,
+        enable_gqa=cfg.kv_heads != cfg.num_heads,
+    )
+
+
 def attention(
     params: TensorDict,
     x: torch.Tensor,
@@ -113,33 +181,12 @@ def attention(
     )
     q_slots = start + torch.arange(T, device=x.device)
     if cache is not None:
-        k = cache["k"].index_copy(2, q_slots, k.to(cache["k"].dtype))
-        v = cache["v"].index_copy(2, q_slots, v.to(cache["v"].dtype))
-        cache = TensorDict({"k": k, "v": v}, batch_size=cache.batch_size)
-        k, v, key_valid = written_slots(k, v, key_valid, start + T)
+        cache = write_cache(cache, q_slots, k, v)
+        k, v, key_valid = written_slots(cache["k"], cache["v"], key_valid, start + T)
 
-    simple_causal = cache is None and key_valid is None and cfg.sliding_window is None
-    mask = (
-        None
-        if simple_causal
-        else attention_mask(q_slots, k.shape[2], key_valid, cfg.sliding_window)
+    bias = attention_bias(
+        q_slots, k.shape[2], key_valid, cfg, cached=cache is not None, batch_size=B, dtype=q.dtype
     )
-    if cfg.position == "alibi":
-        k_slots = torch.arange(k.shape[2], device=x.device)
-        bias = alibi_bias(q_slots[None].expand(B, T), k_slots[None].expand(B, -1), cfg.num_heads)
-        visible = mask if mask is not None else attention_mask(q_slots, k.shape[2], None, None)
-        mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    if cache is not None and decode_attention_serves(q, mask):
-        out = decode_attention(q, k, v, mask)
-    else:
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=cfg.kv_heads != cfg.num_heads,
-        )
+    out = attend(q, k.to(q.dtype), v.to(q.dtype), bias, cfg, cached=cache is not None)
     out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)
     return linear(out, params["wo"], params.get("bo")), cache

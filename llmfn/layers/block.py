@@ -51,23 +51,26 @@ def block(
     """x: [B, T, D] -> (x [B, T, D], updated cache, MoE losses {name: 0-d tensor})."""
     attn_key = None if dropout_key is None else fold_in(dropout_key, 1)
     mlp_key = None if dropout_key is None else fold_in(dropout_key, 2)
-    attend = lambda h: attention(  # noqa: E731
-        params["attn"],
-        h,
-        cfg,
-        positions=positions,
-        rope=rope,
-        key_valid=key_valid,
-        cache=cache,
-        cache_start=cache_start,
-    )
+
+    def self_attention(h: torch.Tensor) -> tuple[torch.Tensor, TensorDict | None]:
+        return attention(
+            params["attn"],
+            h,
+            cfg,
+            positions=positions,
+            rope=rope,
+            key_valid=key_valid,
+            cache=cache,
+            cache_start=cache_start,
+        )
+
     if cfg.norm_position == "pre":
-        attn_out, cache = attend(norm(params["attn_norm"], x, cfg))
+        attn_out, cache = self_attention(norm(params["attn_norm"], x, cfg))
         x = x + dropout(attn_out, cfg.dropout, attn_key)
         ff_out, losses = feed_forward(params, norm(params["mlp_norm"], x, cfg), cfg)
         x = x + dropout(ff_out, cfg.dropout, mlp_key)
     else:
-        attn_out, cache = attend(x)
+        attn_out, cache = self_attention(x)
         x = norm(params["attn_norm"], x + dropout(attn_out, cfg.dropout, attn_key), cfg)
         ff_out, losses = feed_forward(params, x, cfg)
         x = norm(params["mlp_norm"], x + dropout(ff_out, cfg.dropout, mlp_key), cfg)

@@ -26,7 +26,7 @@ def load_kernel():
     return load_function("decode_attention", ARGTYPES, ctypes.c_int)
 
 
-def serves(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def kernel_serves(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `decode_attention` runs the kernel for these inputs (shapes and dtypes only, so
     torch.compile decides it once): one float32 query per row on CPU, a boolean mask, a head
     size the kernel's 8-float vectors divide."""
@@ -48,17 +48,18 @@ def decode_attention(
     softmax(q · kᵀ / √hd over the visible keys) · v, as F.scaled_dot_product_attention: the
     kernel where it serves, SDPA elsewhere and where gradients are to be computed."""
     op = torch.ops.llmfn.decode_attention.default
-    return call_kernel(op, attend, sdpa, q, k, v, visible)
+    return call_kernel(op, kernel_attention, sdpa, q, k, v, visible)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor):
+    """The same attention through torch's F.scaled_dot_product_attention (the fallback)."""
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=visible, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor):
-    """The kernel where it can be built (SDPA elsewhere)."""
+def kernel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor):
+    """The C kernel where it can be built (SDPA elsewhere): the op's eager implementation."""
     kernel = load_kernel()
     if kernel is None:
         return sdpa(q, k, v, visible)
@@ -84,7 +85,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Ten
 torch.library.define(
     "llmfn::decode_attention", "(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor"
 )
-torch.library.impl("llmfn::decode_attention", "default", attend)
+torch.library.impl("llmfn::decode_attention", "default", kernel_attention)
 
 
 @torch.library.register_fake("llmfn::decode_attention")

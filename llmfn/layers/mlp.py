@@ -4,13 +4,11 @@ GLU params: {"w13": [2·I, D] (gate rows, then up rows), "w2": [D, I]}; plain: {
 "w2": [D, I]}; with mlp_bias also "b13"/"b1" and "b2". Fusing gate and up is one matmul.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from llmfn.layers.init import normal, zeros
+from llmfn.layers.init import normal, residual_std, zeros
 from llmfn.layers.linear import linear
 from llmfn.model_config import ModelConfig
 
@@ -26,15 +24,21 @@ def activation_fn(name: str):
     return _ACTIVATIONS[name]
 
 
+def up_projection(cfg: ModelConfig, width: int) -> tuple[str, int]:
+    """The input projection's weight name and row count for hidden width `width`: the fused
+    gate-and-up "w13" (2·width rows) with a GLU, else "w1" (width rows)."""
+    if cfg.use_glu:
+        return "w13", 2 * width
+    return "w1", width
+
+
 def init_mlp(cfg: ModelConfig, gen: torch.Generator, width: int | None = None) -> TensorDict:
     """width: the hidden width (cfg.ffn_size unless given, e.g. for shared experts)."""
     width = width or cfg.ffn_size
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    up = "w13" if cfg.use_glu else "w1"
-    up_rows = 2 * width if cfg.use_glu else width
+    up, up_rows = up_projection(cfg, width)
     leaves = {
         up: normal((up_rows, cfg.hidden_size), cfg.init_std, gen),
-        "w2": normal((cfg.hidden_size, width), residual_std, gen),
+        "w2": normal((cfg.hidden_size, width), residual_std(cfg), gen),
     }
     if cfg.mlp_bias:
         leaves["b13" if cfg.use_glu else "b1"] = zeros(up_rows)

@@ -16,23 +16,21 @@ import math
 import torch
 from tensordict import TensorDict
 
-from llmfn.layers.init import normal
+from llmfn.layers.init import normal, residual_std
 from llmfn.layers.linear import linear
-from llmfn.layers.mlp import activation_fn, init_mlp, mlp
+from llmfn.layers.mlp import activation_fn, init_mlp, mlp, up_projection
 from llmfn.model_config import ModelConfig
 
 
 def init_moe(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
     E, D, width = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    up = "w13" if cfg.use_glu else "w1"
-    up_rows = 2 * width if cfg.use_glu else width
+    up, up_rows = up_projection(cfg, width)
     tree = {
         "router": normal((E, D), cfg.init_std, gen),
         "experts": TensorDict(
             {
                 up: normal((E, up_rows, D), cfg.init_std, gen),
-                "w2": normal((E, D, width), residual_std, gen),
+                "w2": normal((E, D, width), residual_std(cfg), gen),
             },
             batch_size=[],
         ),

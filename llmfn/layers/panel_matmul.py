@@ -56,23 +56,25 @@ def panel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
     The kernel where it serves, torch.matmul over the panels' matrix elsewhere and where
     gradients are to be computed (`llmfn.kernels.dispatch.call_kernel`)."""
-    return call_kernel(torch.ops.llmfn.panel_matmul.default, multiply, matmul, x, panels)
+    return call_kernel(torch.ops.llmfn.panel_matmul.default, kernel_matmul, torch_matmul, x, panels)
 
 
-def matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+def torch_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """The same product through torch.matmul over the panels' matrix (the fallback)."""
     return x @ unpanel(panels)
 
 
-def multiply(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
-    """The kernel where it serves (float32 on CPU, width-8 panels), torch.matmul elsewhere."""
+def kernel_matmul(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """The C kernel where it serves (float32 on CPU, width-8 panels), torch.matmul elsewhere:
+    the op's eager implementation."""
     num_panels, in_features, width = panels.shape
     kernel = load_kernel() if x.device.type == "cpu" else None
     if kernel is None or width != PANEL_WIDTH or not x.dtype == panels.dtype == torch.float32:
-        return matmul(x, panels)
+        return torch_matmul(x, panels)
     x, panels = x.contiguous(), panels.contiguous()
     pointers = data_pointers(x, panels)
     if pointers is None:
-        return matmul(x, panels)
+        return torch_matmul(x, panels)
     y = x.new_empty(x.shape[0], num_panels * width)
     rows, threads = x.shape[0], torch.get_num_threads()
     kernel(*pointers, y.data_ptr(), rows, in_features, num_panels, threads)
@@ -80,7 +82,7 @@ def multiply(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
 
 
 torch.library.define("llmfn::panel_matmul", "(Tensor x, Tensor panels) -> Tensor")
-torch.library.impl("llmfn::panel_matmul", "default", multiply)
+torch.library.impl("llmfn::panel_matmul", "default", kernel_matmul)
 
 
 @torch.library.register_fake("llmfn::panel_matmul")

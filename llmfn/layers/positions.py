@@ -11,49 +11,76 @@ from llmfn.model_config import ModelConfig
 
 
 # --- RoPE -------------------------------------------------------------------------------------
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """[head_dim/2] inverse frequencies, with llama3 band scaling applied when configured."""
-    dim = cfg.head_dim
-    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
-    # theta ** -exponents, written with exp: inductor stores a reused value whose computation
-    # has an exp, and recomputes one made of pow in each consumer; with pow every layer's q and
-    # k RoPE kernels (forward and backward) redid pow, cos and sin per element. CPU train step
-    # at 15M params: RoPE kernels 190 -> 74 ms of ~1.8 s (torch profiler, kernel profile on).
-    inv_freq = torch.exp(-math.log(cfg.rope_theta) * exponents)
-    if cfg.rope_scaling == "llama3":
-        factor = cfg.rope_scaling_factor
-        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
-        low_wavelen = original / cfg.rope_low_freq_factor
-        high_wavelen = original / cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (original / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
-        )
-        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, inv_freq)
-    return inv_freq.float()
-
-
 def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: [B, T] int -> (cos, sin), each [B, 1, T, head_dim] float32."""
-    inv_freq = rope_inv_freq(cfg).to(positions.device)
-    pos = positions.float()
-    if cfg.rope_scaling == "linear":
-        pos = pos / cfg.rope_scaling_factor
-    elif cfg.rope_scaling == "dynamic":
-        # Dynamic NTK: grow the base once the sequence outruns the original context.
-        original = cfg.rope_original_max_seq_len or cfg.max_seq_len
-        seq_len = torch.clamp(positions.max().float() + 1, min=original)
-        dim = cfg.head_dim
-        scale = cfg.rope_scaling_factor * seq_len / original - (cfg.rope_scaling_factor - 1)
-        base = cfg.rope_theta * scale ** (dim / (dim - 2))
-        exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
-        inv_freq = 1.0 / base**exponents
+    pos, inv_freq = rope_frequencies(positions, cfg)
     angles = pos[..., None] * inv_freq  # [B, T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
     return cos_sin(angles)
+
+
+def rope_frequencies(
+    positions: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The configured RoPE scaling, all in this one place: positions [B, T] int -> (scaled
+    positions [B, T], inverse frequencies [head_dim/2]), both float32, whose products are the
+    rotary angles.
+
+    None: theta^(-2i/hd). "linear": the positions divided by the factor. "llama3": the
+    frequency bands of `llama3_inv_freq`. "dynamic": the grown base of `dynamic_ntk_inv_freq`.
+    """
+    pos = positions.float()
+    if cfg.rope_scaling == "dynamic":
+        return pos, dynamic_ntk_inv_freq(positions, cfg)
+    inv_freq = rope_inv_freq(cfg.rope_theta, cfg.head_dim)
+    if cfg.rope_scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, cfg)
+    elif cfg.rope_scaling == "linear":
+        pos = pos / cfg.rope_scaling_factor
+    return pos, inv_freq.float().to(positions.device)
+
+
+def rope_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """[dim/2] float64 inverse frequencies theta^(-2i/dim), on CPU.
+
+    Written with exp rather than pow: inductor keeps a reused value computed with exp, and
+    recomputes one made of pow in each consumer (every layer's RoPE kernels, see
+    docs/performance.md)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    return torch.exp(-math.log(theta) * exponents)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3's band scaling of inv_freq [hd/2]: wavelengths longer than original /
+    low_freq_factor are stretched by the factor, shorter than original / high_freq_factor kept,
+    and those between interpolated smoothly."""
+    factor = cfg.rope_scaling_factor
+    original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    low_wavelen = original / cfg.rope_low_freq_factor
+    high_wavelen = original / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq)
+
+
+def dynamic_ntk_inv_freq(positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Dynamic NTK: [hd/2] float32 inverse frequencies, on positions' device, of a base grown
+    once the sequence (positions [B, T]) outruns the original context.
+
+    The base depends on the positions, so it is computed here in float32, and with HF's pow
+    (`base ** exponents`), which matches HF's dynamic RoPE bit for bit where exp would not."""
+    original = cfg.rope_original_max_seq_len or cfg.max_seq_len
+    seq_len = torch.clamp(positions.max().float() + 1, min=original)
+    dim = cfg.head_dim
+    scale = cfg.rope_scaling_factor * seq_len / original - (cfg.rope_scaling_factor - 1)
+    base = cfg.rope_theta * scale ** (dim / (dim - 2))
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
+    return 1.0 / base**exponents
 
 
 def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +116,9 @@ def _(info, in_dims: tuple, angles: torch.Tensor):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, hd], rotate-half convention (dim i pairs with i + hd/2, as in HF)."""
+    """x: [B, H, T, hd], cos and sin: [B, 1, T, hd] (`rope_angles`) -> x rotated, [B, H, T, hd]
+    in x's dtype (computed in float32). Rotate-half convention: dim i pairs with i + hd/2, as
+    in HF."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)

@@ -339,6 +339,7 @@ def run_info(
         else 0,
         peak_flops=peak_flops(proc.device),
         world_size=proc.world_size,
+        device=proc.device,
         sample_fn=None,
     )
 

@@ -231,6 +231,26 @@ def test_console_logger_shows_mfu_when_peak_is_known(tmp_path, capsys):
     assert "| 10,000 tok/s | MFU 60.0%" in capsys.readouterr().out
 
 
+def test_on_a_gpu_the_logs_show_the_runs_peak_memory(tmp_path, capsys, monkeypatch):
+    asked = []
+
+    def max_memory_allocated(device):
+        asked.append(device)
+        return 14.25 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_memory_allocated)
+    gpu = torch.device("cuda:0")
+    logger, jsonl = ConsoleLogger(every=10), JsonlLogger(every=10)
+    logger.throughput.clock, jsonl.throughput.clock = FakeClock(1.0), FakeClock(1.0)
+    drive(CallbackList([logger, jsonl]), make_run(tmp_path, max_steps=10, device=gpu))
+    assert "| 10,000 tok/s | mem 14.2 GiB" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["peak_mem_gib"] == 14.25
+    assert set(asked) == {gpu}
+    drive(ConsoleLogger(every=10), make_run(tmp_path, max_steps=10, device=torch.device("cpu")))
+    assert "mem" not in capsys.readouterr().out  # CPU: no CUDA memory to report
+
+
 def test_console_logger_excludes_eval_time_from_throughput(tmp_path, capsys):
     logger = ConsoleLogger(every=10)
     clock = FakeClock(1.0)

@@ -40,6 +40,7 @@ class RunInfo:
     peak_flops: float | None  # per-device peak FLOP/s (None on CPU -> no MFU shown)
     world_size: int
     sample_fn: Callable[[str, int], str] | None  # (prompt, max_new_tokens) -> text, lm only
+    device: torch.device | None = None  # where the step runs (cuda: peak memory is reported)
     stop_requested: bool = False  # a callback sets this to end training (early stopping)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run
 

@@ -1,6 +1,6 @@
 """ConsoleLogger: one line per logged step, one per eval, on rank 0.
 
-step   120/1000 | loss 3.4512 | grad_norm 0.812 | lr 3.00e-04 | 12,345 tok/s | MFU 35.2%
+step   120/1000 | loss 3.4512 | grad_norm 0.812 | lr 3.00e-04 | 12,345 tok/s | MFU 35.2% | mem 14.2 GiB
 eval   100/1000 | val_loss 3.2100 | val_ppl 24.78
 """
 
@@ -35,7 +35,7 @@ def format_value(name: str, value: float) -> str:
 
 
 def format_rates(rates: dict[str, float]) -> list[str]:
-    """tok/s (else s/step) and MFU, as console fields."""
+    """tok/s (else s/step), MFU and peak memory (GPU), as console fields."""
     fields = []
     if "tok_per_s" in rates:
         fields.append(f"{rates['tok_per_s']:,.0f} tok/s")
@@ -43,13 +43,15 @@ def format_rates(rates: dict[str, float]) -> list[str]:
         fields.append(f"{rates['step_time_s']:.3g} s/step")
     if "mfu" in rates:
         fields.append(f"MFU {100 * rates['mfu']:.1f}%")
+    if "peak_mem_gib" in rates:
+        fields.append(f"mem {rates['peak_mem_gib']:.1f} GiB")
     return fields
 
 
 def format_step_line(
     run: RunInfo, step: int, values: dict[str, float], rates: dict[str, float]
 ) -> str:
-    """`step  s/max | loss .. | grad_norm .. | lr .. | <other metrics> | tok/s | MFU`."""
+    """`step  s/max | loss .. | grad_norm .. | lr .. | <other metrics> | tok/s | MFU | mem`."""
     width = len(str(run.max_steps))
     names = [n for n in MAIN_METRICS if n in values]
     names += [n for n in values if n not in MAIN_METRICS and n not in NOT_PRINTED]

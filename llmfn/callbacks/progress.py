@@ -24,6 +24,8 @@ def bar_postfix(values: dict[str, float], rates: dict[str, float]) -> dict[str, 
         postfix["tok/s"] = f"{rates['tok_per_s']:,.0f}"
     if "mfu" in rates:
         postfix["MFU"] = f"{100 * rates['mfu']:.1f}%"
+    if "peak_mem_gib" in rates:
+        postfix["mem"] = f"{rates['peak_mem_gib']:.1f}G"
     return postfix
 
 

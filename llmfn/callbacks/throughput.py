@@ -1,4 +1,5 @@
-"""Tokens per second and MFU from the wall time between two logged steps.
+"""Tokens per second and MFU from the wall time between two logged steps, and on a GPU the
+run's peak memory so far.
 
 The clock runs from one measurement to the next, so each number is the throughput of the steps
 in between. The caller syncs the device first (`.item()` on a metric), so queued GPU work is
@@ -11,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from llmfn.callbacks.base import Callback, RunInfo
 
 
@@ -19,6 +22,15 @@ def model_flops_utilization(run: RunInfo, tokens_per_second: float) -> float | N
     if not run.peak_flops or run.flops_per_token <= 0:
         return None
     return run.flops_per_token * tokens_per_second / (run.peak_flops * run.world_size)
+
+
+def peak_memory_gib(device: torch.device | None) -> float | None:
+    """The most memory tensors have held on a CUDA device since the run started, in GiB (what
+    decides whether a larger batch fits); None elsewhere. Never reset, so every callback that
+    asks reads the same number."""
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 class Throughput:
@@ -34,8 +46,9 @@ class Throughput:
         self.last_step = step
 
     def measure(self, run: RunInfo, step: int) -> dict[str, float]:
-        """{"step_time_s", "tok_per_s" (if tokens are counted), "mfu" (if peak is known)}
-        for the steps since the last call; {} (and a restart) if there is nothing to measure."""
+        """{"step_time_s", "tok_per_s" (if tokens are counted), "mfu" (if peak is known),
+        "peak_mem_gib" (on CUDA)} for the steps since the last call; {} (and a restart) if there
+        is nothing to measure."""
         now = self.clock()
         last_time, last_step = self.last_time, self.last_step
         self.last_time, self.last_step = now, step
@@ -48,6 +61,9 @@ class Throughput:
             mfu = model_flops_utilization(run, rates["tok_per_s"])
             if mfu is not None:
                 rates["mfu"] = mfu
+        memory = peak_memory_gib(run.device)
+        if memory is not None:
+            rates["peak_mem_gib"] = memory
         return rates
 
 

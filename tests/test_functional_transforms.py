@@ -14,37 +14,14 @@ from torch._inductor.utils import run_and_get_code
 from llmfn.layers.positions import rope_angles
 from llmfn.model import forward, init_params, loss
 from llmfn.model_config import ModelConfig
+from tests.model_fixtures import DENSE, MOE
 
-DENSE = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=64,
-    max_seq_len=16,
-)
-MOE = DENSE.replace(
-    use_moe=True,
-    num_experts=4,
-    top_k=2,
-    num_shared_experts=1,
-    dropout=0.1,
-    position="learned",
-    norm_type="layernorm",
-)
 CONFIGS = {"dense": DENSE, "moe_dropout": MOE}
 GRAD_TOL = {"atol": 1e-6, "rtol": 1e-5}
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "research_grad.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x slower on two threads of a busy machine (OpenMP waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(cfg: ModelConfig, rows: int = 3, length: int = 8, seed: int = 0) -> dict:

@@ -27,13 +27,7 @@ MAX_LEN = 16
 TOL = {"atol": 2e-5, "rtol": 1e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x slower on two threads of a busy machine (OpenMP waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

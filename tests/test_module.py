@@ -10,37 +10,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import llmfn
 from llmfn.module import ModelModule, as_module
+from tests.model_fixtures import DENSE, MOE
 
-DENSE = llmfn.ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=64,
-    max_seq_len=16,
-)
-MOE = DENSE.replace(
-    use_moe=True,
-    num_experts=4,
-    top_k=2,
-    num_shared_experts=1,
-    dropout=0.1,
-    position="learned",
-    norm_type="layernorm",
-)
 TIED = DENSE.replace(tie_embeddings=True)
 CONFIGS = {"dense": DENSE, "moe_dropout": MOE, "tied": TIED}
 RNG = torch.tensor(11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x slower on two threads of a busy machine (OpenMP waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(cfg: llmfn.ModelConfig, rows: int = 3, length: int = 8) -> dict:

@@ -102,6 +102,8 @@ class LoggingConfig:
     jsonl: bool = True
     tensorboard: bool = False  # needs the `tensorboard` extra
     plot: bool = True  # loss curve PNG at the end (needs matplotlib)
+    profile_at: int | None = None  # torch.profiler trace of the steps after this one; None = off
+    profile_steps: int = 3  # steps the profiler records
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,8 @@ POSITIVE_KEYS = (  # expected > 0; None (an optional key left unset) passes
     "optim.lr",
     "optim.grad_clip",
     "logging.log_every",
+    "logging.profile_at",
+    "logging.profile_steps",
     "checkpoint.keep_last_n",
     "train.max_nonfinite",
     "train.sample_tokens",

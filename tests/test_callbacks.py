@@ -21,6 +21,7 @@ from llmfn.callbacks import (
     JsonlLogger,
     LossCurvePlot,
     LRMonitor,
+    Profiler,
     ProgressBar,
     RunInfo,
     SampleText,
@@ -31,7 +32,7 @@ from llmfn.callbacks import (
     read_jsonl,
     to_floats,
 )
-from llmfn.config import Config, from_dict
+from llmfn.config import Config, ConfigError, from_dict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -648,6 +649,132 @@ def test_loss_curve_plot_writes_nothing_off_rank_zero(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
 
 
+# --- Profiler ----------------------------------------------------------------------------------
+class MatmulEachStep(Callback):
+    """Torch work at the end of each step, under a `matmul at step <N>` range in the trace."""
+
+    def on_step_end(self, run, step, metrics):
+        with torch.profiler.record_function(f"matmul at step {step}"):
+            weights = torch.ones(32, 32)
+            (weights @ weights).sum()
+
+
+def trace_names(path: Path) -> set[str]:
+    events = json.loads(path.read_text())["traceEvents"]
+    assert events
+    return {event.get("name") for event in events}
+
+
+def drive_until_error(callbacks: CallbackList, run: RunInfo, error_step: int) -> None:
+    """The driver loop, raising inside step `error_step` (as a failing train step would)."""
+    callbacks.on_train_start(run)
+    for step in range(run.start_step + 1, run.max_steps + 1):
+        if step == error_step:
+            callbacks.on_exception(run, step, RuntimeError("out of memory"))
+            return
+        callbacks.on_step_end(run, step, step_metrics(step))
+
+
+def test_profiler_records_the_steps_after_profile_at_and_writes_both_files(tmp_path, capsys):
+    profiler = Profiler(profile_at=3, profile_steps=2)
+    drive(CallbackList([MatmulEachStep(), profiler]), make_run(tmp_path, max_steps=8))
+    folder = tmp_path / "profile"
+    trace, top_ops = folder / "trace_steps_4-5.json", folder / "top_ops_steps_4-5.txt"
+    assert sorted(folder.iterdir()) == [top_ops, trace]
+    names = trace_names(trace)
+    assert {"matmul at step 4", "matmul at step 5", "train step 4", "train step 5"} <= names
+    assert not names & {"matmul at step 3", "matmul at step 6", "train step 6"}
+    table = top_ops.read_text()
+    assert "aten::mm" in table and "Self CPU" in table and "train step" not in table
+    out = capsys.readouterr().out
+    assert out.count("profiler:") == 1
+    assert f"profiler: steps 4-5 recorded: trace {trace} (open in" in out
+    assert f"top ops {top_ops}" in out
+    assert not profiler.recording
+
+
+@pytest.mark.parametrize("ending", ["max_steps", "stop_requested", "exception"])
+def test_profiler_writes_what_it_recorded_when_training_ends_inside_the_window(
+    tmp_path, capsys, ending
+):
+    profiler = Profiler(profile_at=2, profile_steps=10)
+    callbacks = CallbackList([MatmulEachStep(), profiler])
+    if ending == "exception":  # step 5 raises: steps 3, 4 and what ran of 5
+        drive_until_error(callbacks, make_run(tmp_path, max_steps=40), error_step=5)
+    elif ending == "stop_requested":  # early stopping after step 5
+        stopper = Recorder()
+        stopper.on_step_end = lambda run, step, metrics: setattr(run, "stop_requested", step == 5)
+        callbacks.append(stopper)
+        drive(callbacks, make_run(tmp_path, max_steps=40))
+    else:  # profile_at + profile_steps > max_steps: it records what it can
+        drive(callbacks, make_run(tmp_path, max_steps=5))
+    trace = tmp_path / "profile" / "trace_steps_3-5.json"
+    assert {"matmul at step 3", "matmul at step 4"} <= trace_names(trace)
+    assert (tmp_path / "profile" / "top_ops_steps_3-5.txt").is_file()
+    assert "profiler: steps 3-5 recorded" in capsys.readouterr().out
+    assert not profiler.recording
+
+
+def test_profiler_writes_nothing_off_rank_zero_or_outside_the_run(tmp_path, capsys):
+    drive(CallbackList([MatmulEachStep(), Profiler(2)]), make_run(tmp_path, is_main=False))
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+    # the run ends at step profile_at: the profiler never starts, and says why at the start
+    drive(Profiler(profile_at=10), make_run(tmp_path, max_steps=10))
+    assert list(tmp_path.iterdir()) == []
+    assert "logging.profile_at=10 is not before the last step (10)" in capsys.readouterr().out
+
+
+def test_a_run_resumed_at_or_after_profile_at_does_not_profile(tmp_path, capsys):
+    for start_step in (10, 20):
+        drive(Profiler(profile_at=10), make_run(tmp_path, start_step=start_step, max_steps=30))
+        out = capsys.readouterr().out
+        assert out.strip() == (
+            f"profiler: not profiling: this run resumed at step {start_step}, "
+            "at or after logging.profile_at=10"
+        )
+    assert list(tmp_path.iterdir()) == []
+    drive(Profiler(profile_at=10, profile_steps=1), make_run(tmp_path, start_step=9))
+    assert (tmp_path / "profile" / "trace_steps_11-11.json").is_file()
+
+
+def test_profiler_on_a_gpu_records_kernels_and_synchronizes_around_the_window(
+    tmp_path, monkeypatch, capsys
+):
+    synchronized, built = [], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
+    real_profile = torch.profiler.profile
+
+    def recording_profile(**kwargs):
+        built.append(kwargs)
+        return real_profile(activities=[torch.profiler.ProfilerActivity.CPU])  # no GPU here
+
+    monkeypatch.setattr("llmfn.callbacks.profiler.profile", recording_profile)
+    gpu = torch.device("cuda:0")
+    drive(Profiler(profile_at=2, profile_steps=2), make_run(tmp_path, max_steps=6, device=gpu))
+    activities = torch.profiler.ProfilerActivity
+    assert [b["activities"] for b in built] == [[activities.CPU, activities.CUDA]] * 2  # warm-up
+    assert built[1]["record_shapes"] is False and built[1]["with_stack"] is False
+    assert synchronized == [gpu, gpu]  # before starting and before stopping
+    assert (tmp_path / "profile" / "top_ops_steps_3-4.txt").is_file()
+    synchronized.clear()  # a failed step: a sync could raise again, so it writes without one
+    run = make_run(tmp_path, max_steps=6, device=gpu)
+    drive_until_error(CallbackList([Profiler(profile_at=2, profile_steps=3)]), run, error_step=4)
+    assert synchronized == [gpu] and (tmp_path / "profile" / "trace_steps_3-4.json").is_file()
+
+
+@pytest.mark.parametrize("key", ["profile_at", "profile_steps"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, None])
+def test_profiler_and_its_config_keys_reject_bad_values(key, value):
+    arguments = {"profile_at": 5, key: value}
+    with pytest.raises(ValueError, match=rf"Profiler {key}=.*positive int \(logging\.{key}\)"):
+        Profiler(**arguments)
+    if value in (0, -1):
+        with pytest.raises(
+            ConfigError, match=rf"logging\.{key}={value} is invalid: expected a positive"
+        ):
+            from_dict({"logging": {key: value}})
+
+
 # --- default_callbacks -------------------------------------------------------------------------
 def names(callbacks: CallbackList) -> list[str]:
     return [type(c).__name__ for c in callbacks]
@@ -667,6 +794,14 @@ def test_default_callbacks_follow_the_config():
     assert [c.every for c in callbacks] == [1, 1, 5, 5, 5, 5]
     assert callbacks[1].log_every == 5  # the bar moves every step, refreshes its numbers every 5
     assert names(default_callbacks(config, is_main=False)) == []
+
+    config = from_dict({"logging": {"profile_at": 50, "profile_steps": 4}})
+    profiler = default_callbacks(config, is_main=True)[0]  # first: see defaults.py
+    assert isinstance(profiler, Profiler) and (profiler.profile_at, profiler.profile_steps) == (
+        50,
+        4,
+    )
+    assert "Profiler" not in names(default_callbacks(config, is_main=False))
 
     config = from_dict(
         {

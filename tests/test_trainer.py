@@ -167,3 +167,28 @@ def test_unknown_task_fails_before_the_data_is_prepared(tmp_path):
     with pytest.raises(ValueError, match="train.task='lm_zloss' is unknown: expected one of lm"):
         train(cfg)
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_profile_at_traces_the_steps_after_it(tmp_path, capsys):
+    cfg = config(
+        tmp_path,
+        "data.module=synthetic",
+        "data.synthetic_vocab_size=64",
+        "data.batch_size=2",
+        "model.vocab_size=64",
+        "model.hidden_size=32",
+        "model.num_layers=1",
+        "model.num_heads=4",
+        "model.max_seq_len=16",
+        "model.intermediate_size=32",
+        "train.max_steps=4",
+        "train.sample_tokens=4",
+        "logging.profile_at=1",
+        "logging.profile_steps=2",
+    )
+    result = train(cfg)
+    folder = result.run_dir / "profile"
+    trace = json.loads((folder / "trace_steps_2-3.json").read_text())
+    assert {"train step 2", "train step 3"} <= {event.get("name") for event in trace["traceEvents"]}
+    assert "aten::" in (folder / "top_ops_steps_2-3.txt").read_text()
+    assert "profiler: steps 2-3 recorded" in capsys.readouterr().out

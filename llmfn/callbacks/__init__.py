@@ -15,6 +15,7 @@ from llmfn.callbacks.jsonl import JsonlLogger, read_jsonl
 from llmfn.callbacks.loss_curve import LossCurvePlot
 from llmfn.callbacks.lr_monitor import LRMonitor
 from llmfn.callbacks.output import write_line
+from llmfn.callbacks.profiler import Profiler
 from llmfn.callbacks.progress import ProgressBar
 from llmfn.callbacks.sample_text import SampleText
 from llmfn.callbacks.scalars import to_floats
@@ -30,6 +31,7 @@ __all__ = [
     "JsonlLogger",
     "LRMonitor",
     "LossCurvePlot",
+    "Profiler",
     "ProgressBar",
     "RunInfo",
     "SampleText",

@@ -8,6 +8,7 @@ from llmfn.callbacks.early_stopping import EarlyStopping
 from llmfn.callbacks.jsonl import JsonlLogger
 from llmfn.callbacks.loss_curve import LossCurvePlot
 from llmfn.callbacks.lr_monitor import LRMonitor
+from llmfn.callbacks.profiler import Profiler
 from llmfn.callbacks.progress import ProgressBar
 from llmfn.callbacks.sample_text import SampleText
 from llmfn.callbacks.tensorboard_logger import TensorBoardLogger
@@ -18,12 +19,16 @@ def default_callbacks(config, *, is_main: bool) -> CallbackList:
     """The standard set for `config` (an llmfn.config.Config).
 
     Callbacks that print or write are built on rank 0 only; EarlyStopping is built on every rank
-    so all ranks stop at the same step. SampleText, for tasks that generate text, comes first: the
+    so all ranks stop at the same step. SampleText, for tasks that generate text, comes early: the
     loggers restart their throughput clocks in `on_eval`, after the sample, so sampling time is not
-    counted as training.
+    counted as training. Profiler (when `logging.profile_at` is set) comes first, so writing its
+    trace at the end of a step falls in the loggers' throughput window that holds the profiled
+    steps (already slow) rather than in the next one, and the final sample is not profiled.
     """
     log, train = config.logging, config.train
     callbacks = []
+    if is_main and log.profile_at is not None:
+        callbacks.append(Profiler(log.profile_at, log.profile_steps))
     if is_main and get_task(train.task).generates_text:
         callbacks.append(SampleText(train.sample_every, train.sample_prompt, train.sample_tokens))
     if is_main and log.progress:

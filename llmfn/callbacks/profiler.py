@@ -22,6 +22,7 @@ one-time setup, seconds, is done in `on_train_start`, before the loggers start t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TextIO
 
@@ -33,6 +34,7 @@ from llmfn.callbacks.output import write_line
 
 FOLDER = "profile"
 TOP_OPS_ROWS = 30
+KINETO_QUIET = "6"  # above its ERROR level: nothing printed
 STEP_MARKER = "train step "  # + N: the trace's range for each recorded step (not an op)
 
 
@@ -110,7 +112,11 @@ class Profiler(Callback):
     def warm_up(self, run: RunInfo) -> None:
         """Start and stop an empty profile: the first start in a process sets the profiler up
         (seconds), which done here, before the loggers start their clocks, is not timed as
-        training."""
+        training. Off CUDA, the profiler's C++ side (kineto) is told to keep quiet unless the
+        user set KINETO_LOG_LEVEL: it prints start/stop lines and a failed GPU count to stderr,
+        which mean nothing on a CPU (on a GPU its messages, e.g. about CUPTI, stay)."""
+        if not _is_cuda(run.device):
+            os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
         with profile(activities=_activities(run.device)):
             pass
 

@@ -7,7 +7,8 @@
 #          GiB, ratios, each row printed and saved as measured (a timeout keeps them). About
 #          6-9 minutes, most of it compiling (llmfn's cold compile was 253 s on 2 CPU cores).
 #   train  the CLI trains configs/llama-135m-gpu.yaml (compiled, bf16) for 20 steps with two
-#          evals and a sample, into a run folder. About 2-3 minutes.
+#          evals and a sample, into a run folder, profiling steps 13-15 (the top CUDA ops are
+#          printed; the trace is in runs/*/profile/). About 2-3 minutes.
 # Each part has its own time limit, so a slow one still leaves the other's results, in $OUT
 # (default bench/results/gpu): bench.log, train_throughput_gpu.json, train.log, runs/.
 #
@@ -30,8 +31,10 @@ for part in $parts; do
       timeout 300 python3 -m llmfn.train configs/llama-135m-gpu.yaml \
         train.max_steps=20 train.eval_every=10 data.val_batches=2 checkpoint.every=0 checkpoint.save_best=false \
         logging.log_every=5 train.sample_tokens=16 train.run_dir="$out/runs" \
+        logging.profile_at=12 logging.profile_steps=3 \
         train.run_name="gpu-$(date +%Y%m%d-%H%M%S)" >"$out/train.log" 2>&1
-      echo "train: exit $? (log $out/train.log)"; tail -n 12 "$out/train.log" ;;
+      echo "train: exit $? (log $out/train.log)"; tail -n 12 "$out/train.log"
+      head -n 25 "$out"/runs/gpu-*/profile/top_ops_*.txt 2>/dev/null ;;
     *) echo "unknown part '$part': expected bench or train" >&2; exit 2 ;;
   esac
 done

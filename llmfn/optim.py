@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from tensordict import TensorDict
 
-from llmfn.tree import Path, TreeShape, leaves_at, paths_and_leaves, tree_like, tree_shape
+from llmfn.tree import Path, TreeDef, leaves_at, paths_and_leaves, tree_def, tree_like
 
 DecayMask = dict[Path | str, bool] | Callable[[Path, torch.Tensor], bool] | None
 
@@ -66,8 +66,10 @@ def optimizer_from_leaves(
         new_p, new_moments = update_leaves(
             paths, p, g, moments, lr=lr, step=step, batch_dims=params.batch_dims
         )
-        shape = tree_shape(params)
-        return tree_like(shape, paths, new_p), opt_state_like(opt_state, shape, paths, new_moments)
+        treedef = tree_def(params)
+        return tree_like(treedef, paths, new_p), opt_state_like(
+            opt_state, treedef, paths, new_moments
+        )
 
     return Optimizer(init, update, update_leaves)
 
@@ -89,12 +91,12 @@ def moment_leaves(opt_state: TensorDict, paths: list[Path]) -> dict[str, Leaves]
 
 
 def opt_state_like(
-    opt_state: TensorDict, shape: TreeShape, paths: list[Path], moments: dict[str, Leaves]
+    opt_state: TensorDict, treedef: TreeDef, paths: list[Path], moments: dict[str, Leaves]
 ) -> TensorDict:
-    """A new opt_state with `opt_state`'s moment names, each a tree of `shape` (the params')."""
+    """A new opt_state with `opt_state`'s moment names, each a tree of `treedef` (the params')."""
     return state_tree(
         opt_state,
-        **{name: tree_like(shape, paths, moments[name]) for name in list(opt_state.keys())},
+        **{name: tree_like(treedef, paths, moments[name]) for name in list(opt_state.keys())},
     )
 
 

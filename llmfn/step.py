@@ -24,7 +24,7 @@ from tensordict import TensorDict
 from llmfn.distributed import GradientAllReduce
 from llmfn.layers.dropout import fold_in
 from llmfn.optim import Optimizer, clip_leaves_by_global_norm, moment_leaves, opt_state_like
-from llmfn.tree import paths_and_leaves, tree_like, tree_shape
+from llmfn.tree import paths_and_leaves, tree_def, tree_like
 
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
@@ -133,8 +133,8 @@ def make_train_step(
     max_norm = config.optim.grad_clip
     nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
-    def loss_of(leaves, paths, shape, batch, rng, scale):
-        params = tree_like(shape, paths, leaves)
+    def loss_of(leaves, paths, treedef, batch, rng, scale):
+        params = tree_like(treedef, paths, leaves)
         with precision_autocast(device_type, precision):
             value, metrics = task.loss(params, batch, config, training=True, rng=rng)
         return value * scale, (value.detach(), metrics)
@@ -144,14 +144,14 @@ def make_train_step(
     # took 4x longer (68 s against 16 s to trace a 30-layer model's gradient).
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
-    def gradients(paths, shape, params, batch, step_key, scale):
+    def gradients(paths, treedef, params, batch, step_key, scale):
         """Mean gradients over the batch's A micro-batches (each with its own dropout key) ->
         (grads [leaves], loss, tokens, the task's other metrics averaged)."""
         num_micro = next(iter(batch.values())).shape[0]
         grads, losses, task_metrics = None, [], []
         for i in range(num_micro):
             g, (_, (value, metrics)) = grad_and_value(
-                params, paths, shape, micro_batch(batch, i), fold_in(step_key, i), scale
+                params, paths, treedef, micro_batch(batch, i), fold_in(step_key, i), scale
             )
             grads = g if grads is None else torch._foreach_add(grads, g)
             losses.append(value)
@@ -165,14 +165,14 @@ def make_train_step(
         grads = torch._foreach_div(grads, scale * num_micro)
         return grads, torch.stack(losses).mean(), tokens, extra
 
-    def step_leaves(paths, shape, params, moments, scalars, batch):
+    def step_leaves(paths, treedef, params, moments, scalars, batch):
         """The step over lists of leaves: params [leaves at paths], moments {name: leaves},
         scalars {name: 0-d tensor} (STATE_SCALARS) -> (params, moments, scalars, metrics).
-        `paths` and `shape` (the params tree's TreeShape) are Python constants: compiled, a
+        `paths` and `treedef` (the params tree's TreeDef) are Python constants: compiled, a
         state of another structure recompiles rather than being misread."""
         step, scale, streak = scalars["step"], scalars["loss_scale"], scalars["nonfinite_streak"]
         step_key = fold_in(scalars["rng"], step)
-        grads, loss, tokens, extra = gradients(paths, shape, params, batch, step_key, scale)
+        grads, loss, tokens, extra = gradients(paths, treedef, params, batch, step_key, scale)
         if all_reduce is not None:
             grads, loss, tokens, extra = average_over_ranks(all_reduce, grads, loss, tokens, extra)
         grads, grad_norm = clip_leaves_by_global_norm(grads, max_norm)
@@ -182,7 +182,7 @@ def make_train_step(
         take_update = finite & (streak < nonfinite_limit)
         lr = learning_rate(step)
         new_params, new_moments = optimizer.update_leaves(
-            paths, params, grads, moments, lr=lr, step=step + 1, batch_dims=len(shape.batch_size)
+            paths, params, grads, moments, lr=lr, step=step + 1, batch_dims=len(treedef.batch_size)
         )
         new_params, new_moments = select_update(
             take_update, (new_params, new_moments), (params, moments), donate=donate
@@ -218,14 +218,14 @@ def make_train_step(
         paths, param_leaves = paths_and_leaves(params)
         moments = moment_leaves(opt_state, paths)
         scalars = {name: state[name] for name in STATE_SCALARS}
-        shape = tree_shape(params)
+        treedef = tree_def(params)
         new_params, new_moments, new_scalars, metrics = step_leaves(
-            paths, shape, param_leaves, moments, scalars, batch
+            paths, treedef, param_leaves, moments, scalars, batch
         )
         new_state = TensorDict(
             {
-                "params": tree_like(shape, paths, new_params),
-                "opt_state": opt_state_like(opt_state, shape, paths, new_moments),
+                "params": tree_like(treedef, paths, new_params),
+                "opt_state": opt_state_like(opt_state, treedef, paths, new_moments),
                 **new_scalars,
             },
             batch_size=[],
@@ -242,8 +242,8 @@ def make_eval_step(task, config, *, device_type: str = "cpu", compile: bool = Fa
     compile: run it as a `torch.compile`d function over the params' leaves, the tree split
     outside it as in `make_train_step`."""
 
-    def eval_leaves(paths, shape, leaves, batch):
-        params = tree_like(shape, paths, leaves)
+    def eval_leaves(paths, treedef, leaves, batch):
+        params = tree_like(treedef, paths, leaves)
         with torch.no_grad(), precision_autocast(device_type, config.train.precision):
             value, metrics = task.loss(params, batch, config, training=False)
         return {"loss": metrics.get("ce_loss", value).float(), "tokens": metrics["tokens"]}
@@ -253,6 +253,6 @@ def make_eval_step(task, config, *, device_type: str = "cpu", compile: bool = Fa
 
     def eval_step(params: TensorDict, batch: dict) -> dict[str, torch.Tensor]:
         paths, leaves = paths_and_leaves(params)
-        return eval_leaves(paths, tree_shape(params), leaves, batch)
+        return eval_leaves(paths, tree_def(params), leaves, batch)
 
     return eval_step

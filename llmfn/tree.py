@@ -2,7 +2,7 @@
 
     paths, leaves = paths_and_leaves(params)          # [("embed", "weight"), ...], [tensor, ...]
     new = tree_like(params, paths, updated_leaves)    # same structure, new leaves
-    shape = tree_shape(params)                        # the structure alone, without tensors
+    treedef = tree_def(params)                        # the structure alone, without tensors
 
 The train step and the optimizers do their arithmetic on lists of leaves (`torch._foreach_*`
 ops) and build trees only where a tree is wanted. Under torch.compile this matters: dynamo
@@ -19,23 +19,24 @@ from tensordict import TensorDict
 Path = tuple[str, ...]
 
 
-class TreeShape(NamedTuple):
-    """A TensorDict's structure without its tensors: enough to build the tree again.
+class TreeDef(NamedTuple):
+    """A TensorDict's structure without its tensors, enough to build the tree again (JAX's
+    treedef).
 
-    children maps each key to its sub-tree's TreeShape, or to None for a leaf."""
+    children maps each key to its sub-tree's TreeDef, or to None for a leaf."""
 
-    children: dict[str, TreeShape | None]
+    children: dict[str, TreeDef | None]
     batch_size: torch.Size
     device: torch.device | None
 
 
-def tree_shape(tree: TensorDict) -> TreeShape:
+def tree_def(tree: TensorDict) -> TreeDef:
     """The structure of `tree` (keys in order, batch sizes, devices), holding no tensors."""
     children = {
-        key: tree_shape(child) if isinstance(child, TensorDict) else None
+        key: tree_def(child) if isinstance(child, TensorDict) else None
         for key, child in tree.items()
     }
-    return TreeShape(children, tree.batch_size, tree.device)
+    return TreeDef(children, tree.batch_size, tree.device)
 
 
 def _as_path(key: str | Path) -> Path:
@@ -70,19 +71,19 @@ def leaves_at(tree: TensorDict, paths: list[Path], *, name: str) -> list[torch.T
 
 
 def tree_like(
-    template: TensorDict | TreeShape, paths: list[Path], leaves: list[torch.Tensor]
+    template: TensorDict | TreeDef, paths: list[Path], leaves: list[torch.Tensor]
 ) -> TensorDict:
-    """A new tree with `template`'s structure (a tree, or its `tree_shape`) holding `leaves` at
+    """A new tree with `template`'s structure (a tree, or its `tree_def`) holding `leaves` at
     `paths`. Built bottom-up, one constructor call per sub-tree (under torch.compile this costs a
     fraction of `empty()` plus one `set` per leaf)."""
-    shape = template if isinstance(template, TreeShape) else tree_shape(template)
+    treedef = template if isinstance(template, TreeDef) else tree_def(template)
     by_path = dict(zip(paths, leaves, strict=True))
 
-    def build(node: TreeShape, prefix: Path) -> TensorDict:
+    def build(node: TreeDef, prefix: Path) -> TensorDict:
         children = {
             key: by_path[(*prefix, key)] if child is None else build(child, (*prefix, key))
             for key, child in node.children.items()
         }
         return TensorDict(children, batch_size=node.batch_size, device=node.device)
 
-    return build(shape, ())
+    return build(treedef, ())

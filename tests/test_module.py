@@ -3,13 +3,11 @@ share storage with the tree, named by the tree's dotted paths."""
 
 import pytest
 import torch
-import torch.distributed as dist
 from tensordict import TensorDict
 from torch.func import functional_call
-from torch.nn.parallel import DistributedDataParallel
 
 import llmfn
-from llmfn.module import ModelModule, as_module
+from llmfn.module import as_module
 from tests.model_fixtures import DENSE, MOE
 
 TIED = DENSE.replace(tie_embeddings=True)
@@ -167,27 +165,27 @@ def test_hooks_see_the_logits_and_the_parameter_grads():
     torch.testing.assert_close(seen["grad"], wqkv.grad)
 
 
-def test_ddp_in_one_process_matches_the_plain_module(tmp_path):
-    params = llmfn.init_params(DENSE, seed=0)
-    batch = make_batch(DENSE)
-    plain = as_module(params.clone(), DENSE)
-    plain(batch["inputs"]).sum().backward()
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        ddp = DistributedDataParallel(as_module(params, DENSE))
-        for _ in range(2):  # a second step fails if DDP's reducer lost track of a parameter
-            ddp.zero_grad()
-            ddp(batch["inputs"]).sum().backward()
-    finally:
-        dist.destroy_process_group()
-    for (key, param), (_, expected) in zip(
-        ddp.module.named_parameters(), plain.named_parameters(), strict=True
-    ):
-        torch.testing.assert_close(param.grad, expected.grad, msg=key)
+def test_ddp_over_two_processes_averages_the_module_gradients(tmp_path):
+    """DDP's own gradient averaging, through the bridge: both ranks end equal, and equal to one
+    process on the global batch (the mean loss of two equal shards is the global mean)."""
+    from safetensors.torch import load_file
 
+    from tests.ddp_module_worker import module_sgd_steps
+    from tests.step_fixtures import ROOT, global_batch, run_torchrun, small_config
 
-def test_a_stacked_ensemble_is_refused():
-    stacked = torch.stack([llmfn.init_params(DENSE, seed=s) for s in (0, 1)])
-    with pytest.raises(ValueError, match=r"batch_size=\[2\]: expected one model"):
-        ModelModule(stacked, DENSE)
+    steps = 3
+    run_torchrun(str(ROOT / "tests" / "ddp_module_worker.py"), str(tmp_path), str(steps))
+    rank0 = load_file(tmp_path / "rank0.safetensors")
+    rank1 = load_file(tmp_path / "rank1.safetensors")
+    config = small_config()
+    reference = as_module(llmfn.init_params(config.model, seed=0), config.model)
+    batches = [
+        {k: v[0] for k, v in global_batch(config, i, rows=2 * config.data.batch_size).items()}
+        for i in range(steps)
+    ]
+    module_sgd_steps(reference, batches)
+    start = llmfn.init_params(config.model, seed=0).flatten_keys(".")
+    for name, param in reference.named_parameters():
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+        torch.testing.assert_close(rank0[name], param.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(rank0[name], start[name]), f"{name} did not train"

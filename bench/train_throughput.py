@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from llmfn.config import from_dict
+from llmfn.devices import set_determinism
 from llmfn.model import count_params, flops_per_token, init_params
 from llmfn.module import as_module
 from llmfn.optim import build_optimizer
@@ -225,8 +226,8 @@ def variant_process(connection, name: str, args: dict) -> None:
     """One CPU variant in its own process: build it, warm up, report ("ready", warmup s, params)
     or ("skipped",) when its library is missing, then time one step per "step" message until
     "stop", answered with the peak resident memory of the timed steps."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cpu")
+    set_determinism(None, device)  # as the driver: on for a CPU
     config = run_config(args["preset"], args["seq"], args["batch"], args["precision"])
     built = build_variant(name, config, device)
     if built is None:
@@ -347,6 +348,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = Report(args, precision, device_name, tokens_per_step, flops, peak)
     if device.type == "cuda":
+        set_determinism(None, device)  # as the driver: off on a GPU (inductor autotunes)
         # One at a time, so that each has its own peak memory; the rows the GPU targets compare
         # first, and each row printed and saved as it is measured, so that a run stopped by a
         # time limit still leaves them.

@@ -72,7 +72,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    deterministic: bool = True  # torch.use_deterministic_algorithms (bitwise resume on CPU)
+    deterministic: bool | None = None  # deterministic algorithms; None = on CPU, off on GPU
     eval_every: int = 100
     sample_every: int = 0  # lm: print a sample at eval time every N steps (0 = only at the end)
     sample_tokens: int = 128

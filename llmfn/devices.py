@@ -1,7 +1,10 @@
 """Device names as users write them (`train.device=...`, `--device ...`) -> a device this
-machine has, with one clear error naming the option otherwise."""
+machine has, with one clear error naming the option otherwise; and the deterministic mode a
+device runs in (`train.deterministic`)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -44,3 +47,21 @@ def resolve_device(name: str, *, option: str, local_rank: int = 0) -> torch.devi
     except Exception:  # an accelerator torch was not built for: several error types
         raise ValueError(f"{given} is not available on this machine") from None
     return device
+
+
+def set_determinism(option: bool | None, device: torch.device) -> bool:
+    """Turn torch's deterministic algorithms on or off for a run on `device` (warn-only, so an
+    op without a deterministic version still runs) and say which.
+
+    option: `train.deterministic`; None (the default) means on for a CPU, where it costs nothing
+    measurable and makes the compiled step bitwise reproducible (a resumed run matches an
+    uninterrupted one), and off elsewhere, as torchtitan and HF's Trainer leave it: on a GPU it
+    also puts inductor in its deterministic mode, which skips the on-device autotuning of kernels
+    (pytorch/pytorch#165950, #174711). On CUDA, on also sets CUBLAS_WORKSPACE_CONFIG=:4096:8
+    (unless set), which cuBLAS needs to be deterministic; it takes effect only if no cuBLAS
+    handle exists yet (the driver calls this before its first matmul)."""
+    on = device.type == "cpu" if option is None else option
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    return on

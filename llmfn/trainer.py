@@ -23,6 +23,7 @@ from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
+from llmfn.devices import set_determinism
 from llmfn.distributed import (
     GradientAllReduce,
     ProcessInfo,
@@ -243,8 +244,7 @@ def train(config: Config, *, callbacks: list | None = None) -> TrainResult:
 
 def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainResult:
     torch.manual_seed(config.train.seed)
-    if config.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    set_determinism(config.train.deterministic, proc.device)
     task = get_task(config.train.task)  # an unknown name fails before the data is prepared
     check_output_folders(config)
     warning = slow_precision_warning(config.train.precision, proc.device)

@@ -8,6 +8,7 @@ replaced by zeros after a real forward) and autocast is disabled without CUDA.
 """
 
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -106,3 +107,42 @@ def test_decoding_stays_on_the_params_device(fake_cuda, model):
         params, cache, tokens[:, -1:], slot, pad_lengths, key_valid, sampler, cfg, flags
     )
     assert devices(cache, sampler, {"logits": logits, "ids": ids}) == {CUDA}
+
+
+# --- train.deterministic ------------------------------------------------------------------------
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+@pytest.mark.parametrize(
+    ("option", "device", "on"),
+    [
+        (None, "cpu", True),  # bitwise reproducible CPU steps, at no measurable cost
+        (None, "cuda", False),  # inductor's deterministic mode skips autotuning on a GPU
+        (False, "cpu", False),
+        (True, "cuda", True),
+    ],
+)
+def test_deterministic_algorithms_follow_the_option_and_the_device(
+    restore_determinism, option, device, on
+):
+    from llmfn.devices import set_determinism
+
+    torch.use_deterministic_algorithms(not on)
+    assert set_determinism(option, torch.device(device)) is on
+    assert torch.are_deterministic_algorithms_enabled() is on
+    assert torch.is_deterministic_algorithms_warn_only_enabled() or not on
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    assert cublas == (":4096:8" if on and device == "cuda" else None)
+
+
+def test_a_cublas_workspace_the_user_set_is_kept(restore_determinism, monkeypatch):
+    from llmfn.devices import set_determinism
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_determinism(True, CUDA)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -18,8 +18,7 @@ from tensordict import TensorDict
 from llmfn.layers.block import block, init_block
 from llmfn.layers.dropout import dropout, fold_in
 from llmfn.layers.init import normal
-from llmfn.layers.linear import linear
-from llmfn.layers.norm import init_norm, norm
+from llmfn.layers.norm import init_norm, normed_linear
 from llmfn.layers.positions import init_learned_positions, rope_angles, sinusoidal_table
 from llmfn.layers.remat import remat
 from llmfn.model_config import ModelConfig
@@ -202,12 +201,11 @@ def apply(
         new_layers[name] = layer_cache
         layer_losses.append(losses)
 
-    if cfg.norm_position == "pre":
-        x = norm(params["final_norm"], x, cfg)
     if last_logits_only:
         x = x[:, -1:]
     head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
-    logits = linear(x, head)
+    final_norm = params["final_norm"] if cfg.norm_position == "pre" else None
+    logits = normed_linear(final_norm, x, head, None, cfg)  # the norm's output not kept
     new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
     return ModelOutput(logits, new_cache, mean_over_layers(layer_losses))
 

@@ -12,6 +12,7 @@ from tensordict import TensorDict
 from llmfn.layers.decode_attention import decode_attention, kernel_serves
 from llmfn.layers.init import normal, residual_std, zeros
 from llmfn.layers.linear import linear
+from llmfn.layers.norm import normed_linear
 from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
 from llmfn.model_config import ModelConfig
 
@@ -162,6 +163,7 @@ def attention(
     key_valid: torch.Tensor | None = None,
     cache: TensorDict | None = None,
     cache_start: torch.Tensor | None = None,
+    input_norm: TensorDict | None = None,
 ) -> tuple[torch.Tensor, TensorDict | None]:
     """x: [B, T, D] -> ([B, T, D], updated cache or None).
 
@@ -169,9 +171,12 @@ def attention(
     caller has them (a model computes them once for all its layers). key_valid: [B, Tk] bool,
     False at padding (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
     [B, KV, max_len, hd]; this call writes slots cache_start .. cache_start + T - 1.
+    input_norm: the params of a norm to apply to x first (a pre-norm block's); its output is
+    recomputed in the backward rather than kept (`llmfn.layers.recomputed_input`).
     """
     B, T, _ = x.shape
-    q, k, v = split_heads(linear(x, params["wqkv"], params.get("bqkv")), cfg)
+    qkv = normed_linear(input_norm, x, params["wqkv"], params.get("bqkv"), cfg)
+    q, k, v = split_heads(qkv, cfg)
     if cfg.position == "rope":
         cos, sin = rope_angles(positions, cfg) if rope is None else rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -28,12 +28,14 @@ def init_block(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
 
 
 def feed_forward(
-    params: TensorDict, x: torch.Tensor, cfg: ModelConfig
+    params: TensorDict, x: torch.Tensor, cfg: ModelConfig, *, input_norm: TensorDict | None
 ) -> tuple[torch.Tensor, dict]:
-    """The block's second branch: dense MLP, or MoE with its routing losses."""
+    """The block's second branch: dense MLP, or MoE with its routing losses; input_norm: the
+    norm to apply to x first (pre-norm), or None."""
     if cfg.use_moe:
-        return moe(params["moe"], x, cfg)
-    return mlp(params["mlp"], x, cfg), {}
+        h = x if input_norm is None else norm(input_norm, x, cfg)
+        return moe(params["moe"], h, cfg)
+    return mlp(params["mlp"], x, cfg, input_norm=input_norm), {}
 
 
 def block(
@@ -52,7 +54,9 @@ def block(
     attn_key = None if dropout_key is None else fold_in(dropout_key, 1)
     mlp_key = None if dropout_key is None else fold_in(dropout_key, 2)
 
-    def self_attention(h: torch.Tensor) -> tuple[torch.Tensor, TensorDict | None]:
+    def self_attention(
+        h: torch.Tensor, input_norm: TensorDict | None
+    ) -> tuple[torch.Tensor, TensorDict | None]:
         return attention(
             params["attn"],
             h,
@@ -62,16 +66,19 @@ def block(
             key_valid=key_valid,
             cache=cache,
             cache_start=cache_start,
+            input_norm=input_norm,
         )
 
+    # Pre-norm: each branch normalises its own input (the norm's output is recomputed in the
+    # backward rather than kept, `llmfn.layers.recomputed_input`).
     if cfg.norm_position == "pre":
-        attn_out, cache = self_attention(norm(params["attn_norm"], x, cfg))
+        attn_out, cache = self_attention(x, params["attn_norm"])
         x = x + dropout(attn_out, cfg.dropout, attn_key)
-        ff_out, losses = feed_forward(params, norm(params["mlp_norm"], x, cfg), cfg)
+        ff_out, losses = feed_forward(params, x, cfg, input_norm=params["mlp_norm"])
         x = x + dropout(ff_out, cfg.dropout, mlp_key)
     else:
-        attn_out, cache = self_attention(x)
+        attn_out, cache = self_attention(x, None)
         x = norm(params["attn_norm"], x + dropout(attn_out, cfg.dropout, attn_key), cfg)
-        ff_out, losses = feed_forward(params, x, cfg)
+        ff_out, losses = feed_forward(params, x, cfg, input_norm=None)
         x = norm(params["mlp_norm"], x + dropout(ff_out, cfg.dropout, mlp_key), cfg)
     return x, cache, losses

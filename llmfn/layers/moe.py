@@ -18,18 +18,18 @@ from tensordict import TensorDict
 
 from llmfn.layers.init import normal, residual_std
 from llmfn.layers.linear import linear
-from llmfn.layers.mlp import activation_fn, init_mlp, mlp, up_projection
+from llmfn.layers.mlp import hidden_activation, init_mlp, mlp, up_names, up_rows
 from llmfn.model_config import ModelConfig
 
 
 def init_moe(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
     E, D, width = cfg.num_experts, cfg.hidden_size, cfg.ffn_size
-    up, up_rows = up_projection(cfg, width)
+    up, _ = up_names(cfg)
     tree = {
         "router": normal((E, D), cfg.init_std, gen),
         "experts": TensorDict(
             {
-                up: normal((E, up_rows, D), cfg.init_std, gen),
+                up: normal((E, up_rows(cfg, width), D), cfg.init_std, gen),
                 "w2": normal((E, D, width), residual_std(cfg), gen),
             },
             batch_size=[],
@@ -72,12 +72,8 @@ def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
 
 def run_experts(experts: TensorDict, buffer: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """buffer: [E, C, D] -> [E, C, D], each expert's MLP as one batched matmul."""
-    act = activation_fn(cfg.activation)
-    if cfg.use_glu:
-        gate, up = torch.bmm(buffer, experts["w13"].transpose(1, 2)).chunk(2, dim=-1)
-        hidden = act(gate) * up
-    else:
-        hidden = act(torch.bmm(buffer, experts["w1"].transpose(1, 2)))
+    up, _ = up_names(cfg)
+    hidden = hidden_activation(cfg)(torch.bmm(buffer, experts[up].transpose(1, 2)))
     return torch.bmm(hidden, experts["w2"].transpose(1, 2))
 
 

@@ -16,6 +16,8 @@ differentiates with create_graph=True and so keeps every recomputed layer alive 
 
 import torch
 
+from llmfn.layers.recomputed_input import plain_linears
+
 
 class _Remat(torch.autograd.Function):
     generate_vmap_rule = True
@@ -37,7 +39,8 @@ class _Remat(torch.autograd.Function):
             tensors[: ctx.num_differentiable],
             tensors[ctx.num_differentiable :],
         )
-        _, vjp = torch.func.vjp(lambda *inputs: ctx.fn(*inputs, *constants), *differentiable)
+        with plain_linears():  # the whole forward is recomputed here anyway
+            _, vjp = torch.func.vjp(lambda *inputs: ctx.fn(*inputs, *constants), *differentiable)
         return (None, None, *vjp(output_grads), *[None] * len(constants))
 
 

@@ -218,6 +218,16 @@ def test_compiled_grad_and_value_with_activation_checkpointing():
     assert_trees_close(grads, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_forward_with_activation_checkpointing_and_no_gradients_wanted():
+    """Grad mode on but no param requiring grad (research code calling a compiled forward):
+    dynamo passed remat's autograd.Function its context as the first argument and failed
+    ("Unsupported autograd.Function context method"); now remat runs the block plainly."""
+    cfg = DENSE.replace(activation_checkpointing=True)
+    params, tokens = init_params(cfg, seed=4), make_batch(cfg)["inputs"]
+    compiled = torch.compile(lambda p, t: forward(p, t, cfg), fullgraph=True)
+    torch.testing.assert_close(compiled(params, tokens), forward(params, tokens, cfg))
+
+
 # --- the README example ---------------------------------------------------------------------
 def test_research_example_runs_and_its_norms_match_a_loop(capsys):
     namespace = runpy.run_path(str(EXAMPLE), run_name="__main__")

@@ -16,7 +16,7 @@ differentiates with create_graph=True and so keeps every recomputed layer alive 
 
 import torch
 
-from llmfn.layers.recomputed_input import plain_linears
+from llmfn.layers.recomputed_input import any_requires_grad, plain_linears
 
 
 class _Remat(torch.autograd.Function):
@@ -52,4 +52,6 @@ def remat(
     differentiable: float tensors that get gradients; constants: any other tensors (positions,
     masks, keys) that get none.
     """
+    if not any_requires_grad(*differentiable):  # nothing to recompute for (see the helper)
+        return fn(*differentiable, *constants)
     return _Remat.apply(fn, len(differentiable), *differentiable, *constants)

@@ -24,18 +24,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
-def normalize(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig
+def norm(
+    params: TensorDict | dict[str, torch.Tensor], x: torch.Tensor, cfg: ModelConfig
 ) -> torch.Tensor:
-    """x: [..., D] -> [..., D], the norm of cfg.norm_type with these leaves (bias: layernorm)."""
-    if cfg.norm_type == "rmsnorm":
-        return rms_norm(x, weight, cfg.norm_eps)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, cfg.norm_eps)
-
-
-def norm(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """x: [..., D] -> [..., D]."""
-    return normalize(x, params["weight"], params.get("bias"), cfg)
+    if cfg.norm_type == "rmsnorm":
+        return rms_norm(x, params["weight"], cfg.norm_eps)
+    return F.layer_norm(x, (x.shape[-1],), params["weight"], params["bias"], cfg.norm_eps)
 
 
 def normed_linear(
@@ -50,11 +45,9 @@ def normed_linear(
     norm_params, linear(x, weight, bias)."""
     if norm_params is None:
         return linear(x, weight, bias)
-    leaves = [norm_params["weight"]]
-    if cfg.norm_type == "layernorm":
-        leaves.append(norm_params["bias"])
+    names = list(norm_params.keys())
 
-    def pre(h: torch.Tensor, norm_weight: torch.Tensor, *norm_bias: torch.Tensor) -> torch.Tensor:
-        return normalize(h, norm_weight, norm_bias[0] if norm_bias else None, cfg)
+    def pre(h: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        return norm(dict(zip(names, leaves, strict=True)), h, cfg)
 
-    return recomputed_input_linear(pre, [x, *leaves], weight, bias)
+    return recomputed_input_linear(pre, [x, *norm_params.values()], weight, bias)

@@ -74,9 +74,19 @@ def log(proc: ProcessInfo, message: str) -> None:
 
 # --- setup ------------------------------------------------------------------------------------
 def slow_precision_warning(precision: str, device: torch.device) -> str | None:
-    """A warning when autocast to a 16-bit float will run without hardware support: on a CPU
-    without AVX512/AMX, oneDNN has no bf16/fp16 matmul and a reference kernel runs instead
-    (~160x slower than float32 for a 2048x512x2048 matmul on an AVX2 CPU)."""
+    """A warning when the precision will run far below the hardware's speed: autocast to a
+    16-bit float on a CPU without AVX512/AMX (oneDNN has no bf16/fp16 matmul there and a
+    reference kernel runs instead, ~160x slower than float32 for a 2048x512x2048 matmul on an
+    AVX2 CPU), or full float32 on a GPU (its matmuls without tensor cores: torch's default
+    float32 matmul precision is "highest", no TF32)."""
+    if device.type == "cuda" and precision == "fp32":
+        if torch.get_float32_matmul_precision() != "highest":
+            return None  # the user's process already allows TF32
+        return (
+            "warning: train.precision=fp32 on a GPU runs float32 matmuls without tensor cores; "
+            "train.precision=bf16 (autocast, params and optimizer state stay float32) is many "
+            "times faster"
+        )
     if device.type != "cpu" or precision == "fp32":
         return None
     supported = {

@@ -156,6 +156,20 @@ def test_half_precision_on_a_cpu_without_support_warns(monkeypatch, precision):
     assert slow_precision_warning(precision, cpu) is None
 
 
+def test_full_float32_on_a_gpu_warns_unless_tf32_is_allowed():
+    gpu = torch.device("cuda")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        warning = slow_precision_warning("fp32", gpu)
+        assert warning.startswith("warning: train.precision=fp32 on a GPU runs float32 matmuls")
+        assert "train.precision=bf16" in warning
+        torch.set_float32_matmul_precision("high")
+        assert slow_precision_warning("fp32", gpu) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_unknown_task_fails_before_the_data_is_prepared(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("hello world\n" * 200)

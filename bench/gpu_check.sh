@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of the training step, prepared for a short lease on one H100/H200:
 #   bench  bench/train_throughput.py at Llama-135M, bf16, B16 x T2048: llmfn compiled, HF
-#          compiled, llmfn's model the nn.Module way (as_module + backward + fused AdamW), HF
-#          eager, llmfn eager, llmfn compiled without donating the state, one after another
+#          compiled, llmfn compiled with the whole logits (no chunked loss), llmfn's model the
+#          nn.Module way (as_module + backward + fused AdamW), HF eager, llmfn eager, llmfn
+#          compiled without donating the state, one after another
 #          (each its own peak memory; the time limit may cut the last rows): tok/s, MFU, peak
 #          GiB, ratios, each row printed and saved as measured (a timeout keeps them). About
 #          6-9 minutes, most of it compiling (llmfn's cold compile was 253 s on 2 CPU cores).

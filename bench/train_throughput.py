@@ -16,14 +16,17 @@ processes are timed interleaved: one step of each per round, the median of --ite
 load from other jobs weighs on all alike. On GPU the variants run one after the other in this
 process, so that each has its own peak memory, llmfn compiled and HF compiled first; each row is
 printed and the JSON rewritten as soon as it is measured, so a run cut short by a time limit
-keeps what it measured. Last on GPU, llmfn's compiled step without donating the state
-(`llmfn-compiled-pure`): what the in-place update the trainer uses there gains.
+keeps what it measured. Two rows run on GPU only: llmfn's compiled step with the whole
+[B·T, V] logits (`llmfn-compiled-full-logits`, third: the Llama-135M preset computes its loss
+in chunks of 4096 tokens, `model.loss_chunk_size`), and last, without donating the state
+(`llmfn-compiled-pure`): what the chunked loss and the in-place update gain there.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import re
@@ -61,6 +64,7 @@ PRESETS = {
         num_kv_heads=3,
         intermediate_size=1536,
         tie_embeddings=True,
+        loss_chunk_size=4096,  # as configs/llama-135m-gpu.yaml: no [B·T, V] logits kept
     ),
 }
 
@@ -186,6 +190,10 @@ RUNNERS = {
     "llmfn-eager": lambda config, device: llmfn_runner(config, device, compiled=False),
     # GPU only (on CPU llmfn-compiled is this): what donating the state gains there
     "llmfn-compiled-pure": lambda c, d: llmfn_runner(c, d, compiled=True, donate=False),
+    # GPU only: what the chunked loss (model.loss_chunk_size) gains there
+    "llmfn-compiled-full-logits": lambda c, d: llmfn_runner(
+        dataclasses.replace(c, model=c.model.replace(loss_chunk_size=0)), d, compiled=True
+    ),
     "hf-eager": lambda config, device: hf_runner(config, device, compiled=False),
     "hf-compiled": lambda config, device: hf_runner(config, device, compiled=True),
     "llmfn-module-compiled": module_runner,
@@ -330,8 +338,7 @@ def main() -> None:
         nargs="*",
         default=None,
         help="subset of: llmfn-compiled llmfn-eager hf-eager hf-compiled llmfn-module-compiled "
-        "llmfn-compiled-pure "
-        "(the last runs by default on GPU only)",
+        "llmfn-compiled-full-logits llmfn-compiled-pure (the last two run by default on GPU only)",
     )
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args()
@@ -343,7 +350,8 @@ def main() -> None:
     flops = flops_per_token(config.model, args.seq)
     peak = 989e12 if device.type == "cuda" else None
 
-    default = [n for n in RUNNERS if device.type == "cuda" or n != "llmfn-compiled-pure"]
+    gpu_only = ("llmfn-compiled-full-logits", "llmfn-compiled-pure")
+    default = [n for n in RUNNERS if device.type == "cuda" or n not in gpu_only]
     selected = [name for name in RUNNERS if name in (args.only or default)]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     report = Report(args, precision, device_name, tokens_per_step, flops, peak)
@@ -371,6 +379,7 @@ def main() -> None:
 GPU_ORDER = [
     "llmfn-compiled",
     "hf-compiled",
+    "llmfn-compiled-full-logits",
     "llmfn-module-compiled",
     "hf-eager",
     "llmfn-eager",
@@ -400,7 +409,7 @@ class Report:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
         ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        return f"{name:<23}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+        return f"{name:<28}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
 
     def print_table(self) -> None:
         args = self.args
@@ -408,7 +417,7 @@ class Report:
             f"\n{args.preset}  B={args.batch} T={args.seq}  {self.precision}  device={self.device_name}"
         )
         print(
-            f"{'variant':<23}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
+            f"{'variant':<28}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
         )
         for name in self.results:
             print(self.row(name))

@@ -15,9 +15,11 @@ from llmfn.cached_decode import decode_weights  # noqa: E402
 from llmfn.generate import generate, stream  # noqa: E402
 from llmfn.model import (  # noqa: E402
     IGNORE_INDEX,
+    DecoderOutput,
     ModelOutput,
     apply,
     count_params,
+    decoder,
     flops_per_token,
     forward,
     forward_cached,
@@ -32,11 +34,13 @@ from llmfn.module import as_module  # noqa: E402
 __all__ = [
     "decode_weights",
     "IGNORE_INDEX",
+    "DecoderOutput",
     "ModelConfig",
     "ModelOutput",
     "apply",
     "as_module",
     "count_params",
+    "decoder",
     "flops_per_token",
     "forward",
     "forward_cached",

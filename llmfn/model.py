@@ -18,12 +18,11 @@ from tensordict import TensorDict
 from llmfn.layers.block import block, init_block
 from llmfn.layers.dropout import dropout, fold_in
 from llmfn.layers.init import normal
-from llmfn.layers.norm import init_norm, normed_linear
+from llmfn.layers.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from llmfn.layers.norm import init_norm, norm, normed_linear
 from llmfn.layers.positions import init_learned_positions, rope_angles, sinusoidal_table
 from llmfn.layers.remat import remat
 from llmfn.model_config import ModelConfig
-
-IGNORE_INDEX = -100
 
 
 def init_params(
@@ -148,7 +147,13 @@ def checkpointed_block(
     return out, dict(zip(loss_names, loss_values, strict=True))
 
 
-def apply(
+class DecoderOutput(NamedTuple):
+    hidden: torch.Tensor  # [B, T, D], the last block's output (before the final norm)
+    cache: TensorDict | None  # the updated KV cache, when one was passed in
+    losses: dict[str, torch.Tensor]  # MoE losses averaged over layers (empty for dense models)
+
+
+def decoder(
     params: TensorDict,
     tokens: torch.Tensor,
     cfg: ModelConfig,
@@ -159,15 +164,13 @@ def apply(
     cache_start: torch.Tensor | None = None,
     training: bool = False,
     rng: torch.Tensor | None = None,
-    last_logits_only: bool = False,
-) -> ModelOutput:
-    """The full model. tokens: [B, T] long.
+) -> DecoderOutput:
+    """The model up to its head: tokens [B, T] long -> hidden states [B, T, D].
 
     positions: [B, T] (default: see `default_positions`). attention_mask: 1 for real tokens,
     0 for padding; [B, T], or [B, max_len] over the cache slots when a cache is given.
     cache / cache_start: a tree from `init_cache` and the first slot this call writes (0-d long).
     training + rng (0-d int64 key): dropout, as a pure function of the key.
-    last_logits_only: logits of the last position only ([B, 1, V]; a prefill needs no more).
     """
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError(
@@ -200,14 +203,35 @@ def apply(
             )
         new_layers[name] = layer_cache
         layer_losses.append(losses)
+    new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
+    return DecoderOutput(x, new_cache, mean_over_layers(layer_losses))
 
+
+def head(params: TensorDict, cfg: ModelConfig) -> tuple[TensorDict | None, torch.Tensor]:
+    """(the final norm's params, or None for a post-norm model; the head's weight [V, D])."""
+    weight = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
+    return (params["final_norm"] if cfg.norm_position == "pre" else None), weight
+
+
+def apply(
+    params: TensorDict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    last_logits_only: bool = False,
+    **options,
+) -> ModelOutput:
+    """The full model: tokens [B, T] long -> logits [B, T, V], the new cache, the MoE losses.
+
+    Options (positions, attention_mask, cache, cache_start, training, rng) as in `decoder`.
+    last_logits_only: logits of the last position only ([B, 1, V]; a prefill needs no more).
+    """
+    x, cache, losses = decoder(params, tokens, cfg, **options)
     if last_logits_only:
         x = x[:, -1:]
-    head = params["embed", "weight"] if cfg.tie_embeddings else params["lm_head", "weight"]
-    final_norm = params["final_norm"] if cfg.norm_position == "pre" else None
-    logits = normed_linear(final_norm, x, head, None, cfg)  # the norm's output not kept
-    new_cache = None if cache is None else TensorDict({"layers": TensorDict(new_layers, [])}, [])
-    return ModelOutput(logits, new_cache, mean_over_layers(layer_losses))
+    final_norm, weight = head(params, cfg)
+    logits = normed_linear(final_norm, x, weight, None, cfg)  # the norm's output not kept
+    return ModelOutput(logits, cache, losses)
 
 
 def mean_over_layers(layer_losses: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -257,6 +281,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return total / count.clamp(min=1), count
 
 
+def head_cross_entropy(
+    params: TensorDict, hidden: torch.Tensor, targets: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy` of the head's logits for hidden [B, T, D] (the `decoder`'s output),
+    computed `cfg.loss_chunk_size` rows at a time without keeping the logits
+    (`layers.linear_cross_entropy`) -> (mean loss, token count)."""
+    count = (targets != IGNORE_INDEX).sum()
+    final_norm, weight = head(params, cfg)
+    h = hidden if final_norm is None else norm(final_norm, hidden, cfg)
+    total = linear_cross_entropy(h, weight, targets, cfg.loss_chunk_size)
+    return total / count.clamp(min=1), count
+
+
 def loss(
     params: TensorDict,
     batch: dict,
@@ -269,17 +306,16 @@ def loss(
 
     targets are the inputs shifted by one with IGNORE_INDEX (-100) where no loss is wanted.
     Returns (loss, metrics): loss = cross-entropy + the weighted MoE losses; metrics hold
-    "ce_loss", "tokens" and the MoE losses, all tensors.
+    "ce_loss", "tokens" and the MoE losses, all tensors. With `cfg.loss_chunk_size` the head
+    and the cross-entropy run fused over row chunks (`head_cross_entropy`).
     """
-    logits, aux = forward_with_aux(
-        params,
-        batch["inputs"],
-        cfg,
-        attention_mask=batch.get("attention_mask"),
-        training=training,
-        rng=rng,
-    )
-    ce, count = cross_entropy(logits, batch["targets"])
+    options = dict(attention_mask=batch.get("attention_mask"), training=training, rng=rng)
+    if cfg.loss_chunk_size:
+        hidden, _, aux = decoder(params, batch["inputs"], cfg, **options)
+        ce, count = head_cross_entropy(params, hidden, batch["targets"], cfg)
+    else:
+        logits, aux = forward_with_aux(params, batch["inputs"], cfg, **options)
+        ce, count = cross_entropy(logits, batch["targets"])
     total = ce
     if aux:
         total = (

@@ -73,6 +73,7 @@ class ModelConfig:
     moe_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     activation_checkpointing: bool = False
+    loss_chunk_size: int = 0  # > 0: head + cross-entropy fused over chunks of this many tokens
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -96,13 +97,14 @@ class ModelConfig:
             _fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
 
     def _check_scalars(self) -> None:
-        """The float hyperparameters outside RoPE and MoE: dropout, init_std, norm_eps."""
+        """The scalars outside RoPE and MoE: dropout, init_std, norm_eps, loss_chunk_size."""
         if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
             _fail("dropout", self.dropout, "a float in [0, 1)")
         if not self.init_std >= 0:
             _fail("init_std", self.init_std, "a non-negative float")
         if not self.norm_eps > 0:
             _fail("norm_eps", self.norm_eps, "a positive float")
+        _check_positive_int("loss_chunk_size", self.loss_chunk_size, allow_zero=True)
 
     def _check_choices(self) -> None:
         _check_choice("activation", self.activation, ACTIVATIONS)

@@ -12,7 +12,9 @@ from llmfn.checkpoint.layout import CONFIG_FILE, CheckpointError
 from llmfn.model_config import ModelConfig
 
 # Model fields that change how a run trains, not what its parameters mean: they may differ on resume.
-RUNTIME_ONLY_MODEL_FIELDS = frozenset({"dropout", "activation_checkpointing", "init_std"})
+RUNTIME_ONLY_MODEL_FIELDS = frozenset(
+    {"dropout", "activation_checkpointing", "loss_chunk_size", "init_std"}
+)
 
 
 # libyaml's safe loader is ~50x faster than the pure-Python one; both build no Python objects.

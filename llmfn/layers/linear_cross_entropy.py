@@ -41,8 +41,8 @@ def chunk_loss_and_grads(
     target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
     loss = torch.where(valid, log_z - target_logits, 0.0).sum()
     probs = torch.exp(logits - log_z[:, None])
-    grad_logits = (probs - F.one_hot(safe_targets, logits.shape[-1])) * valid[:, None]
-    grad_logits = grad_logits.to(compute)
+    is_target = safe_targets[:, None] == torch.arange(logits.shape[-1], device=logits.device)
+    grad_logits = (torch.where(is_target, probs - 1, probs) * valid[:, None]).to(compute)
     grad_h = (grad_logits @ weight.to(compute)).to(h.dtype)
     grad_weight = (grad_logits.t() @ h.to(compute)).float()
     return loss, grad_h, grad_weight

@@ -6,10 +6,12 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from llmfn.layers.attention import attention
 from llmfn.layers.linear import linear
 from llmfn.layers.mlp import hidden_activation
 from llmfn.layers.norm import norm, normed_linear
 from llmfn.layers.recomputed_input import recomputed_input_linear
+from llmfn.model import init_params
 from llmfn.model_config import ModelConfig
 
 D, OUT, WIDTH = 16, 24, 20
@@ -172,3 +174,23 @@ def test_without_gradients_it_is_the_plain_linear():
     torch.testing.assert_close(out, f(inputs, weight, bias, False))
     # nothing requires grad: no autograd.Function node either (dynamo mis-traces it then)
     assert f(inputs, weight, bias, True).grad_fn is None
+
+
+def test_attention_keeps_v_not_the_whole_qkv_projection():
+    """With RoPE, q and k are fresh tensors; SDPA's saved v would be a view of the fused qkv
+    output and keep all of it ([B, T, (H + 2·KV)·hd]) alive for the backward. v is copied."""
+    cfg = ModelConfig(vocab_size=32, hidden_size=D, num_layers=1, num_heads=2, num_kv_heads=1)
+    layer = init_params(cfg, seed=0)["layers", "0"]
+    x = torch.randn(3, 5, D)
+    qkv_bytes = 3 * 5 * (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim * 4
+    storages = []
+
+    def pack(tensor):
+        storages.append(tensor.untyped_storage().nbytes())
+        return tensor
+
+    params = layer.apply(lambda leaf: leaf.requires_grad_())
+    positions = torch.arange(5).expand(3, 5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        attention(params["attn"], x, cfg, positions=positions, input_norm=params["attn_norm"])
+    assert storages and qkv_bytes not in storages

@@ -49,15 +49,20 @@ def attention_mask(
     return allowed | (k_slots[None, :] == q)[None, None]
 
 
-def split_heads(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
-    """qkv: [B, T, (H + 2·KV)·hd] -> q [B, H, T, hd], k and v [B, KV, T, hd]."""
+def split_heads(
+    qkv: torch.Tensor, cfg: ModelConfig, *, copy_v: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """qkv: [B, T, (H + 2·KV)·hd] -> q [B, H, T, hd], k and v [B, KV, T, hd]: views of qkv,
+    v a copy with copy_v (what SDPA keeps for its backward then keeps only v's values, not
+    all of qkv's, when q and k are fresh tensors: RoPE's)."""
     B, T, _ = qkv.shape
     hd = cfg.head_dim
     q, k, v = qkv.split([cfg.num_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd], dim=-1)
+    v = v.view(B, T, cfg.kv_heads, hd)
     return (
         q.view(B, T, cfg.num_heads, hd).transpose(1, 2),
         k.view(B, T, cfg.kv_heads, hd).transpose(1, 2),
-        v.view(B, T, cfg.kv_heads, hd).transpose(1, 2),
+        (v.contiguous() if copy_v else v).transpose(1, 2),
     )
 
 
@@ -176,7 +181,8 @@ def attention(
     """
     B, T, _ = x.shape
     qkv = normed_linear(input_norm, x, params["wqkv"], params.get("bqkv"), cfg)
-    q, k, v = split_heads(qkv, cfg)
+    rope_training = cfg.position == "rope" and cache is None and torch.is_grad_enabled()
+    q, k, v = split_heads(qkv, cfg, copy_v=rope_training)
     if cfg.position == "rope":
         cos, sin = rope_angles(positions, cfg) if rope is None else rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -32,7 +32,8 @@ from llmfn.distributed import (
     init_process,
     shutdown,
 )
-from llmfn.model import flops_per_token
+from llmfn.memory_estimate import cpu_memory_warning
+from llmfn.model import count_params, flops_per_token
 from llmfn.optim import build_optimizer
 from llmfn.run_folders import (
     check_output_folders,
@@ -271,6 +272,10 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     max_steps = resolve_max_steps(config, data)
 
     params = task.init_params(config, config.train.seed).to(proc.device)
+    if task.generates_text and (
+        warning := cpu_memory_warning(config, count_params(params), proc.device)
+    ):
+        log(proc, warning)
     optimizer = build_optimizer(config.optim, params)
     state = init_train_state(
         params, optimizer, seed=config.train.seed, precision=config.train.precision

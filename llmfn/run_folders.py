@@ -7,6 +7,7 @@ overwritten); a resumed run continues in the folder its checkpoint sits in.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def run_folder(config: Config, resume_from: Path | None) -> Path:
             "or choose another train.run_name"
         )
     return run_dir
+
+
+def naming_the_run_folder(config: Config, run_dir: Path) -> Config:
+    """config with train.run_dir / train.run_name naming `run_dir`: the config.yaml a run saves
+    then continues that run with train.resume=auto (with run_name null it would continue the
+    newest run under run_dir, whichever that is)."""
+    train = dataclasses.replace(config.train, run_dir=str(run_dir.parent), run_name=run_dir.name)
+    return dataclasses.replace(config, train=train)
 
 
 def write_run_files(config: Config, tokenizer, run_dir: Path) -> None:

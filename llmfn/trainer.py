@@ -37,6 +37,7 @@ from llmfn.model import count_params, flops_per_token
 from llmfn.optim import build_optimizer
 from llmfn.run_folders import (
     check_output_folders,
+    naming_the_run_folder,
     resume_checkpoint,
     run_folder,
     write_run_files,
@@ -100,6 +101,20 @@ def slow_precision_warning(precision: str, device: torch.device) -> str | None:
         f"warning: train.precision={precision} on a CPU without {precision} matmul support "
         f"({torch.backends.cpu.get_cpu_capability()}): steps will be many times slower than "
         "train.precision=fp32"
+    )
+
+
+def world_size_warning(train_state: dict, world_size: int, config: Config) -> str | None:
+    """A warning when a checkpoint written by another number of processes is resumed: the
+    global batch and the data each step sees change (train_state: the checkpoint's)."""
+    saved = train_state.get("world_size", world_size)
+    if saved == world_size:
+        return None
+    rows = config.data.batch_size * config.train.grad_accum_steps
+    return (
+        f"warning: the checkpoint was written by {saved} processes and this run has "
+        f"{world_size}: the global batch changes from {saved * rows} to {world_size * rows} "
+        "rows, and the batches from here on are not the ones the original run would have seen"
     )
 
 
@@ -287,9 +302,12 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
             resume_from, state, expected_model=config.model.to_dict()
         )
         log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
+        if warning := world_size_warning(train_state, proc.world_size, config):
+            log(proc, warning)
     elif config.train.resume == "auto":
         log(proc, "train.resume=auto: no checkpoint found, starting fresh")
     run_dir = run_folder(config, resume_from)
+    config = naming_the_run_folder(config, run_dir)
     tokenizer = getattr(data, "tokenizer", None)
     if proc.is_main:
         write_run_files(config, tokenizer, run_dir)

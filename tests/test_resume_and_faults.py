@@ -220,6 +220,18 @@ def test_resuming_from_a_copied_checkpoint_writes_a_new_run_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["x"]  # nothing written there
 
 
+def test_a_runs_saved_config_resumes_that_run_not_the_newest(tmp_path):
+    """The documented way to continue a run: its own config.yaml with train.resume=auto. Its
+    run_name was null (a timestamp folder); the saved config names the folder it got."""
+    first = load_config(None, [*TINY, f"train.run_dir={tmp_path}", "train.max_steps=2"], {})
+    first = train(first)
+    train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=newer"))
+    saved = first.run_dir / "config.yaml"
+    resumed = train(load_config(saved, ["train.resume=auto", "train.max_steps=3"], {}))
+    assert resumed.run_dir == first.run_dir and resumed.step == 3
+    assert 3 in train_losses(first.run_dir) and 3 not in train_losses(tmp_path / "newer")
+
+
 def test_run_dir_that_is_a_file_fails_before_the_data_is_prepared(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match=r"train.run_dir='.*afile' is a file: expected a folder"):
@@ -227,7 +239,7 @@ def test_run_dir_that_is_a_file_fails_before_the_data_is_prepared(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path):
+def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path, capsys):
     run_torchrun(
         "-m", "llmfn.train", *TINY, f"train.run_dir={tmp_path}", "train.run_name=ddp",
         "train.max_steps=4", "checkpoint.every=1000",
@@ -241,6 +253,9 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path):
     )
     assert resumed.step == 6
     assert {5, 6} <= train_losses(tmp_path / "ddp").keys()
+    assert "written by 2 processes and this run has 1: the global batch changes from 8 to 4" in (
+        capsys.readouterr().out
+    )
 
 
 def test_an_interrupt_outside_the_loop_exits_130_in_one_line(monkeypatch, capsys):

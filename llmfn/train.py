@@ -9,10 +9,15 @@ Multi-process: torchrun --nproc_per_node N -m llmfn.train CONFIG.yaml ...
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from pathlib import Path
 
 from llmfn.config import Config, ConfigError, load_config, to_yaml
 from llmfn.warning_format import use_one_line_warnings
+
+SECTIONS = frozenset(field.name for field in dataclasses.fields(Config))
+YAML = (".yaml", ".yml")
 
 USAGE = """usage: python -m llmfn.train [CONFIG.yaml] [section.key=value ...] [--print-config]
 
@@ -30,12 +35,15 @@ examples:
 
 
 def looks_like_path(arg: str) -> bool:
-    """A config file rather than an override: no '=', or a YAML name whose text before the
-    first '=' is no dotted key (`runs/a=b.yaml`, `tiny=x.yaml`)."""
+    """A config file rather than an override: no '=' (but for a missing file named like a key,
+    `optim.lr`: an override without its value), or a YAML name whose text before the first '='
+    is no dotted key (`runs/a=b.yaml`, `tiny=x.yaml`)."""
     if "=" not in arg:
-        return True
+        section = arg.split(".", 1)[0]
+        named_like_a_key = "." in arg and section in SECTIONS and not arg.endswith(YAML)
+        return not named_like_a_key or Path(arg).exists()
     before = arg.split("=", 1)[0]
-    return arg.endswith((".yaml", ".yml")) and ("/" in before or "." not in before)
+    return arg.endswith(YAML) and ("/" in before or "." not in before)
 
 
 def parse_args(argv: list[str]) -> tuple[Config, bool]:

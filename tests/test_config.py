@@ -212,3 +212,12 @@ def test_the_clis_drop_torchs_cuda_home_notice_and_nothing_else(caplog):
         logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
         logger.warning("Error checking compiler version for c++")
     assert [r.getMessage() for r in caplog.records] == ["Error checking compiler version for c++"]
+
+
+def test_a_first_argument_named_like_a_key_is_an_override_missing_its_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'optim.lr' is not of the form"):
+        parse_args(["optim.lr"])
+    with pytest.raises(ConfigError, match=r"config file 'model.yml' does not exist"):
+        parse_args(["model.yml"])  # a YAML name stays a file
+    with pytest.raises(ConfigError, match=r"config file 'nothere' does not exist"):
+        parse_args(["nothere"])

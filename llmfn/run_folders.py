@@ -64,11 +64,13 @@ def resume_checkpoint(config: Config) -> Path | None:
 
 def run_folder(config: Config, resume_from: Path | None) -> Path:
     """Where this run writes. A resumed run continues in its folder when the checkpoint sits in
-    one (<run>/checkpoints/step_N); otherwise a new folder under train.run_dir, which must not
-    hold another run's checkpoints (they would be overwritten)."""
+    one (<run>/checkpoints/step_N), unless that would overwrite newer checkpoints; otherwise
+    a new folder under train.run_dir, which must not hold another run's files."""
     if resume_from is not None and resume_from.parent.name == "checkpoints":
+        check_no_newer_checkpoints(config, resume_from)
         return resume_from.parent.parent
     run_dir = Path(config.train.run_dir) / shared_run_name(config)
+    check_no_run_files(run_dir)
     existing = ckpt.list_checkpoints(run_dir / "checkpoints")
     if existing:
         why = (
@@ -81,6 +83,37 @@ def run_folder(config: Config, resume_from: Path | None) -> Path:
             "or choose another train.run_name"
         )
     return run_dir
+
+
+def check_no_newer_checkpoints(config: Config, resume_from: Path) -> None:
+    """An explicit train.resume of an older step of a run: continuing in that run's folder
+    would overwrite its newer checkpoints as the steps come round again. (resume=auto picks the
+    newest valid one; newer folders there failed verification.)"""
+    step = ckpt.step_of(resume_from)
+    newer = [p.name for p in ckpt.list_checkpoints(resume_from.parent) if ckpt.step_of(p) > step]
+    if config.train.resume == "auto" or not newer:
+        return
+    raise ValueError(
+        f"train.resume={config.train.resume}: step {step} is older than this run's newer "
+        f"checkpoints ({', '.join(newer)}), which continuing the run would overwrite: to "
+        f"branch off step {step}, copy {resume_from} out of the run folder and resume from the "
+        "copy (a new run folder); or resume the run from its newest checkpoint"
+    )
+
+
+def check_no_run_files(run_dir: Path) -> None:
+    """A fresh run starts in a new or empty folder: one with an earlier run's files but no
+    checkpoint (a run stopped before its first save) would lose its metrics and config."""
+    if not run_dir.is_dir() or ckpt.list_checkpoints(run_dir / "checkpoints"):
+        return  # (a folder with checkpoints gets its own message)
+    found = sorted(p.name for p in run_dir.iterdir())
+    if found:
+        raise ValueError(
+            f"run folder {run_dir} is not empty ({', '.join(found[:4])}"
+            f"{', ...' if len(found) > 4 else ''}) and holds no checkpoint to resume: a fresh "
+            "run would overwrite its files; move or remove them, or choose another "
+            "train.run_name"
+        )
 
 
 def naming_the_run_folder(config: Config, run_dir: Path) -> Config:

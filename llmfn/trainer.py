@@ -295,18 +295,16 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     state = init_train_state(
         params, optimizer, seed=config.train.seed, precision=config.train.precision
     )
-    train_state: dict = {}
-    resume_from = resume_checkpoint(config)
-    if resume_from is not None:
-        state, train_state = ckpt.load_checkpoint(
-            resume_from, state, expected_model=config.model.to_dict()
-        )
-        log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
-        if warning := world_size_warning(train_state, proc.world_size, config):
-            log(proc, warning)
-    elif config.train.resume == "auto":
-        log(proc, "train.resume=auto: no checkpoint found, starting fresh")
+    state, train_state, resume_from = resumed_state(config, state, proc)
+    if resume_from is not None and int(state["step"]) >= max_steps:
+        log(proc, nothing_to_train(config, resume_from, int(state["step"]), max_steps))
+        in_run = resume_from.parent.name == "checkpoints"
+        run_dir = resume_from.parent.parent if in_run else resume_from
+        return TrainResult(run_dir, int(state["step"]), None, "max_steps")
     run_dir = run_folder(config, resume_from)
+    barrier()  # every rank has looked at the folder before rank 0 writes into it
+    if config.train.run_name not in (None, run_dir.name):
+        log(proc, f"note: train.run_name={config.train.run_name!r} unused: continuing {run_dir}")
     config = naming_the_run_folder(config, run_dir)
     tokenizer = getattr(data, "tokenizer", None)
     if proc.is_main:
@@ -334,6 +332,33 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         training.callbacks.append(callback)
     training.callbacks.load_state_dict(train_state.get("callbacks", {}))
     return training.run_to_end()
+
+
+def resumed_state(
+    config: Config, state: TensorDict, proc: ProcessInfo
+) -> tuple[TensorDict, dict, Path | None]:
+    """(state, the checkpoint's train_state.json, its folder) for `train.resume`; the fresh
+    state, {} and None when there is nothing to resume."""
+    resume_from = resume_checkpoint(config)
+    if resume_from is None:
+        if config.train.resume == "auto":
+            log(proc, "train.resume=auto: no checkpoint found, starting fresh")
+        return state, {}, None
+    state, train_state = ckpt.load_checkpoint(
+        resume_from, state, expected_model=config.model.to_dict()
+    )
+    log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
+    if warning := world_size_warning(train_state, proc.world_size, config):
+        log(proc, warning)
+    return state, train_state, resume_from
+
+
+def nothing_to_train(config: Config, resume_from: Path, step: int, max_steps: int) -> str:
+    key = "train.max_steps" if config.train.epochs is None else "train.epochs"
+    return (
+        f"nothing to train: {resume_from} is at step {step} and the run ends at step "
+        f"{max_steps} ({key}); raise {key} to train on. No file was written."
+    )
 
 
 def build_train_step(config: Config, task, optimizer, max_steps: int, proc: ProcessInfo):
@@ -535,6 +560,26 @@ class Training:
         )
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's CUDA OutOfMemoryError and CPU allocator
+    failure (a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        "can't allocate memory" in str(err)
+    )
+
+
+def out_of_memory_message(config: Config, err: BaseException) -> str:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    model, data = config.model, config.data
+    return (
+        f"error: out of memory ({first_line[:200]}) with model.hidden_size={model.hidden_size}, "
+        f"model.num_layers={model.num_layers}, model.vocab_size={model.vocab_size}, "
+        f"model.max_seq_len={model.max_seq_len}, data.batch_size={data.batch_size}: make the "
+        "step smaller (docs/troubleshooting.md#out-of-memory)\n"
+        "(set LLMFN_DEBUG=1 for the full traceback)"
+    )
+
+
 def main_entry(config: Config) -> int:
     """Run `train` and turn expected failures into one clear line and an exit code."""
     try:
@@ -546,6 +591,11 @@ def main_entry(config: Config) -> int:
         if os.environ.get("LLMFN_DEBUG"):
             raise
         print(f"error: {err}\n(set LLMFN_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if os.environ.get("LLMFN_DEBUG") or not is_out_of_memory(err):
+            raise
+        print(out_of_memory_message(config, err), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop (data, compile)
         if os.environ.get("LLMFN_DEBUG"):

@@ -268,3 +268,61 @@ def test_an_interrupt_outside_the_loop_exits_130_in_one_line(monkeypatch, capsys
     monkeypatch.delenv("LLMFN_DEBUG", raising=False)
     assert llmfn.trainer.main_entry(load_config(None, [], {})) == 130
     assert capsys.readouterr().err == "interrupted (no checkpoint saved since the last one)\n"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError("Unable to allocate 1.82 PiB for an array"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 TB"),
+    ],
+)
+def test_out_of_memory_exits_2_naming_the_sizes(monkeypatch, capsys, error):
+    import llmfn.trainer
+
+    def too_big(config):
+        raise error
+
+    monkeypatch.setattr(llmfn.trainer, "train", too_big)
+    monkeypatch.delenv("LLMFN_DEBUG", raising=False)
+    assert llmfn.trainer.main_entry(load_config(None, ["data.batch_size=3"], {})) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: out of memory ({str(error)[:30]}")
+    assert "data.batch_size=3" in err and "Traceback" not in err
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resuming_an_older_step_of_a_run_refuses_to_overwrite_its_newer_checkpoints(tmp_path):
+    first = train(tiny_config(tmp_path, "train.max_steps=4", "checkpoint.every=2"))
+    before = tree_bytes(first.run_dir)
+    older = first.run_dir / "checkpoints" / "step_000002"
+    with pytest.raises(ValueError, match=r"step 2 is older than .*\(step_000004\).*copy"):
+        train(tiny_config(tmp_path, "train.max_steps=4", f"train.resume={older}"))
+    assert tree_bytes(first.run_dir) == before
+    copy = tmp_path / "branch" / "step_000002"
+    shutil.copytree(older, copy)  # the way to branch off it: a new run folder
+    branched = train(
+        tiny_config(tmp_path, "train.max_steps=3", f"train.resume={copy}", "train.run_name=b")
+    )
+    assert branched.step == 3 and tree_bytes(first.run_dir) == before
+
+
+def test_resuming_at_or_past_max_steps_trains_nothing_and_writes_nothing(tmp_path, capsys):
+    first = train(tiny_config(tmp_path, "train.max_steps=2"))
+    before = tree_bytes(first.run_dir)
+    again = train(tiny_config(tmp_path, "train.max_steps=1", "train.resume=auto"))
+    assert again.step == 2 and again.stopped_by == "max_steps" and again.run_dir == first.run_dir
+    assert "nothing to train: " in capsys.readouterr().out
+    assert tree_bytes(first.run_dir) == before
+
+
+def test_a_fresh_run_refuses_a_folder_with_files_but_no_checkpoint(tmp_path):
+    folder = tmp_path / "nan"  # tiny_config's run name
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(ValueError, match=r"run folder .*nan is not empty \(metrics.jsonl\)"):
+        train(tiny_config(tmp_path, "train.max_steps=1"))
+    assert (folder / "metrics.jsonl").read_text() == '{"mine": 1}\n'

@@ -55,12 +55,26 @@ def init_train_state(
             "opt_state": optimizer.init(params),
             "step": scalar(0, torch.long),
             "rng": scalar(seed, torch.long),
-            "loss_scale": scalar(FP16_INITIAL_SCALE if precision == "fp16" else 1.0, torch.float32),
+            "loss_scale": scalar(initial_loss_scale(precision), torch.float32),
             "good_steps": scalar(0, torch.long),
             "nonfinite_streak": scalar(0, torch.long),
         },
         batch_size=[],
     )
+
+
+def initial_loss_scale(precision: str) -> float:
+    return FP16_INITIAL_SCALE if precision == "fp16" else 1.0
+
+
+def with_fresh_loss_scale(state: TensorDict, precision: str) -> TensorDict:
+    """state with the loss scale (and its count of good steps) a fresh run at `precision` starts
+    with: for a checkpoint resumed at another precision (an fp32 run's scale 1 would let fp16
+    gradients underflow)."""
+    state = state.clone(recurse=False)
+    state["loss_scale"] = torch.full_like(state["loss_scale"], initial_loss_scale(precision))
+    state["good_steps"] = torch.zeros_like(state["good_steps"])
+    return state
 
 
 def where_leaves(condition: torch.Tensor, if_true: list, if_false: list) -> list:

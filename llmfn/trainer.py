@@ -43,7 +43,7 @@ from llmfn.run_folders import (
     write_run_files,
 )
 from llmfn.schedule import lr_schedule_from_config
-from llmfn.step import init_train_state, make_eval_step, make_train_step
+from llmfn.step import init_train_state, make_eval_step, make_train_step, with_fresh_loss_scale
 from llmfn.tasks import get_task
 from llmfn.tasks.base import Task
 
@@ -350,6 +350,15 @@ def resumed_state(
     log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
     if warning := world_size_warning(train_state, proc.world_size, config):
         log(proc, warning)
+    saved_precision = ckpt.read_run_config(resume_from).get("train", {}).get("precision")
+    if saved_precision not in (None, config.train.precision):
+        state = with_fresh_loss_scale(state, config.train.precision)
+        log(
+            proc,
+            f"note: the checkpoint trained with train.precision={saved_precision}, this run uses "
+            f"{config.train.precision}: the loss scale starts afresh at "
+            f"{float(state['loss_scale']):g}",
+        )
     return state, train_state, resume_from
 
 

@@ -439,3 +439,12 @@ def test_resolve_checkpoint_says_what_a_bad_path_is(tmp_path):
     (tmp_path / "run-a" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"it holds run folders: the newest is .*run-a\)"):
         resolve_checkpoint(tmp_path)  # the runs/ folder rather than one run
+
+
+def test_a_checkpoint_folder_gets_the_umask_mode_not_a_temporary_folders_0700(tmp_path):
+    before = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, 1, make_state(), config_yaml=CONFIG_YAML, train_state={})
+    finally:
+        os.umask(before)
+    assert path.stat().st_mode & 0o777 == 0o755

@@ -326,3 +326,13 @@ def test_a_fresh_run_refuses_a_folder_with_files_but_no_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"run folder .*nan is not empty \(metrics.jsonl\)"):
         train(tiny_config(tmp_path, "train.max_steps=1"))
     assert (folder / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_resuming_at_another_precision_starts_its_loss_scale_afresh(tmp_path, capsys):
+    first = train(tiny_config(tmp_path, "train.max_steps=2"))  # fp32: loss scale 1
+    resumed = train(
+        tiny_config(tmp_path, "train.max_steps=3", "train.resume=auto", "train.precision=fp16")
+    )
+    assert "trained with train.precision=fp32, this run uses fp16" in capsys.readouterr().out
+    scalars = load_file(first.run_dir / "checkpoints" / "step_000003" / "state.safetensors")
+    assert resumed.step == 3 and float(scalars["loss_scale"]) == 2.0**16

@@ -148,6 +148,7 @@ def _write_folder(
     """Write a complete folder beside `final` (tensors as safetensors, text as is), add the
     manifest, fsync, then rename it to `final`."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's is 0o700: a checkpoint is a normal folder
     try:
         _write_tensors(tmp / PARAMS_FILE, params)
         _write_text(tmp / CONFIG_FILE, config_yaml)
@@ -275,3 +276,10 @@ def mark_best(root: str | os.PathLike, path: str | os.PathLike) -> None:
     if path.parent.resolve() != root.resolve() or step_of(path) is None or not path.is_dir():
         raise ValueError(f"mark_best: {path} is not a step folder inside checkpoint root {root}")
     _write_pointer(root, BEST_POINTER, path)
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask (reading it means setting it: set it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from llmfn.data.bpe_tokenizer import DEFAULT_SPECIALS, NUM_BYTES
+from llmfn.data.char_tokenizer import SPECIALS as CHAR_SPECIALS
 from llmfn.model_config import ModelConfig
 
 ENV_PREFIX = "LLMFN_"
@@ -153,8 +155,20 @@ def _type_name(tp) -> str:
     return tp.__name__
 
 
+def _whole_number(value) -> int | None:
+    """The int a float or numeric string holds when it is a whole number (1000.0, '1e3': YAML
+    1.1 reads 1e3 as a string), else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
 def _coerce(key: str, value, tp):
-    """Check `value` against the annotation `tp` (int widens to float); raise ConfigError."""
+    """Check `value` against the annotation `tp` (int widens to float, a whole number narrows
+    to int); raise ConfigError."""
     options = (
         typing.get_args(tp)
         if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
@@ -167,6 +181,8 @@ def _coerce(key: str, value, tp):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if option is int and (whole := _whole_number(value)) is not None:
+            return whole
         if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         if option is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 as a string
@@ -197,12 +213,23 @@ def _unknown(key: str, name: str, known: list[str], source: str = "") -> ConfigE
     return ConfigError(f"unknown config key '{key}'{source}{hint}")
 
 
+def _dotted(key: str, source: str) -> ConfigError:
+    """A dotted section key, as in a YAML file holding `optim.lr: 1e-3`."""
+    head, rest = key.split(".", 1)
+    return ConfigError(
+        f"config key '{key}'{source} is dotted, but YAML files nest keys: "
+        f"write it nested: {head}: {{{rest}: ...}}"
+    )
+
+
 def _check_keys(tree: dict, source) -> None:
     """Unknown sections and keys of one layer of the config, named with `source(key)` (where
     the key was written), before the layers are merged and that is lost."""
     sections = _field_types(Config)
-    for section, values in tree.items():
-        section = str(section)  # YAML keys may be numbers or null
+    for written, values in tree.items():
+        section = str(written)  # YAML keys may be numbers or null
+        if isinstance(written, str) and "." in written:  # overrides and variables are split
+            raise _dotted(section, source(section))
         if section not in sections:
             raise _unknown(section, section, list(sections), source(section))
         known = _field_types(sections[section])
@@ -301,6 +328,15 @@ RANGES = (
     (("checkpoint.every",), lambda v: v >= 0, ">= 0 (0 = only at the end)"),
 )
 NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
+TOKENIZED = ("stdlib", "text", "sft")  # data modules that train data.tokenizer char or bpe
+# data.tokenizer -> (the smallest data.tokenizer_vocab_size it trains with, why)
+MIN_TOKENIZER_VOCAB = {
+    "char": (len(CHAR_SPECIALS) + 1, f"{len(CHAR_SPECIALS)} special tokens + 1 character"),
+    "bpe": (
+        NUM_BYTES + len(DEFAULT_SPECIALS),
+        f"{NUM_BYTES} bytes + {len(DEFAULT_SPECIALS)} special tokens",
+    ),
+}
 TASK_MODULES = {"regression": "regression", "sft": "sft"}  # train.task -> the data.module it needs
 
 
@@ -345,6 +381,17 @@ def _check_combinations(cfg: Config) -> None:
     module = TASK_MODULES.get(cfg.train.task)
     if module is not None and cfg.data.module != module:
         raise ConfigError(f"train.task={cfg.train.task!r} needs data.module={module!r}")
+    _check_tokenizer_vocab(cfg.data)
+
+
+def _check_tokenizer_vocab(data: DataConfig) -> None:
+    """A char or bpe tokenizer that the data module trains has room for its special tokens."""
+    minimum, why = MIN_TOKENIZER_VOCAB.get(data.tokenizer, (0, ""))
+    if data.module in TOKENIZED and data.tokenizer_vocab_size < minimum:
+        raise ConfigError(
+            f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} is invalid for "
+            f"data.tokenizer={data.tokenizer!r}: expected at least {minimum} ({why})"
+        )
 
 
 def _float_values(cfg: Config):
@@ -373,15 +420,54 @@ def from_dict(tree: dict) -> Config:
     return cfg
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one YAML mapping: the message names the lines of both."""
+
+    def __init__(self, key: str, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key '{key}' (first on line {first_line})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last
+    one, silently dropping the first)."""
+
+    def construct_document(self, node):
+        _check_unique_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str, visited: set[int]) -> None:
+    """Raise DuplicateKeyError for the first repeated scalar key in any mapping under `node`,
+    named with its dotted path; merge keys (<<) and nodes reached again by alias are skipped."""
+    if id(node) in visited or not isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, prefix, visited)
+        return
+    first_lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            key, line = prefix + key_node.value, key_node.start_mark.line + 1
+            if key in first_lines:
+                raise DuplicateKeyError(key, line, first_lines[key])
+            first_lines[key] = line
+            _check_unique_keys(value_node, key + ".", visited)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
-    """The mapping in a YAML file; a missing, unreadable or malformed file is a ConfigError."""
+    """The mapping in a YAML file; a missing, unreadable or malformed file (or one that writes a
+    key twice) is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist (or is not a file)")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file '{path}' cannot be read: {err}") from None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file '{path}' {err}: write each key once") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
     if tree is None:

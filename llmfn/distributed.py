@@ -31,17 +31,58 @@ class ProcessInfo:
         return self.rank == 0
 
 
+def env_int(name: str, default: int, minimum: int) -> int:
+    """The integer in environment variable `name` (`default` when unset); ValueError naming the
+    variable when it is not an integer >= minimum."""
+    text = os.environ.get(name, str(default))
+    problem = f"environment variable {name}={text!r}: expected an integer"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{problem} (torchrun sets it)") from None
+    if value < minimum:
+        raise ValueError(f"{problem} >= {minimum} (torchrun sets it)")
+    return value
+
+
+def process_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; one process when unset."""
+    world_size = env_int("WORLD_SIZE", 1, minimum=1)
+    rank = env_int("RANK", 0, minimum=0)
+    if rank >= world_size:
+        raise ValueError(
+            f"environment variable RANK='{rank}': expected an integer below WORLD_SIZE={world_size} "
+            "(torchrun sets them)"
+        )
+    return rank, world_size, env_int("LOCAL_RANK", 0, minimum=0)
+
+
+def process_group_backend(backend: str, device: torch.device) -> str:
+    """The backend to join with: `auto` is nccl on a GPU, gloo on CPU; nccl without a GPU to
+    use is a ValueError (torch's own error comes once per rank, amid torchrun's report)."""
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError(
+            "distributed.backend='nccl' needs CUDA GPUs and none is available: "
+            "use distributed.backend=gloo (or auto)"
+        )
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"distributed.backend='nccl' needs CUDA GPUs but train.device is {device}: "
+            "use train.device=auto, or distributed.backend=gloo (or auto)"
+        )
+    return backend
+
+
 def init_process(device_name: str, backend: str = "auto", timeout_s: int = 1800) -> ProcessInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise one process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = process_ranks()
     device = resolve_device(device_name, option="train.device", local_rank=local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = process_group_backend(backend, device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return ProcessInfo(rank, world_size, local_rank, device)
 

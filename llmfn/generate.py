@@ -196,15 +196,24 @@ def allocate_cache(
         ) from None
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the sampler holds its options as float32
+
+
+def is_finite_number(value) -> bool:
+    """An int or float that stays finite as float32: inf (or 1e39) would turn logits into NaN
+    and sample ids the tokenizer cannot decode."""
+    return isinstance(value, int | float) and abs(value) <= FLOAT32_MAX
+
+
 def check_options(
     max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit=None
 ) -> None:
     checks = [
         ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an int >= 1"),
-        ("temperature", temperature, isinstance(temperature, int | float) and temperature >= 0, "a float >= 0 (0 = greedy)"),
+        ("temperature", temperature, is_finite_number(temperature) and temperature >= 0, "a finite float >= 0 (0 = greedy)"),
         ("top_k", top_k, top_k is None or (isinstance(top_k, int) and top_k >= 1), "None or an int >= 1"),
         ("top_p", top_p, top_p is None or (isinstance(top_p, int | float) and 0 < top_p <= 1), "None or a float in (0, 1]"),
-        ("repetition_penalty", repetition_penalty, isinstance(repetition_penalty, int | float) and repetition_penalty > 0, "a float > 0 (1 = off)"),
+        ("repetition_penalty", repetition_penalty, is_finite_number(repetition_penalty) and repetition_penalty > 0, "a finite float > 0 (1 = off)"),
         ("eos_id", eos_id, eos_id is None or (isinstance(eos_id, int) and eos_id >= 0), "None or an int >= 0"),
         ("vocab_limit", vocab_limit, vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= 1), "None or an int >= 1"),
     ]  # fmt: skip

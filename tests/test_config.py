@@ -45,6 +45,19 @@ def test_int_widens_to_float_but_not_the_reverse():
         load_config(None, ["train.max_steps=1.5"], {})
 
 
+def test_int_fields_take_whole_numbers_however_written(tmp_path):
+    cfg = load_config(None, ["train.max_steps=1e3", "train.eval_every=2.5e2"], {})
+    assert cfg.train.max_steps == 1000 and cfg.train.eval_every == 250
+    assert isinstance(cfg.train.max_steps, int)
+    assert (
+        load_config(write(tmp_path, "train:\n  max_steps: 2e3\n"), [], {}).train.max_steps == 2000
+    )
+    with pytest.raises(
+        ConfigError, match=r"train.max_steps='1e-3' has the wrong type: expected int"
+    ):
+        load_config(None, ["train.max_steps=1e-3"], {})
+
+
 def test_override_values_are_read_for_the_field_they_set():
     cfg = load_config(None, ["train.run_name=1e3", "optim.lr=2e-3", "optim.eps=1e-8"], {})
     assert cfg.train.run_name == "1e3"  # a folder name, not 1000.0
@@ -92,6 +105,16 @@ def test_override_values_are_read_for_the_field_they_set():
         ),
         (["train.sample_tokens=0"], r"train.sample_tokens=0 is invalid: expected a positive"),
         (["train.sample_every=-5"], r"train.sample_every=-5 is invalid: expected >= 0"),
+        (
+            ["data.tokenizer=char", "data.tokenizer_vocab_size=3"],
+            r"data.tokenizer_vocab_size=3 is invalid for data.tokenizer='char': expected at "
+            r"least 4 \(3 special tokens \+ 1 character\)",
+        ),
+        (
+            ["data.tokenizer_vocab_size=257"],
+            r"data.tokenizer_vocab_size=257 is invalid for data.tokenizer='bpe': expected at "
+            r"least 258 \(256 bytes \+ 2 special tokens\)",
+        ),
         (["lr=1"], r"needs a section"),
         (["optim.lr"], r"not of the form section.key=value"),
     ],
@@ -119,6 +142,40 @@ def test_unknown_keys_name_the_variable_or_file_they_came_from(tmp_path):
         path.write_text(text)  # YAML keys that are not strings
         with pytest.raises(ConfigError, match=rf"unknown config key '{key}' in .*x.yaml"):
             load_config(path, [], {})
+
+
+def test_a_tokenizer_vocab_size_is_checked_only_where_a_tokenizer_is_trained():
+    synthetic = ["data.module=synthetic", "data.tokenizer_vocab_size=10"]
+    assert load_config(None, synthetic, {}).data.tokenizer_vocab_size == 10
+    char = load_config(None, ["data.tokenizer=char", "data.tokenizer_vocab_size=4"], {})
+    assert char.data.tokenizer_vocab_size == 4
+
+
+def test_a_key_written_twice_in_a_yaml_file_is_an_error(tmp_path):
+    path = write(
+        tmp_path, "model: {hidden_size: 64}\ntrain: {max_steps: 3}\nmodel: {num_layers: 3}\n"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"config file '.*run.yaml' line 3: duplicate key 'model' \(first on line 1\)",
+    ):
+        load_config(path, [], {})
+    path = write(tmp_path, "model:\n  hidden_size: 64\n  num_layers: 2\n  hidden_size: 128\n")
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'model.hidden_size'"):
+        load_config(path, [], {})
+    merged = "base: &b {lr: 0.01}\noptim:\n  <<: *b\n  lr: 0.02\n"  # overriding a merge: fine
+    assert read_yaml(write(tmp_path, merged))["optim"] == {"lr": 0.02}
+
+
+def test_a_dotted_key_in_a_yaml_file_says_to_nest_it(tmp_path):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key 'optim.lr' in .*run.yaml is dotted, but YAML files nest keys: "
+        r"write it nested: optim: \{lr: ...\}",
+    ):
+        load_config(write(tmp_path, "optim.lr: 0.001\n"), [], {})
+    with pytest.raises(ConfigError, match=r"'optimm' in .*run.yaml \(did you mean 'optim'"):
+        load_config(write(tmp_path, "optimm: {lr: 0.001}\n"), [], {})
 
 
 def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):

@@ -65,3 +65,44 @@ def test_a_bad_device_name_is_one_clear_error(name):
         ValueError, match=rf"train.device='{name}' is not a device name: expected auto, cpu"
     ):
         init_process(name)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"WORLD_SIZE": "abc"},
+            r"environment variable WORLD_SIZE='abc': expected an integer \(torchrun sets it\)",
+        ),
+        ({"WORLD_SIZE": "0"}, r"WORLD_SIZE='0': expected an integer >= 1"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK='-1': expected an integer >= 0"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK='2': expected an integer below WORLD_SIZE=2"),
+        ({"LOCAL_RANK": "x"}, r"LOCAL_RANK='x': expected an integer"),
+    ],
+)
+def test_bad_torchrun_variables_are_one_clear_error(monkeypatch, environ, message):
+    from llmfn.distributed import init_process
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        init_process("cpu")
+
+
+def test_nccl_without_a_gpu_is_one_clear_error(monkeypatch):
+    from llmfn.distributed import process_group_backend
+
+    cpu = torch.device("cpu")
+    assert process_group_backend("auto", cpu) == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(
+        ValueError,
+        match=r"distributed.backend='nccl' needs CUDA GPUs and none is available: "
+        r"use distributed.backend=gloo \(or auto\)",
+    ):
+        process_group_backend("nccl", cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"needs CUDA GPUs but train.device is cpu"):
+        process_group_backend("nccl", cpu)

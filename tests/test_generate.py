@@ -390,6 +390,9 @@ def test_bad_options_and_prompts_are_clear_errors():
         (dict(top_p=1.5), "top_p=1.5 is invalid"),
         (dict(max_new_tokens=0), "max_new_tokens=0 is invalid"),
         (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is invalid"),
+        (dict(temperature=float("inf")), r"temperature=inf is invalid: expected a finite float"),
+        (dict(temperature=1e39), r"temperature=1e\+39 is invalid"),  # inf as float32
+        (dict(repetition_penalty=float("inf")), r"repetition_penalty=inf is invalid"),
         (dict(vocab_limit=0), "vocab_limit=0 is invalid"),
     ]
     for options, message in cases:
@@ -663,6 +666,13 @@ def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys)
         "",
         "error: generate: top_p=1.5 is invalid: expected None or a float in (0, 1]\n",
     )
+    assert main([path, "--prompt", "the", "--temperature", "inf"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: generate: temperature=inf is invalid: expected a finite float >= 0 (0 = greedy)\n",
+    )
+    assert main([path, "--prompt", "the", "--repetition-penalty", "inf"]) == 2
+    assert "error: generate: repetition_penalty=inf is invalid" in capsys.readouterr().err
 
 
 def test_cli_bad_device_is_one_clear_error(checkpoint, capsys, monkeypatch):

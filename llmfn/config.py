@@ -17,8 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from llmfn.data.bpe_tokenizer import DEFAULT_SPECIALS, NUM_BYTES
-from llmfn.data.char_tokenizer import SPECIALS as CHAR_SPECIALS
+from llmfn.data import bpe_tokenizer, char_tokenizer
 from llmfn.model_config import ModelConfig
 
 ENV_PREFIX = "LLMFN_"
@@ -331,10 +330,13 @@ NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
 TOKENIZED = ("stdlib", "text", "sft")  # data modules that train data.tokenizer char or bpe
 # data.tokenizer -> (the smallest data.tokenizer_vocab_size it trains with, why)
 MIN_TOKENIZER_VOCAB = {
-    "char": (len(CHAR_SPECIALS) + 1, f"{len(CHAR_SPECIALS)} special tokens + 1 character"),
+    "char": (
+        char_tokenizer.MIN_VOCAB_SIZE,
+        f"{len(char_tokenizer.SPECIALS)} special tokens + 1 character",
+    ),
     "bpe": (
-        NUM_BYTES + len(DEFAULT_SPECIALS),
-        f"{NUM_BYTES} bytes + {len(DEFAULT_SPECIALS)} special tokens",
+        bpe_tokenizer.MIN_VOCAB_SIZE,
+        f"{bpe_tokenizer.NUM_BYTES} bytes + {len(bpe_tokenizer.DEFAULT_SPECIALS)} special tokens",
     ),
 }
 TASK_MODULES = {"regression": "regression", "sft": "sft"}  # train.task -> the data.module it needs

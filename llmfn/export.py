@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +37,8 @@ from llmfn.checkpoint import (
     resolve_checkpoint,
     save_params_folder,
 )
+from llmfn.data.atomic import OutputError
+from llmfn.tasks import check_language_model
 from llmfn.warning_format import use_one_line_warnings
 
 FORMATS = ("hf", "safetensors")
@@ -43,6 +47,8 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
 
 
 def _check_empty(out_dir: Path) -> None:
+    if out_dir.resolve() == Path.cwd().resolve():
+        raise ValueError(f"--out {out_dir} is the current folder: choose a new folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} already exists and is not empty: choose a new folder")
     above = next((p for p in out_dir.parents if p.exists()), None)
@@ -50,6 +56,19 @@ def _check_empty(out_dir: Path) -> None:
         raise ValueError(
             f"--out {out_dir} is inside {above}, which is a file: choose a folder path"
         )
+
+
+@contextmanager
+def _writing_to(out_dir: Path, checkpoint: Path) -> Iterator[None]:
+    """An OSError while writing names `out_dir`, not the temporary folder beside it (one about
+    a file of `checkpoint` is a reading error and passes through)."""
+    try:
+        yield
+    except OSError as err:
+        names = [Path(name) for name in (err.filename, err.filename2) if isinstance(name, str)]
+        if any(name.resolve().is_relative_to(checkpoint.resolve()) for name in names):
+            raise
+        raise OutputError(out_dir, err) from None
 
 
 def _is_hf_tokenizer(folder: Path) -> bool:
@@ -61,6 +80,20 @@ def _is_hf_tokenizer(folder: Path) -> bool:
         return "tokenizer_class" in json.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+
+
+def _copy_hf_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
+    """Copy an HF tokenizer's files; note (on stderr) any other tokenizer as not exported."""
+    if _is_hf_tokenizer(tokenizer_dir):
+        for name in HF_TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    elif tokenizer_dir.is_dir():
+        print(
+            f"note: the tokenizer in {tokenizer_dir} is not an HF tokenizer (no tokenizer.json + "
+            "tokenizer_config.json); it was not exported",
+            file=sys.stderr,
+        )
 
 
 def export_hf(
@@ -75,20 +108,12 @@ def export_hf(
     out_dir = Path(out_dir)
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
+    check_language_model(folder, "exported")
     cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
-    hf.save_hf_pretrained(params, cfg, out_dir, family)
-    tokenizer_dir = folder / TOKENIZER_DIR
-    if _is_hf_tokenizer(tokenizer_dir):
-        for name in HF_TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out_dir / name)
-    elif tokenizer_dir.is_dir():
-        print(
-            f"note: the tokenizer in {tokenizer_dir} is not an HF tokenizer (no tokenizer.json + "
-            "tokenizer_config.json); it was not exported",
-            file=sys.stderr,
-        )
+    with _writing_to(out_dir, folder):
+        hf.save_hf_pretrained(params, cfg, out_dir, family)
+        _copy_hf_tokenizer(folder / TOKENIZER_DIR, out_dir)
     return out_dir
 
 
@@ -99,16 +124,18 @@ def export_safetensors(
     out_dir = Path(out_dir)
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
+    check_language_model(folder, "exported")
     _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
     step = manifest_step(folder)
     tokenizer_dir = folder / TOKENIZER_DIR
-    return save_params_folder(
-        out_dir,
-        params,
-        config_yaml=(folder / CONFIG_FILE).read_text(encoding="utf-8"),
-        step=step,
-        tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
-    )
+    with _writing_to(out_dir, folder):
+        return save_params_folder(
+            out_dir,
+            params,
+            config_yaml=(folder / CONFIG_FILE).read_text(encoding="utf-8"),
+            step=step,
+            tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None,
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,12 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
+        if not args.out:
+            raise ValueError("--out is empty: expected an output folder path")
         if args.format == "hf":
             out = export_hf(args.checkpoint, args.out, family=args.family, dtype=dtype)
         else:
             if args.family is not None:
                 raise ValueError("--family applies to --format hf only")
             out = export_safetensors(args.checkpoint, args.out, dtype=dtype)
+    except OutputError as err:
+        print(
+            f"error: cannot export {args.checkpoint} as {args.format}: --out '{args.out}' "
+            f"cannot be written: {err.reason}",
+            file=sys.stderr,
+        )
+        return 2
     except (CheckpointError, ValueError, ImportError, OSError) as err:
         print(f"error: cannot export {args.checkpoint} as {args.format}: {err}", file=sys.stderr)
         return 2

@@ -430,12 +430,14 @@ def read_prompts(path: str) -> list[str]:
 def load_model(path: str, device: str):
     """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path, a device this
     machine lacks, or no tokenizer."""
-    from llmfn.checkpoint import load_for_inference
+    from llmfn.checkpoint import load_for_inference, resolve_checkpoint
+    from llmfn.tasks import check_language_model
 
     if not Path(path).exists():
         raise ValueError(
             f"checkpoint path {path} does not exist: expected a checkpoint or run folder"
         )
+    check_language_model(resolve_checkpoint(path), "generated from")
     cfg, params, tokenizer = load_for_inference(
         path, device=resolve_device(device, option="--device")
     )

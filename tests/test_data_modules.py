@@ -215,6 +215,19 @@ def test_text_module_prepares_once_into_the_cache(tmp_path):
     assert TextDataModule(corpus, **options).path != data.path  # a changed file, a new cache
 
 
+@pytest.mark.parametrize(
+    ("fraction", "message"),
+    [(0, "data.val_fraction=0 holds out no text"),
+     (0.001, r"data.val_fraction=0.001 holds out \d+ tokens, fewer than one window of 33 .*\(raise data.val_fraction\)")],
+)  # fmt: skip
+def test_text_module_without_val_batches_names_the_config_key(tmp_path, fraction, message):
+    (tmp_path / "t.txt").write_text("abcdefgh\n" * 200)
+    with pytest.warns(UserWarning, match=f"^{message}"):
+        data = ready(TextDataModule(tmp_path / "t.txt", seq_len=SEQ, batch_size=BATCH, tokenizer="char",
+                                    val_fraction=fraction, cache_dir=tmp_path, progress=False))  # fmt: skip
+    assert list(data.val_batches()) == []
+
+
 def test_stdlib_files_are_a_deterministic_subset():
     files = stdlib_files(max_files=None)
     assert files == stdlib_files(max_files=None) and len(files) > 100
@@ -285,8 +298,10 @@ def test_regression_data_is_a_smooth_function_plus_noise():
 
 
 def test_synthetic_too_small_is_a_clear_error():
-    with pytest.raises(ValueError, match="synthetic_size=10 is too small"):
+    needs = r"synthetic_size=10 is too small: needs at least 16 examples \(a training batch of data.batch_size=8"
+    with pytest.raises(ValueError, match=needs):
         SyntheticDataModule(vocab_size=10, seq_len=8, batch_size=8, size=10)
+    SyntheticDataModule(vocab_size=10, seq_len=8, batch_size=8, size=16)  # the minimum is enough
 
 
 # --- build from config ------------------------------------------------------------------------

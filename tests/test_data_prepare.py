@@ -1,6 +1,7 @@
 """The prepare CLI: text files -> train.bin / val.bin / meta.json, streaming and atomic."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import pytest
 import llmfn.data.binarize as prepare_module
 import llmfn.data.sources as sources
 from llmfn.data import load_tokenizer
-from llmfn.data.atomic import atomic_folder
+from llmfn.data.atomic import OutputError, atomic_folder
 from llmfn.data.binarize import SplitLayout, choose_dtype, prepare_bins
+from llmfn.data.char_tokenizer import CharTokenizer
 from llmfn.data.prepare import main
 from llmfn.data.sources import InputError, read_segments, resolve_inputs
 
@@ -193,6 +195,84 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert no_leftovers(tmp_path)
 
 
+def test_overwrite_replaces_only_a_prepared_folder(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.md").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    for out, what in [
+        ("notes", "holds notes.md, not a prepared dataset"),
+        ("file.txt", "is a file"),
+    ]:
+        args = ["--input", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / out)]
+        code, err = run_cli(tmp_path, *args, "--overwrite")
+        assert (
+            code == 2 and f"--out '{tmp_path / out}' {what}" in err and "written by prepare" in err
+        )
+    assert snapshot(tmp_path) == before and no_leftovers(tmp_path)
+    (tmp_path / "empty").mkdir()
+    args = ["--input", str(corpus), "--tokenizer", "char", "--out", str(tmp_path / "empty")]
+    assert run_cli(tmp_path, *args, "--overwrite")[0] == 0
+
+
+def test_an_unwritable_output_names_the_out_path(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "file.txt").write_text("mine")
+    out = tmp_path / "file.txt" / "out"
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--tokenizer", "char", "--out", str(out))
+    assert code == 2 and f"--out '{out}' is inside '{out.parent}', which is a file" in err
+
+    def no_space(self, directory):
+        raise OSError(28, "No space left on device", str(Path(directory) / "tokenizer.json"))
+
+    monkeypatch.setattr(CharTokenizer, "save", no_space)
+    out = tmp_path / "out"
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--tokenizer", "char", "--out", str(out))
+    assert code == 2 and err == f"error: --out '{out}' cannot be written: No space left on device\n"
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_the_current_folder_or_an_empty_out_is_refused(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out, message in [("", "--out is empty"), (".", "--out '.' is the current folder"),
+                         ("..", "--out '..' is the current folder or one above it")]:  # fmt: skip
+        code, err = run_cli(tmp_path, "--input", str(corpus), "--out", out, "--overwrite")
+        assert code == 2 and message in err
+    assert not list((tmp_path / "here").iterdir()) and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tokenizer", "char", "--vocab-size", "0"],
+         "--vocab-size 0 is too small for --tokenizer char: expected at least 4 (3 special tokens + 1 character)"),
+        (["--tokenizer", "bpe", "--vocab-size", "10"],
+         "--vocab-size 10 is too small for --tokenizer bpe: expected at least 258 (256 bytes + 2 special tokens)"),
+        (["--tokenizer", "char", "--max-tokenizer-chars", "0"],
+         "--max-tokenizer-chars 0 is invalid: expected a number >= 1"),
+    ],
+)  # fmt: skip
+def test_flag_values_are_checked_before_any_work(tmp_path, args, message):
+    corpus = write_corpus(tmp_path / "corpus")
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--out", str(tmp_path / "out"), *args)
+    assert code == 2 and err == f"error: {message}\n"
+
+
+def test_many_unknown_tokens_are_warned_about(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    kwargs = {"tokenizer": "char", "val_fraction": 0, "progress": False, "if_exists": "replace"}
+    with pytest.warns(
+        UserWarning,
+        match=r"of the tokens .* are the unknown token <UNK>: raise --vocab-size \(now 6",
+    ):
+        prepare_bins(corpus, tmp_path / "out", vocab_size=6, **kwargs)
+    with pytest.warns(UserWarning, match=r"<UNK>: raise --max-tokenizer-chars \(now 50\)"):
+        prepare_bins(corpus, tmp_path / "out", max_tokenizer_chars=50, **kwargs)  # fmt: skip
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
@@ -259,6 +339,23 @@ def test_a_failure_inside_leaves_no_folder(tmp_path):
         (tmp / "train.bin").write_bytes(b"partial")
         raise KeyboardInterrupt
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path)
+
+
+def test_a_failed_swap_keeps_the_old_folder_and_no_temporary(tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "meta.json").write_text("old")
+    rename = os.rename
+
+    def busy_tmp(source, target):
+        if ".out.tmp-" in str(source):
+            raise OSError(16, "Device or resource busy", str(source))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", busy_tmp)
+    busy = pytest.raises(OutputError, match="out' cannot be written: Device or resource busy")
+    with busy, atomic_folder(tmp_path / "out", if_exists="replace") as tmp:
+        (tmp / "meta.json").write_text("new")
+    assert (tmp_path / "out" / "meta.json").read_text() == "old" and no_leftovers(tmp_path)
 
 
 def test_keep_lets_the_first_complete_writer_win(tmp_path):

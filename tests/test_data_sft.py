@@ -1,6 +1,7 @@
 """SFT: JSONL records -> rows with a loss mask exactly on the answers, packed or padded."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -161,12 +162,27 @@ def test_bad_records_name_file_and_line(tmp_path):
         list(read_records(path))
     with pytest.raises(RecordError, match="no assistant message"):
         render({"messages": [{"role": "user", "content": "hi"}]})
-    with pytest.raises(RecordError, match="message 0 must be"):
+    with pytest.raises(RecordError, match="message 0: 'role' is 'robot', expected one of system"):
         render({"messages": [{"role": "robot", "content": "hi"}]})
     with pytest.raises(FileNotFoundError, match="nope.jsonl' does not exist"):
         SFTDataModule(tmp_path / "nope.jsonl", seq_len=8, batch_size=2)
     with pytest.raises(IsADirectoryError, match="is a folder: expected a JSONL file"):
         SFTDataModule(tmp_path, seq_len=8, batch_size=2)
+
+
+def test_values_of_the_wrong_type_name_the_field(tmp_path):
+    path = tmp_path / "types.jsonl"
+    path.write_text('{"prompt": 1, "response": "b"}\n')
+    with pytest.raises(RecordError, match=r"types.jsonl:1: 'prompt' is int, expected str$"):
+        [render(r, where) for where, r in read_records(path)]
+    for messages, message in [
+        ([{"role": "user", "content": ["hi"]}], "message 0: 'content' is list, expected str"),
+        (["hi"], "message 0 is str, expected an object {role, content}"),
+        ([{"content": "hi"}], "message 0: 'role' is missing, expected one of system, user"),
+        ("hi", "'messages' is str, expected a non-empty list"),
+    ]:
+        with pytest.raises(RecordError, match=re.escape(message)):
+            render({"messages": messages})
 
 
 def test_undecodable_bytes_name_file_and_line(tmp_path):

@@ -192,18 +192,56 @@ def test_bad_paths_and_arguments_are_clear_errors(tmp_path, capsys, make_args, m
     assert not out.exists()
 
 
-def test_os_errors_while_writing_are_one_line(tmp_path, capsys, monkeypatch):
-    import llmfn.hf
+@pytest.mark.parametrize(
+    ("fmt", "module", "writer"),
+    [("hf", "llmfn.hf", "save_hf_pretrained"), ("safetensors", "llmfn.checkpoint.writing", "_write_tensors")],
+)  # fmt: skip
+def test_os_errors_while_writing_name_the_out_folder(
+    tmp_path, capsys, monkeypatch, fmt, module, writer
+):
+    def no_space(*args, **kwargs):  # names the file it writes: a temporary one for safetensors
+        raise OSError(
+            28, "No space left on device", str(args[0] if fmt == "safetensors" else args[2])
+        )
 
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(llmfn.hf, "save_hf_pretrained", no_space)
     ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
-    assert main([str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    monkeypatch.setattr(sys.modules[module], writer, no_space)
+    out = tmp_path / fmt
+    assert main([str(ckpt), "--format", fmt, "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
-        f"error: cannot export {ckpt} as hf: [Errno 28] No space left on device\n"
+        f"error: cannot export {ckpt} as {fmt}: --out '{out}' cannot be written: No space left on device\n"
     )
+
+
+def test_an_empty_or_current_out_folder_is_refused(tmp_path, capsys, monkeypatch):
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out, message in [("", "--out is empty"), (".", "--out . is the current folder")]:
+        assert main([str(ckpt), "--format", "safetensors", "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    assert not list((tmp_path / "here").iterdir())
+
+
+def test_a_regression_checkpoint_is_named_as_such(tmp_path, capsys):
+    from llmfn.config import DataConfig, TrainConfig
+    from llmfn.tasks import regression
+
+    cfg = Config(
+        model=LLAMA, train=TrainConfig(task="regression"), data=DataConfig(module="regression")
+    )
+    state = TensorDict({"params": regression.init_params(cfg, seed=0), "step": torch.tensor(1)}, [])
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", 1, state, config_yaml=to_yaml(cfg), train_state={"step": 1}
+    )
+    for fmt in ("hf", "safetensors"):
+        assert main([str(ckpt), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot export {ckpt} as {fmt}: checkpoint {ckpt} holds a regression model "
+            "(train.task=regression in its config.yaml): only language-model checkpoints (lm, sft) "
+            "can be exported\n"
+        )  # fmt: skip
+        assert not (tmp_path / fmt).exists()
 
 
 def test_a_manifest_with_a_bad_step_is_a_checkpoint_error(tmp_path, capsys):

@@ -738,3 +738,17 @@ def test_python_dash_m_entry_point_streams_text(checkpoint):
     )
     assert result.stdout == "the" + expected[0] + "\n"
     assert "RuntimeWarning" not in result.stderr
+
+
+def test_a_regression_checkpoint_is_named_as_such(tmp_path, capsys):
+    from llmfn.checkpoint import save_checkpoint
+    from llmfn.config import Config, DataConfig, TrainConfig, to_yaml
+    from llmfn.tasks import regression
+
+    cfg = Config(train=TrainConfig(task="regression"), data=DataConfig(module="regression"))
+    state = TensorDict({"params": regression.init_params(cfg, seed=0), "step": torch.tensor(1)}, [])
+    ckpt = save_checkpoint(tmp_path, 1, state, config_yaml=to_yaml(cfg), train_state={"step": 1})
+    assert main([str(ckpt), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a regression model (train.task=regression in its config.yaml)" in err
+    assert "only language-model checkpoints (lm, sft) can be generated from" in err

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from llmfn.data import BPETokenizer, CharTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from llmfn.data import (
+    BPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    bpe_tokenizer,
+    build_tokenizer,
+    char_tokenizer,
+    load_tokenizer,
+)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -105,6 +113,16 @@ def test_bpe_vocab_size_and_special_ids():
 def test_bpe_vocab_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="vocab_size=100 is too small.*at least 258"):
         BPETokenizer.train(CORPUS, vocab_size=100)
+
+
+def test_min_vocab_sizes_are_what_training_needs():
+    """prepare checks --vocab-size against these before any work."""
+    assert BPETokenizer.train(CORPUS, vocab_size=bpe_tokenizer.MIN_VOCAB_SIZE).vocab_size <= 258
+    assert CharTokenizer.train(CORPUS, max_vocab_size=char_tokenizer.MIN_VOCAB_SIZE).vocab_size == 4
+    with pytest.raises(ValueError, match="too small"):
+        BPETokenizer.train(CORPUS, vocab_size=bpe_tokenizer.MIN_VOCAB_SIZE - 1)
+    with pytest.raises(ValueError, match="must exceed the 3 special tokens"):
+        CharTokenizer.train(CORPUS, max_vocab_size=char_tokenizer.MIN_VOCAB_SIZE - 1)
 
 
 def test_bpe_save_load_is_a_standard_tokenizer_json(tmp_path):

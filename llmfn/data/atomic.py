@@ -17,6 +17,25 @@ from pathlib import Path
 IF_EXISTS = ("error", "replace", "keep")
 
 
+class OutputError(OSError):
+    """The output folder cannot be written. The message names the folder the caller asked for,
+    never the temporary one beside it."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = path
+        self.reason = cause.strerror or str(cause)
+
+    def __str__(self) -> str:
+        return f"'{self.path}' cannot be written: {self.reason}"
+
+
+def _is_about_other_file(err: OSError, folder: Path) -> bool:
+    """The error names a file outside `folder` (such as an input being read)."""
+    names = [str(name) for name in (err.filename, err.filename2) if name is not None]
+    return bool(names) and not any(name.startswith(str(folder)) for name in names)
+
+
 def temporary_sibling(final: Path, tag: str) -> Path:
     return final.parent / f".{final.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -47,7 +66,11 @@ def publish(tmp: Path, final: Path, if_exists: str) -> Path:
     elif if_exists == "replace":
         old = temporary_sibling(final, "old")
         os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(old, final)  # put the old folder back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,12 +85,26 @@ def atomic_folder(
     """Yield an empty temporary folder; on success it becomes `final`, on any error it is deleted."""
     final = Path(final)
     check_writable(final, if_exists, flag)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(final, "tmp")
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise OutputError(final, err) from None
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_about_other_file(err, tmp):
+            raise
+        raise OutputError(final, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish(tmp, final, if_exists)
+    try:
+        publish(tmp, final, if_exists)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(final, err) from None

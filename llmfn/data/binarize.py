@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ VAL_BLOCKS = 32  # the validation split is spread over about this many blocks
 MIN_BLOCK_CHARS, MAX_BLOCK_CHARS = 64, 1 << 20
 DEFAULT_MAX_TOKENIZER_CHARS = 1_000_000_000
 OUTPUT_FILES = ("train.bin", "val.bin", "meta.json", "tokenizer.json", "tokenizer_config.json")
+MAX_UNKNOWN_SHARE = 0.001  # more unknown-token ids than this share of the tokens is warned about
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,67 @@ def _sources_digest(sources: list[dict]) -> str:
     return digest.hexdigest()
 
 
+def _holds_prepared_data(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(path.name for path in folder.iterdir())
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """--overwrite replaces an empty folder or one that prepare wrote, nothing else."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        kind = "a symbolic link" if out_dir.is_symlink() else "a file"
+        holds = f"is {kind}"
+    elif not any(out_dir.iterdir()) or _holds_prepared_data(out_dir):
+        return
+    else:
+        holds = f'holds {_listing(out_dir)}, not a prepared dataset (no meta.json of "{FORMAT}")'
+    raise FileExistsError(
+        f"--out '{out_dir}' {holds}: --overwrite replaces only a folder written by prepare; "
+        "choose another folder"
+    )
+
+
+def _unknown_count(encoded: list[np.ndarray], unk_id: int | None) -> int:
+    if unk_id is None:
+        return 0
+    return sum(int(np.count_nonzero(ids == unk_id)) for ids in encoded)
+
+
+def _coverage_fix(
+    spec: str, vocab_size: int, capped: bool, max_chars: int, corpus_bytes: int
+) -> str:
+    """How to give the tokenizer the characters it lacks. capped: it has `vocab_size` ids."""
+    if spec not in TRAINABLE:
+        return f"the tokenizer '{spec}' lacks characters of this text: train one (char or bpe)"
+    flags = []
+    if capped:
+        flags.append(f"--vocab-size (now {vocab_size}; data.tokenizer_vocab_size in a config)")
+    if max_chars < corpus_bytes or not flags:
+        flags.append(f"--max-tokenizer-chars (now {max_chars:,})")
+    return f"raise {' or '.join(flags)}, or use --tokenizer bpe"
+
+
+def _warn_unknown(unknown: int, total: int, fix: str) -> None:
+    """Warn when more than MAX_UNKNOWN_SHARE of the tokens are the unknown token."""
+    if total and unknown / total > MAX_UNKNOWN_SHARE:
+        warnings.warn(
+            f"{unknown / total:.1%} of the tokens ({unknown:,} of {total:,}) are the unknown "
+            f"token <UNK>: {fix}",
+            stacklevel=3,
+        )
+
+
 def tokenizer_kind(tokenizer: Tokenizer) -> str:
     return "char" if isinstance(tokenizer, CharTokenizer) else "hf"
 
@@ -192,6 +255,8 @@ def prepare_bins(
     files = resolve_inputs(inputs)
     check_output_apart(inputs, files, out_dir, OUTPUT_FILES)  # replacing it could delete inputs
     check_writable(out_dir, if_exists)
+    if if_exists == "replace":
+        check_replaceable(out_dir)
     corpus_bytes = total_bytes(files)
     if corpus_bytes == 0:
         raise InputError(f"the input is empty: {len(files)} file(s), 0 bytes of text")
@@ -205,7 +270,7 @@ def prepare_bins(
     bin_dtype = choose_dtype(tok.vocab_size, dtype)
 
     digests: dict[Path, str] = {}
-    counts = {"train": 0, "val": 0}
+    counts = {"train": 0, "val": 0, "unknown": 0}
     bar = _Progress(corpus_bytes, "tokenizing", progress)
     with atomic_folder(out_dir, if_exists=if_exists) as tmp:
         with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
@@ -214,6 +279,7 @@ def prepare_bins(
             )
             for batch in _batches(segments, ENCODE_BATCH_CHARS):
                 encoded = _encode_segments(tok, batch)
+                counts["unknown"] += _unknown_count(encoded, getattr(tok, "unk_id", None))
                 is_val = [layout.is_val(segment.offset) for segment in batch]
                 counts["train"] += _write_split(
                     train_file,
@@ -226,6 +292,9 @@ def prepare_bins(
         bar.close()
         if counts["train"] + counts["val"] == 0:
             raise InputError(f"the input holds no text once decoded ({len(files)} file(s))")
+        capped = tok.vocab_size >= vocab_size
+        fix = _coverage_fix(tokenizer, vocab_size, capped, max_tokenizer_chars, corpus_bytes)
+        _warn_unknown(counts["unknown"], counts["train"] + counts["val"], fix)
         tok.save(tmp)
         sources = [
             {"path": str(path), "bytes": path.stat().st_size, "sha256": digests[path]}

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 DEFAULT_SPECIALS = (EOS_TOKEN, PAD_TOKEN)
 NUM_BYTES = 256
+MIN_VOCAB_SIZE = NUM_BYTES + len(DEFAULT_SPECIALS)  # what `train` needs with the default specials
 
 # When a tokenizer.json comes without a tokenizer_config.json, these names are recognised.
 EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")

@@ -19,6 +19,7 @@ PAD, UNK, EOS = "<PAD>", "<UNK>", "<|endoftext|>"
 SPECIALS = (PAD, UNK, EOS)
 FORMAT = "llmfn-char"
 MAX_CODE_POINT = 0x110000
+MIN_VOCAB_SIZE = len(SPECIALS) + 1  # the special tokens and one character
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -60,7 +61,7 @@ class CharTokenizer:
         seen = np.flatnonzero(counts)
         ranked = [chr(code) for code in seen[np.lexsort((seen, -counts[seen]))]]
         if max_vocab_size is not None:
-            if max_vocab_size <= len(SPECIALS):
+            if max_vocab_size < MIN_VOCAB_SIZE:
                 raise ValueError(
                     f"CharTokenizer: max_vocab_size={max_vocab_size} must exceed the {len(SPECIALS)} special tokens"
                 )

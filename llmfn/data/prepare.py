@@ -5,15 +5,20 @@
     python -m llmfn.data.prepare --input docs/ --tokenizer path/to/tokenizer.json --out data/docs
 
 Errors (missing or empty input, undecodable bytes, an existing output folder, an output folder
-that is or holds an input or lies where the inputs are read, a vocabulary too large for --dtype)
-print one line `error: ...`, exit with status 2 and leave --out as it was.
+that is or holds an input or lies where the inputs are read, --overwrite of anything but a
+prepared folder, an --out that cannot be written, a --vocab-size too small for the tokenizer, a
+vocabulary too large for --dtype) print one line `error: ...`, exit with status 2 and leave
+--out as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from llmfn.data import bpe_tokenizer, char_tokenizer
+from llmfn.data.atomic import OutputError
 from llmfn.data.binarize import DEFAULT_MAX_TOKENIZER_CHARS, DTYPES, prepare_bins
 from llmfn.data.sources import ERROR_POLICIES, InputError
 from llmfn.warning_format import use_one_line_warnings
@@ -72,10 +77,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MIN_VOCAB_SIZES = {
+    "char": (
+        char_tokenizer.MIN_VOCAB_SIZE,
+        f"{len(char_tokenizer.SPECIALS)} special tokens + 1 character",
+    ),
+    "bpe": (
+        bpe_tokenizer.MIN_VOCAB_SIZE,
+        f"{bpe_tokenizer.NUM_BYTES} bytes + {len(bpe_tokenizer.DEFAULT_SPECIALS)} special tokens",
+    ),
+}
+
+
+def check_out(out: str) -> None:
+    """--out names a folder that can be swapped in: not empty, not the current folder or above."""
+    if not out:
+        raise ValueError("--out is empty: expected an output folder path")
+    here = Path.cwd().resolve()
+    if Path(out).resolve() in (here, *here.parents):
+        raise ValueError(
+            f"--out '{out}' is the current folder or one above it: choose a folder outside it"
+        )
+    above = next((path for path in Path(out).parents if path.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(
+            f"--out '{out}' is inside '{above}', which is a file: choose a folder path"
+        )
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks on the flags' values, before any work."""
+    check_out(args.out)
+    if args.max_tokenizer_chars < 1:
+        raise ValueError(
+            f"--max-tokenizer-chars {args.max_tokenizer_chars} is invalid: expected a number >= 1"
+        )
+    if args.tokenizer in MIN_VOCAB_SIZES:
+        minimum, parts = MIN_VOCAB_SIZES[args.tokenizer]
+        if args.vocab_size < minimum:
+            raise ValueError(
+                f"--vocab-size {args.vocab_size} is too small for --tokenizer {args.tokenizer}: "
+                f"expected at least {minimum} ({parts})"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     use_one_line_warnings()
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         meta = prepare_bins(
             args.input,
             args.out,
@@ -88,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             max_tokenizer_chars=args.max_tokenizer_chars,
             progress=not args.no_progress,
         )
-    except (InputError, ValueError, FileExistsError, FileNotFoundError) as err:
+    except OutputError as err:
+        print(f"error: --out '{args.out}' cannot be written: {err.reason}", file=sys.stderr)
+        return 2
+    except (InputError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(

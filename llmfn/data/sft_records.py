@@ -30,15 +30,32 @@ class RecordError(ValueError):
     """A malformed JSONL record; the message names the file and line."""
 
 
+def _kind(value) -> str:
+    """The JSON value's type as a Python name (null for None)."""
+    return "null" if value is None else type(value).__name__
+
+
+def _state(entry: dict, key: str) -> str:
+    return _kind(entry[key]) if key in entry else "missing"
+
+
+def _require_str(entry: dict, key: str, where: str) -> None:
+    if not isinstance(entry.get(key), str):
+        raise RecordError(f"{where}: '{key}' is {_state(entry, key)}, expected str")
+
+
 def _messages(record: dict, where: str) -> list[dict]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
+            got = "an empty list" if messages == [] else _kind(messages)
             raise RecordError(
-                f"{where}: 'messages' must be a non-empty list of {{role, content}} objects"
+                f"{where}: 'messages' is {got}, expected a non-empty list of {{role, content}} objects"
             )
         return messages
-    if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+    if "prompt" in record and "response" in record:
+        for key in ("prompt", "response"):
+            _require_str(record, key, where)
         return [
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["response"]},
@@ -48,19 +65,27 @@ def _messages(record: dict, where: str) -> list[dict]:
     )
 
 
+def _check_message(message, number: int, where: str) -> None:
+    """A {"role": ..., "content": str} object; the error names the message and its field."""
+    if not isinstance(message, dict):
+        raise RecordError(
+            f"{where}: message {number} is {_kind(message)}, expected an object {{role, content}}"
+        )
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        got = repr(role) if isinstance(role, str) else _state(message, "role")
+        raise RecordError(
+            f"{where}: message {number}: 'role' is {got}, expected one of {', '.join(ROLES)}"
+        )
+    _require_str(message, "content", f"{where}: message {number}")
+
+
 def render(record: dict, where: str = "record") -> list[Piece | None]:
     """A record -> pieces (text, learn); None marks the end-of-text token after each answer."""
     pieces: list[Piece | None] = []
     messages = _messages(record, where)
     for number, message in enumerate(messages):
-        if (
-            not isinstance(message, dict)
-            or message.get("role") not in ROLES
-            or not isinstance(message.get("content"), str)
-        ):
-            raise RecordError(
-                f'{where}: message {number} must be {{"role": one of {sorted(ROLES)}, "content": str}}, got {message!r}'
-            )
+        _check_message(message, number, where)
         role, content = message["role"], message["content"]
         if role == "assistant":
             pieces += [(ROLES[role], False), (content, True), EOS_PIECE, ("\n", False)]

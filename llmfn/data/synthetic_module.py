@@ -28,14 +28,31 @@ REGRESSION_NOISE = 0.1
 TEACHER_WIDTH = 32
 
 
+def held_out_count(size: int, batch_size: int, val_fraction: float) -> int:
+    """val_fraction of `size` examples, at least one batch."""
+    return max(batch_size, round(size * val_fraction))
+
+
+def min_size(batch_size: int, val_fraction: float) -> int:
+    """The fewest examples that leave a training batch beside the validation ones."""
+    # size - held <= size * (1 - val_fraction) + 0.5 bounds the search from below
+    size = max(2 * batch_size, int((batch_size - 0.5) / (1 - val_fraction)) - 1)
+    while size - held_out_count(size, batch_size, val_fraction) < batch_size:
+        size += 1
+    return size
+
+
 def split_count(size: int, batch_size: int, val_fraction: float, val_batches: int) -> int:
     """Examples held out for validation: val_fraction of them, at least one batch (if wanted)."""
     if val_batches == 0 or val_fraction == 0:
         return 0
-    held = max(batch_size, round(size * val_fraction))
+    held = held_out_count(size, batch_size, val_fraction)
     if size - held < batch_size:
+        needed = min_size(batch_size, val_fraction)
         raise ValueError(
-            f"data.synthetic_size={size} is too small: {held} validation examples leave fewer than batch_size={batch_size} for training"
+            f"data.synthetic_size={size} is too small: needs at least {needed} examples "
+            f"(a training batch of data.batch_size={batch_size}, plus data.val_fraction="
+            f"{val_fraction} of them, at least one batch, held out for validation)"
         )
     return held
 

@@ -1,5 +1,8 @@
 """Training tasks by name. To add one: write a `Task` (see base.py) and register it here."""
 
+from pathlib import Path
+
+from llmfn.checkpoint import CONFIG_FILE, CheckpointError, read_run_config
 from llmfn.tasks import lm, regression
 from llmfn.tasks.base import Task
 
@@ -18,4 +21,17 @@ def get_task(name: str) -> Task:
     return AVAILABLE_TASKS[name]
 
 
-__all__ = ["AVAILABLE_TASKS", "Task", "get_task"]
+def check_language_model(folder: Path, action: str) -> None:
+    """CheckpointError unless the step folder holds a language model (its task generates text;
+    a task not registered here passes): `action` says what needs one ("exported")."""
+    train = read_run_config(folder).get("train")
+    task = train.get("task", "lm") if isinstance(train, dict) else "lm"
+    if task in AVAILABLE_TASKS and not AVAILABLE_TASKS[task].generates_text:
+        language_tasks = [name for name, kind in AVAILABLE_TASKS.items() if kind.generates_text]
+        raise CheckpointError(
+            f"checkpoint {folder} holds a {task} model (train.task={task} in its {CONFIG_FILE}): "
+            f"only language-model checkpoints ({', '.join(language_tasks)}) can be {action}"
+        )
+
+
+__all__ = ["AVAILABLE_TASKS", "Task", "check_language_model", "get_task"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from llmfn.data import bpe_tokenizer, char_tokenizer
+from llmfn.data.tokenizer import MIN_VOCAB_SIZES
 from llmfn.model_config import ModelConfig
 
 ENV_PREFIX = "LLMFN_"
@@ -328,17 +328,6 @@ RANGES = (
 )
 NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
 TOKENIZED = ("stdlib", "text", "sft")  # data modules that train data.tokenizer char or bpe
-# data.tokenizer -> (the smallest data.tokenizer_vocab_size it trains with, why)
-MIN_TOKENIZER_VOCAB = {
-    "char": (
-        char_tokenizer.MIN_VOCAB_SIZE,
-        f"{len(char_tokenizer.SPECIALS)} special tokens + 1 character",
-    ),
-    "bpe": (
-        bpe_tokenizer.MIN_VOCAB_SIZE,
-        f"{bpe_tokenizer.NUM_BYTES} bytes + {len(bpe_tokenizer.DEFAULT_SPECIALS)} special tokens",
-    ),
-}
 TASK_MODULES = {"regression": "regression", "sft": "sft"}  # train.task -> the data.module it needs
 
 
@@ -388,7 +377,7 @@ def _check_combinations(cfg: Config) -> None:
 
 def _check_tokenizer_vocab(data: DataConfig) -> None:
     """A char or bpe tokenizer that the data module trains has room for its special tokens."""
-    minimum, why = MIN_TOKENIZER_VOCAB.get(data.tokenizer, (0, ""))
+    minimum, why = MIN_VOCAB_SIZES.get(data.tokenizer, (0, ""))
     if data.module in TOKENIZED and data.tokenizer_vocab_size < minimum:
         raise ConfigError(
             f"data.tokenizer_vocab_size={data.tokenizer_vocab_size} is invalid for "

@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from llmfn.data import bpe_tokenizer, char_tokenizer
 from llmfn.data.atomic import OutputError
 from llmfn.data.binarize import DEFAULT_MAX_TOKENIZER_CHARS, DTYPES, prepare_bins
 from llmfn.data.sources import ERROR_POLICIES, InputError
+from llmfn.data.tokenizer import MIN_VOCAB_SIZES
 from llmfn.warning_format import use_one_line_warnings
 
 
@@ -75,18 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-MIN_VOCAB_SIZES = {
-    "char": (
-        char_tokenizer.MIN_VOCAB_SIZE,
-        f"{len(char_tokenizer.SPECIALS)} special tokens + 1 character",
-    ),
-    "bpe": (
-        bpe_tokenizer.MIN_VOCAB_SIZE,
-        f"{bpe_tokenizer.NUM_BYTES} bytes + {len(bpe_tokenizer.DEFAULT_SPECIALS)} special tokens",
-    ),
-}
 
 
 def check_out(out: str) -> None:

@@ -12,11 +12,23 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from llmfn.data import bpe_tokenizer, char_tokenizer
 from llmfn.data.bpe_tokenizer import BPETokenizer
 from llmfn.data.char_tokenizer import FORMAT as CHAR_FORMAT
 from llmfn.data.char_tokenizer import CharTokenizer
 
 TRAINABLE = ("char", "bpe")
+# a trainable spec -> (the smallest vocabulary it trains with, why)
+MIN_VOCAB_SIZES = {
+    "char": (
+        char_tokenizer.MIN_VOCAB_SIZE,
+        f"{len(char_tokenizer.SPECIALS)} special tokens + 1 character",
+    ),
+    "bpe": (
+        bpe_tokenizer.MIN_VOCAB_SIZE,
+        f"{bpe_tokenizer.NUM_BYTES} bytes + {len(bpe_tokenizer.DEFAULT_SPECIALS)} special tokens",
+    ),
+}
 
 
 @runtime_checkable

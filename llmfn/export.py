@@ -37,7 +37,7 @@ from llmfn.checkpoint import (
     resolve_checkpoint,
     save_params_folder,
 )
-from llmfn.data.atomic import OutputError
+from llmfn.data.atomic import OutputError, atomic_folder
 from llmfn.tasks import check_language_model
 from llmfn.warning_format import use_one_line_warnings
 
@@ -111,9 +111,10 @@ def export_hf(
     check_language_model(folder, "exported")
     cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
-    with _writing_to(out_dir, folder):
-        hf.save_hf_pretrained(params, cfg, out_dir, family)
-        _copy_hf_tokenizer(folder / TOKENIZER_DIR, out_dir)
+    # written beside out_dir and renamed into place: a failure leaves no partial folder
+    with _writing_to(out_dir, folder), atomic_folder(out_dir, if_exists="replace") as tmp:
+        hf.save_hf_pretrained(params, cfg, tmp, family)
+        _copy_hf_tokenizer(folder / TOKENIZER_DIR, tmp)
     return out_dir
 
 

@@ -253,6 +253,8 @@ def test_the_current_folder_or_an_empty_out_is_refused(tmp_path, monkeypatch):
          "--vocab-size 10 is too small for --tokenizer bpe: expected at least 258 (256 bytes + 2 special tokens)"),
         (["--tokenizer", "char", "--max-tokenizer-chars", "0"],
          "--max-tokenizer-chars 0 is invalid: expected a number >= 1"),
+        (["--tokenizer", "char", "--val-fraction", "1"],
+         "--val-fraction 1.0 is invalid: expected a number in [0, 1)"),
     ],
 )  # fmt: skip
 def test_flag_values_are_checked_before_any_work(tmp_path, args, message):

@@ -289,3 +289,18 @@ def test_command_line_entry_point(tmp_path):
     assert (tmp_path / "w" / "params.safetensors").is_file()
     failed = run(str(tmp_path / "nowhere"), "--format", "hf", "--out", str(tmp_path / "x"))
     assert failed.returncode == 2 and "does not exist" in failed.stderr
+
+
+def test_a_failed_hf_export_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+    import llmfn.export
+
+    def tokenizer_copy_fails(tokenizer_dir, out_dir):  # after the weights and config are written
+        assert (out_dir / "config.json").is_file()
+        raise OSError(28, "No space left on device", str(out_dir / "tokenizer.json"))
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    monkeypatch.setattr(llmfn.export, "_copy_hf_tokenizer", tokenizer_copy_fails)
+    out = tmp_path / "hf"
+    assert main([str(ckpt), "--format", "hf", "--out", str(out)]) == 2
+    assert "cannot be written: No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no out, no temporary

@@ -96,6 +96,10 @@ def check_out(out: str) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Checks on the flags' values, before any work."""
     check_out(args.out)
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(
+            f"--val-fraction {args.val_fraction} is invalid: expected a number in [0, 1)"
+        )
     if args.max_tokenizer_chars < 1:
         raise ValueError(
             f"--max-tokenizer-chars {args.max_tokenizer_chars} is invalid: expected a number >= 1"

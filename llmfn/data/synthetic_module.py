@@ -35,8 +35,7 @@ def held_out_count(size: int, batch_size: int, val_fraction: float) -> int:
 
 def min_size(batch_size: int, val_fraction: float) -> int:
     """The fewest examples that leave a training batch beside the validation ones."""
-    # size - held <= size * (1 - val_fraction) + 0.5 bounds the search from below
-    size = max(2 * batch_size, int((batch_size - 0.5) / (1 - val_fraction)) - 1)
+    size = 2 * batch_size
     while size - held_out_count(size, batch_size, val_fraction) < batch_size:
         size += 1
     return size

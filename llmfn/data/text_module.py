@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -109,17 +108,13 @@ class TextDataModule(TokenBinDataModule):
         require_prepared(self.path)
         super().setup(rank=rank, world_size=world_size)
 
-    def _val_starts(self) -> np.ndarray:
-        """As `TokenBinDataModule`'s, the warning naming data.val_fraction (not the cache)."""
-        if not self.num_val_batches or len(self.bins.val) >= self.window:
-            return super()._val_starts()
+    def short_val_warning(self) -> str:
+        """As `TokenBinDataModule`'s, naming data.val_fraction (not the cache)."""
         fraction = self.prepare_options["val_fraction"]
         if fraction == 0:
-            why = "holds out no text: no validation batches, so no val_loss"
-        else:
-            why = (
-                f"holds out {len(self.bins.val)} tokens, fewer than one window of {self.window} "
-                "(max_seq_len + 1): no validation batches, so no val_loss (raise data.val_fraction)"
-            )
-        warnings.warn(f"data.val_fraction={fraction} {why}", stacklevel=4)
-        return np.empty(0, np.int64)
+            return f"data.val_fraction={fraction} holds out no text: no validation batches, so no val_loss"
+        return (
+            f"data.val_fraction={fraction} holds out {len(self.bins.val)} tokens, fewer than one "
+            f"window of {self.window} (max_seq_len + 1): no validation batches, so no val_loss "
+            "(raise data.val_fraction)"
+        )

@@ -122,14 +122,17 @@ class TokenBinDataModule:
             )
         return windows
 
+    def short_val_warning(self) -> str:
+        """What to say when val.bin holds less than one window (no validation batches)."""
+        return (
+            f"{self.path / 'val.bin'} holds {len(self.bins.val)} tokens, fewer than one window of {self.window}: "
+            "no validation batches (prepare with a larger val fraction)"
+        )
+
     def _val_starts(self) -> np.ndarray:
         count = self.num_val_batches * self.batch_size
         if count and len(self.bins.val) < self.window:
-            warnings.warn(
-                f"{self.path / 'val.bin'} holds {len(self.bins.val)} tokens, fewer than one window of {self.window}: "
-                "no validation batches (prepare with a larger val fraction)",
-                stacklevel=3,
-            )
+            warnings.warn(self.short_val_warning(), stacklevel=3)
             count = 0
         return (
             spread_starts(len(self.bins.val), self.window, count)

@@ -65,3 +65,11 @@ def set_determinism(option: bool | None, device: torch.device) -> bool:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on, warn_only=True)
     return on
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's CUDA OutOfMemoryError, or the CPU allocator's
+    failure (a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        "can't allocate memory" in str(err)
+    )

@@ -38,7 +38,7 @@ from llmfn.cached_decode import (
     slot_mask,
     slot_positions,
 )
-from llmfn.devices import resolve_device
+from llmfn.devices import is_out_of_memory, resolve_device
 from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
 from llmfn.streaming_text import TextRow, encode_prompt, text_pieces
@@ -187,7 +187,7 @@ def allocate_cache(
     try:
         return init_cache(cfg, shape[0], max_len, dtype=dtype, device=device)
     except RuntimeError as err:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
-        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+        if not is_out_of_memory(err):
             raise
         raise ValueError(
             f"generate: the KV cache for {shape[0]} prompt(s) of {max_len} slots (prompt length "

@@ -62,13 +62,19 @@ def resume_checkpoint(config: Config) -> Path | None:
     return ckpt.resolve_checkpoint(config.train.resume) if config.train.resume else None
 
 
+def owning_run(step_folder: Path) -> Path | None:
+    """The run folder a step folder belongs to (<run>/checkpoints/step_N), or None (a copy
+    kept elsewhere)."""
+    return step_folder.parent.parent if step_folder.parent.name == "checkpoints" else None
+
+
 def run_folder(config: Config, resume_from: Path | None) -> Path:
     """Where this run writes. A resumed run continues in its folder when the checkpoint sits in
     one (<run>/checkpoints/step_N), unless that would overwrite newer checkpoints; otherwise
     a new folder under train.run_dir, which must not hold another run's files."""
-    if resume_from is not None and resume_from.parent.name == "checkpoints":
+    if resume_from is not None and (run := owning_run(resume_from)) is not None:
         check_no_newer_checkpoints(config, resume_from)
-        return resume_from.parent.parent
+        return run
     run_dir = Path(config.train.run_dir) / shared_run_name(config)
     check_no_run_files(run_dir)
     existing = ckpt.list_checkpoints(run_dir / "checkpoints")

@@ -23,7 +23,7 @@ from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
-from llmfn.devices import set_determinism
+from llmfn.devices import is_out_of_memory, set_determinism
 from llmfn.distributed import (
     GradientAllReduce,
     ProcessInfo,
@@ -38,6 +38,7 @@ from llmfn.optim import build_optimizer
 from llmfn.run_folders import (
     check_output_folders,
     naming_the_run_folder,
+    owning_run,
     resume_checkpoint,
     run_folder,
     write_run_files,
@@ -298,8 +299,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     state, train_state, resume_from = resumed_state(config, state, proc)
     if resume_from is not None and int(state["step"]) >= max_steps:
         log(proc, nothing_to_train(config, resume_from, int(state["step"]), max_steps))
-        in_run = resume_from.parent.name == "checkpoints"
-        run_dir = resume_from.parent.parent if in_run else resume_from
+        run_dir = owning_run(resume_from) or resume_from
         return TrainResult(run_dir, int(state["step"]), None, "max_steps")
     run_dir = run_folder(config, resume_from)
     barrier()  # every rank has looked at the folder before rank 0 writes into it
@@ -567,14 +567,6 @@ class Training:
             f"non-finite loss or gradients from step {first} (train.nonfinite={train.nonfinite}, "
             f"limit {limit} in a row): {where}. Diagnostic checkpoint (last good values): {path}"
         )
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """numpy's and Python's MemoryError, torch's CUDA OutOfMemoryError and CPU allocator
-    failure (a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
-    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
-        "can't allocate memory" in str(err)
-    )
 
 
 def out_of_memory_message(config: Config, err: BaseException) -> str:

@@ -61,7 +61,8 @@ def _check_empty(out_dir: Path) -> None:
 @contextmanager
 def _writing_to(out_dir: Path, checkpoint: Path) -> Iterator[None]:
     """An OSError while writing names `out_dir`, not the temporary folder beside it (one about
-    a file of `checkpoint` is a reading error and passes through)."""
+    a file of `checkpoint` is a reading error and passes through): for `save_params_folder`,
+    which writes beside its folder itself."""
     try:
         yield
     except OSError as err:
@@ -111,8 +112,9 @@ def export_hf(
     check_language_model(folder, "exported")
     cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
-    # written beside out_dir and renamed into place: a failure leaves no partial folder
-    with _writing_to(out_dir, folder), atomic_folder(out_dir, if_exists="replace") as tmp:
+    # written beside out_dir and renamed into place: a failure leaves no partial folder, and an
+    # OSError while writing names out_dir (atomic_folder's OutputError)
+    with atomic_folder(out_dir, if_exists="replace") as tmp:
         hf.save_hf_pretrained(params, cfg, tmp, family)
         _copy_hf_tokenizer(folder / TOKENIZER_DIR, tmp)
     return out_dir

@@ -821,6 +821,7 @@ def test_default_callbacks_follow_the_config():
         }
     )
     assert names(default_callbacks(config, is_main=True)) == [
+        "SampleText",  # inert: the driver gives a regression run no sample_fn
         "TensorBoardLogger",
         "LRMonitor",
         "EarlyStopping",

@@ -12,16 +12,15 @@ from llmfn.callbacks.profiler import Profiler
 from llmfn.callbacks.progress import ProgressBar
 from llmfn.callbacks.sample_text import SampleText
 from llmfn.callbacks.tensorboard_logger import TensorBoardLogger
-from llmfn.tasks import get_task
 
 
 def default_callbacks(config, *, is_main: bool) -> CallbackList:
     """The standard set for `config` (an llmfn.config.Config).
 
     Callbacks that print or write are built on rank 0 only; EarlyStopping is built on every rank
-    so all ranks stop at the same step. SampleText, for tasks that generate text, comes early: the
-    loggers restart their throughput clocks in `on_eval`, after the sample, so sampling time is not
-    counted as training. Profiler (when `logging.profile_at` is set) comes first, so writing its
+    so all ranks stop at the same step. SampleText (inert for a task that does not generate text:
+    the driver gives such a run no `sample_fn`) comes early: the loggers restart their throughput
+    clocks in `on_eval`, after the sample, so sampling time is not counted as training. Profiler (when `logging.profile_at` is set) comes first, so writing its
     trace at the end of a step falls in the loggers' throughput window that holds the profiled
     steps (already slow) rather than in the next one, and the final sample is not profiled.
     """
@@ -29,7 +28,7 @@ def default_callbacks(config, *, is_main: bool) -> CallbackList:
     callbacks = []
     if is_main and log.profile_at is not None:
         callbacks.append(Profiler(log.profile_at, log.profile_steps))
-    if is_main and get_task(train.task).generates_text:
+    if is_main:
         callbacks.append(SampleText(train.sample_every, train.sample_prompt, train.sample_tokens))
     if is_main and log.progress:
         callbacks.append(ProgressBar(log.log_every))

@@ -3,7 +3,8 @@ all-reduce that runs *inside* the compiled step.
 
 Why not `DistributedDataParallel`: `torch.func.grad` through DDP does no averaging (ranks
 silently diverge, DESIGN.md §4). Instead every rank computes its gradients functionally and one
-functional all-reduce (over a single flattened buffer) averages them inside the same graph.
+functional all-reduce (over a single flattened buffer) sums them, weighted by each rank's token
+count, inside the same graph.
 """
 
 from __future__ import annotations
@@ -107,14 +108,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class GradientAllReduce:
-    """Average a list of tensors over all ranks with one functional all-reduce (traceable by
-    torch.compile): flatten into one float32 buffer, sum, divide, split back."""
+    """Sum a list of tensors over all ranks with one functional all-reduce (traceable by
+    torch.compile): flatten into one float32 buffer, sum, split back. The train step weights
+    each rank's part by its token count before the sum (`llmfn.step.mean_over_ranks`)."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
 
     def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        flat = funcol.all_reduce(flat, "sum", dist.group.WORLD) / self.world_size
+        flat = funcol.all_reduce(flat, "sum", dist.group.WORLD)
         pieces = flat.split([t.numel() for t in tensors])
         return [p.view(t.shape).to(t.dtype) for p, t in zip(pieces, tensors, strict=True)]

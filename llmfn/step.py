@@ -94,14 +94,24 @@ def next_loss_scale(scale: torch.Tensor, good_steps: torch.Tensor, finite: torch
     return new_scale, new_good
 
 
-def average_over_ranks(all_reduce: GradientAllReduce, grads: list, loss, tokens, extra: dict):
-    """grads, loss, tokens and the task's metrics averaged over ranks in one all-reduce (tokens
-    as a float: the mean; the caller multiplies by the world size)."""
-    averaged = [loss, tokens.float(), *extra.values()]
-    reduced = all_reduce([*grads, *(value.reshape(1) for value in averaged)])
-    grads = reduced[: len(grads)]
-    loss, tokens, *rest = (r[0] for r in reduced[len(grads) :])
-    return grads, loss, tokens, dict(zip(extra, rest, strict=True))
+def mean_over_ranks(all_reduce: GradientAllReduce, grads: list, loss, tokens, extra: dict):
+    """grads, loss and the task's metrics (each rank's mean over its tokens) -> their mean over
+    every rank's tokens, and the tokens summed, in one all-reduce: ranks whose batches hold
+    different numbers of loss tokens (SFT's masked prompts) weigh as one process would."""
+    weight = tokens.float()
+    means = [loss, *extra.values()]
+    reduced = all_reduce(
+        [
+            *torch._foreach_mul(grads, weight),
+            *(m.float().reshape(1) * weight for m in means),
+            weight,
+        ]
+    )
+    *reduced, total = reduced
+    per_token = 1 / total.clamp(min=1)
+    grads = torch._foreach_mul(reduced[: len(grads)], per_token)
+    loss, *rest = (r[0] * per_token for r in reduced[len(grads) :])
+    return grads, loss, total.long(), dict(zip(extra, rest, strict=True))
 
 
 def select_update(take: torch.Tensor, new: tuple, old: tuple, *, donate: bool) -> tuple:
@@ -130,7 +140,9 @@ def make_train_step(
     donate: bool = False,
 ) -> Callable[[TensorDict, dict], tuple[TensorDict, dict[str, torch.Tensor]]]:
     """Build the pure step. `batch` holds [A, B, ...] tensors: A micro-batches of gradient
-    accumulation. `all_reduce` (multi-process) averages a list of tensors over ranks.
+    accumulation. `all_reduce` (multi-process) sums a list of tensors over ranks. The gradients
+    are those of the mean loss over every loss token of the global batch (micro-batches and ranks
+    with fewer tokens weigh less), as one process with the whole batch in one piece computes.
 
     compile: run the step's arithmetic, the all-reduce included, as one `torch.compile`d graph
     (`fullgraph=True`). The state tree is split into lists of leaves before that function and joined after
@@ -159,25 +171,35 @@ def make_train_step(
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
     def gradients(paths, treedef, params, batch, step_key, scale):
-        """Mean gradients over the batch's A micro-batches (each with its own dropout key) ->
-        (grads [leaves], loss, tokens, the task's other metrics averaged)."""
+        """The gradients of the mean loss over all the loss tokens of the batch's A micro-batches
+        (each with its own dropout key), each micro-batch weighing by its count of tokens (as
+        the task counts them) -> (grads [leaves], loss, tokens, the task's other metrics)."""
         num_micro = next(iter(batch.values())).shape[0]
-        grads, losses, task_metrics = None, [], []
+        grads, losses, task_metrics, weights = None, [], [], []
         for i in range(num_micro):
             g, (_, (value, metrics)) = grad_and_value(
                 params, paths, treedef, micro_batch(batch, i), fold_in(step_key, i), scale
             )
+            count = metrics["tokens"].float()
+            if i == 0:  # weights relative to the first count: equal counts weigh exactly 1.0
+                unit = count.clamp(min=1)
+            weights.append(count / unit)
+            g = torch._foreach_mul(g, weights[-1])
             grads = g if grads is None else torch._foreach_add(grads, g)
             losses.append(value)
             task_metrics.append(metrics)
+        weights = torch.stack(weights)
+        total_weight = weights.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+        def weighted_mean(values: list[torch.Tensor]) -> torch.Tensor:
+            return (torch.stack(values).float() * weights).sum() / total_weight
+
         extra = {
-            k: torch.stack([m[k] for m in task_metrics]).float().mean()
-            for k in task_metrics[0]
-            if k != "tokens"
+            k: weighted_mean([m[k] for m in task_metrics]) for k in task_metrics[0] if k != "tokens"
         }
         tokens = torch.stack([m["tokens"] for m in task_metrics]).sum()
-        grads = torch._foreach_div(grads, scale * num_micro)
-        return grads, torch.stack(losses).mean(), tokens, extra
+        grads = torch._foreach_div(grads, scale * total_weight)
+        return grads, weighted_mean(losses), tokens, extra
 
     def step_leaves(paths, treedef, params, moments, scalars, batch):
         """The step over lists of leaves: params [leaves at paths], moments {name: leaves},
@@ -188,7 +210,7 @@ def make_train_step(
         step_key = fold_in(scalars["rng"], step)
         grads, loss, tokens, extra = gradients(paths, treedef, params, batch, step_key, scale)
         if all_reduce is not None:
-            grads, loss, tokens, extra = average_over_ranks(all_reduce, grads, loss, tokens, extra)
+            grads, loss, tokens, extra = mean_over_ranks(all_reduce, grads, loss, tokens, extra)
         grads, grad_norm = clip_leaves_by_global_norm(grads, max_norm)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         # Once the streak reaches the limit the state freezes until the driver stops, so the
@@ -211,12 +233,11 @@ def make_train_step(
             "good_steps": new_good,
             "nonfinite_streak": torch.where(take_update, 0, streak + 1),
         }
-        world = 1 if all_reduce is None else all_reduce.world_size
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens": tokens * world,
+            "tokens": tokens,
             "nonfinite": (~finite).float(),
             **extra,
         }

@@ -1,5 +1,6 @@
-"""Run under torchrun: N train steps of the functional step with a gradient all-reduce; each
-rank writes its final params. Used by tests/test_distributed.py.
+"""Run under torchrun: N train steps of the functional step with a gradient all-reduce, on
+batches whose ranks hold different numbers of loss tokens (masked prompts); each rank writes its
+final params. Used by tests/test_distributed.py.
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR STEPS COMPILE
 """
@@ -19,7 +20,7 @@ def main(out_dir: str, steps: int, compiled: bool) -> None:
     all_reduce = GradientAllReduce(proc.world_size)
     state, step = state_and_step(config, all_reduce=all_reduce, compile=compiled, donate=True)
     for i in range(steps):
-        full = global_batch(config, i, rows=config.data.batch_size * proc.world_size)
+        full = global_batch(config, i, rows=config.data.batch_size * proc.world_size, prompts=True)
         rows = slice(proc.rank * config.data.batch_size, (proc.rank + 1) * config.data.batch_size)
         state, _ = step(state, {k: v[:, rows] for k, v in full.items()})
     flat = {

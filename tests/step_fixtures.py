@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from llmfn.config import from_dict
+from llmfn.layers.linear_cross_entropy import IGNORE_INDEX
 from llmfn.model import init_params
 from llmfn.optim import build_optimizer
 from llmfn.schedule import lr_schedule_from_config
@@ -33,13 +34,18 @@ def small_config(**train):
     )
 
 
-def global_batch(config, index: int, *, rows: int, accum: int = 1) -> dict:
-    """[accum, rows, T] token batch, a pure function of index."""
+def global_batch(config, index: int, *, rows: int, accum: int = 1, prompts: bool = False) -> dict:
+    """[accum, rows, T] token batch, a pure function of index. prompts: each row's first
+    targets are masked as SFT masks a prompt, row r's first 3·r (mod T), so that rows, and the
+    micro-batches and ranks that hold them, have different numbers of loss tokens."""
     gen = torch.Generator().manual_seed(1000 + index)
-    tokens = torch.randint(
-        0, config.model.vocab_size, (accum, rows, config.model.max_seq_len + 1), generator=gen
-    )
-    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
+    seq_len = config.model.max_seq_len
+    tokens = torch.randint(0, config.model.vocab_size, (accum, rows, seq_len + 1), generator=gen)
+    targets = tokens[..., 1:].clone()
+    if prompts:
+        row = torch.arange(accum * rows).view(accum, rows, 1)
+        targets[torch.arange(seq_len) < (3 * row) % seq_len] = IGNORE_INDEX
+    return {"inputs": tokens[..., :-1], "targets": targets}
 
 
 def state_and_step(config, all_reduce=None, compile=False, donate=False):

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) under torchrun: params identical on both ranks after N steps, and
-equal to one process stepping on the same global batch."""
+equal to one process stepping on the same global batch (whose ranks' halves hold different
+numbers of loss tokens: each token weighs the same)."""
 
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def single_process_params():
     config = small_config()
     state, step = state_and_step(config)
     for i in range(STEPS):
-        state, _ = step(state, global_batch(config, i, rows=2 * config.data.batch_size))
+        batch = global_batch(config, i, rows=2 * config.data.batch_size, prompts=True)
+        state, _ = step(state, batch)
     return {".".join(k): v for k, v in state["params"].items(include_nested=True, leaves_only=True)}
 
 

@@ -1,5 +1,7 @@
 """The compiled train step: compile == eager, accumulation, non-finite handling, fp16 scaling."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,6 +113,29 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert_trees_close(one["params"], two["params"], rtol=1e-4, atol=1e-5)  # Adam step 1 ~ sign(g)
     torch.testing.assert_close(m1["loss"], m2["loss"])
     assert float(m2["tokens"]) == float(m1["tokens"]) == 4 * 16
+
+
+def test_accumulation_weighs_every_loss_token_alike():
+    """Micro-batches with different numbers of loss tokens (masked prompts) step as the whole
+    batch in one piece: the mean over all its tokens, not the mean of the micro-batches' means.
+    SGD without momentum or clipping, so the params move by exactly lr x gradient."""
+    sgd = {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "grad_clip": None}
+    whole, split = (
+        config.replace(optim=dataclasses.replace(config.optim, **sgd))
+        for config in (small_config(), small_config(grad_accum_steps=2))
+    )
+    big = global_batch(whole, 0, rows=4, prompts=True)
+    halves = {k: v.view(2, 2, -1) for k, v in big.items()}
+    counts = (halves["targets"] != -100).sum(dim=(1, 2))
+    assert counts[0] != counts[1]  # the case under test
+    (one, m1), (two, m2) = (
+        step(state, batch)
+        for (state, step), batch in ((state_and_step(whole), big), (state_and_step(split), halves))
+    )
+    assert_trees_close(one["params"], two["params"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m1["loss"], m2["loss"])
+    torch.testing.assert_close(m1["grad_norm"], m2["grad_norm"])
+    assert int(m1["tokens"]) == int(m2["tokens"]) == int(counts.sum())
 
 
 def test_nonfinite_update_is_skipped_and_counted():

@@ -98,13 +98,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is True on any rank (a host sync; call at step boundaries)."""
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over all ranks: one all-reduce, and a host sync (call at step
+    boundaries). One process: the values themselves."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 class GradientAllReduce:

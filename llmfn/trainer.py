@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +28,9 @@ from llmfn.devices import is_out_of_memory, set_determinism
 from llmfn.distributed import (
     GradientAllReduce,
     ProcessInfo,
-    any_rank,
     barrier,
     init_process,
+    max_over_ranks,
     shutdown,
 )
 from llmfn.memory_estimate import cpu_memory_warning
@@ -412,6 +413,28 @@ def run_info(
 
 
 @dataclass
+class SignalCheck:
+    """When the processes of a run next agree on whether any of them received a stop signal:
+    at steps about `seconds` apart by the slowest rank's step time, learned at each check (one
+    all-reduce of the flag and that time). torchrun kills its workers 30 s after forwarding a
+    signal, so a check every few seconds leaves the rest of that time to save; agreeing every
+    step would sync the host with the device at every step."""
+
+    seconds: float = 5.0
+    next_step: int = 0
+    last_step: int = 0
+    last_time: float = field(default_factory=time.monotonic)
+
+    def agree(self, step: int, received: bool, device: torch.device) -> bool:
+        now = time.monotonic()
+        step_time = (now - self.last_time) / max(step - self.last_step, 1)
+        any_received, slowest = max_over_ranks([float(received), step_time], device)
+        self.last_step, self.last_time = step, now
+        self.next_step = step + max(1, int(self.seconds / max(slowest, 1e-9)))
+        return any_received > 0
+
+
+@dataclass
 class Training:
     """One run's loop and what it carries from step to step: the state tree, the tokens seen,
     the best validation loss and the steps already saved. Rank 0 writes; every rank computes."""
@@ -430,6 +453,7 @@ class Training:
     best_val: float | None
     step: int = 0
     saved: dict[int, Path | None] = field(default_factory=dict)
+    signal_check: SignalCheck = field(default_factory=SignalCheck)
 
     @property
     def checkpoint_root(self) -> Path:
@@ -485,11 +509,14 @@ class Training:
         return stopped_by, val
 
     def stopped_by_signal(self, step: int, stop: StopSignal) -> bool:
-        """After SIGINT/SIGTERM on any rank: save, say how to continue, and end the loop. Ranks
-        agree at log steps (one all-reduce then); a single process checks every step."""
-        if step % self.config.logging.log_every and self.proc.world_size > 1:
-            return False
-        if not any_rank(stop.received is not None, self.proc.device):
+        """After SIGINT/SIGTERM on any rank: save, say how to continue, and end the loop. A
+        single process checks every step; several agree every few seconds (`SignalCheck`)."""
+        if self.proc.world_size == 1:
+            if stop.received is None:
+                return False
+        elif step < self.signal_check.next_step or not self.signal_check.agree(
+            step, stop.received is not None, self.proc.device
+        ):
             return False
         self.save(step)
         log(

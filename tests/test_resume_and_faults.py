@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmfn.config import load_config
-from llmfn.trainer import StopSignal, TrainingHalted, train
+from llmfn.trainer import SignalCheck, StopSignal, TrainingHalted, train
 from tests.step_fixtures import run_torchrun
 
 ROOT = Path(__file__).parent.parent
@@ -41,11 +41,15 @@ TINY = [
 ]
 
 
-def launch(run_dir: Path, name: str, *extra: str) -> subprocess.Popen:
+def launch(run_dir: Path, name: str, *extra: str, processes: int = 1) -> subprocess.Popen:
+    """`python -m llmfn.train` on TINY, or `torchrun --nproc_per_node N -m llmfn.train`."""
     args = [*TINY, f"train.run_dir={run_dir}", f"train.run_name={name}", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    runner = [sys.executable]
+    if processes > 1:
+        runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     return subprocess.Popen(
-        [sys.executable, "-m", "llmfn.train", *args],
+        [*runner, "-m", "llmfn.train", *args],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -122,6 +126,37 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path):
         step + 1,
         step + 2,
     }
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_between_log_steps(tmp_path):
+    """The ranks agree on a signal within seconds, not at log steps: torchrun kills its workers
+    30 s after forwarding one, and log steps can be further apart than that."""
+    proc = launch(
+        tmp_path, "term", "train.max_steps=100000", "logging.log_every=100000", processes=2
+    )
+    wait_for(lambda: (tmp_path / "term" / "config.yaml").exists(), proc)
+    time.sleep(5)  # well into the steps
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc, timeout=60)
+    assert "received SIGTERM: saved a checkpoint at step" in out, err[-2000:]
+    step = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert (tmp_path / "term" / "checkpoints" / f"step_{step:06d}" / "manifest.json").exists()
+
+
+def test_ranks_agree_on_signals_every_few_seconds_of_steps(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    check = SignalCheck(seconds=5.0, last_step=10, last_time=clock[0])
+    clock[0] += 60.0  # the first step: compile
+    assert not check.agree(11, False, torch.device("cpu"))
+    assert check.next_step == 12
+    clock[0] += 2.0  # 2 s a step: agree again 2 steps later
+    assert not check.agree(12, False, torch.device("cpu"))
+    assert check.next_step == 14
+    clock[0] += 2 / 64  # fast steps: 320 steps apart
+    assert check.agree(14, True, torch.device("cpu"))
+    assert check.next_step == 14 + 320
 
 
 def tiny_config(tmp_path, *extra):

@@ -10,6 +10,7 @@ count, inside the same graph.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,6 +97,31 @@ def shutdown() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class RankZeroFailed(RuntimeError):
+    """What the other ranks raise when work done on rank 0 alone failed there."""
+
+
+def on_rank_zero_first(work: Callable[[], object], proc: ProcessInfo, what: str) -> None:
+    """work() on rank 0 while the other ranks wait for it (a barrier). If it fails there, rank
+    0 raises its error and every other rank raises RankZeroFailed naming `what`, rather than
+    waiting out the collective timeout or failing in the transport when rank 0 exits."""
+    if proc.is_main:
+        try:
+            work()
+        except BaseException:
+            max_over_ranks([1.0], proc.device)  # tell the waiting ranks, then fail here
+            raise
+    if max_over_ranks([0.0], proc.device)[0] > 0:
+        raise RankZeroFailed(f"rank 0 failed {what}: its error is in rank 0's output")
+
+
+def prints_for_every_rank() -> bool:
+    """Whether this process reports errors that every rank meets alike (a bad config, a halt):
+    one process, or the first of each machine under torchrun (LOCAL_RANK 0), so that such an
+    error is printed once per machine rather than once per rank."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")
 
 
 def max_over_ranks(values: list[float], device: torch.device) -> list[float]:

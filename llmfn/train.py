@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from llmfn.config import Config, ConfigError, load_config, to_yaml
+from llmfn.distributed import prints_for_every_rank
 from llmfn.warning_format import use_one_line_warnings
 
 SECTIONS = frozenset(field.name for field in dataclasses.fields(Config))
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config, print_only = parse_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # every rank reads the same command line
+        if prints_for_every_rank():
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if print_only:
         print(to_yaml(config))

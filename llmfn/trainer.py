@@ -28,9 +28,12 @@ from llmfn.devices import is_out_of_memory, set_determinism
 from llmfn.distributed import (
     GradientAllReduce,
     ProcessInfo,
+    RankZeroFailed,
     barrier,
     init_process,
     max_over_ranks,
+    on_rank_zero_first,
+    prints_for_every_rank,
     shutdown,
 )
 from llmfn.memory_estimate import cpu_memory_warning
@@ -280,9 +283,7 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         log(proc, warning)
 
     data = build_data_module(config.data, seq_len=config.model.max_seq_len, seed=config.train.seed)
-    if proc.is_main:
-        data.prepare()
-    barrier()
+    on_rank_zero_first(data.prepare, proc, "preparing the data")
     data.setup(rank=proc.rank, world_size=proc.world_size)
     config = fit_vocab_to_tokenizer(config, data, proc)
     check_batch_keys(task, data.train_batch(0))
@@ -589,10 +590,12 @@ class Training:
             return
         first = step - streak + 1
         where = nonfinite_report(self.task, self.config, self.state, self.batch(first))
-        path = self.save(step, name=f"nonfinite_step_{first:06d}")
+        name = f"nonfinite_step_{first:06d}"
+        self.save(step, name=name)  # rank 0 writes it
         raise TrainingHalted(
             f"non-finite loss or gradients from step {first} (train.nonfinite={train.nonfinite}, "
-            f"limit {limit} in a row): {where}. Diagnostic checkpoint (last good values): {path}"
+            f"limit {limit} in a row): {where}. Diagnostic checkpoint (last good values): "
+            f"{self.checkpoint_root / name}"
         )
 
 
@@ -612,9 +615,14 @@ def main_entry(config: Config) -> int:
     """Run `train` and turn expected failures into one clear line and an exit code."""
     try:
         result = train(config)
-    except TrainingHalted as err:
-        print(f"error: {err}", file=sys.stderr)
+    except TrainingHalted as err:  # every rank halts at the same step, alike
+        if prints_for_every_rank():
+            print(f"error: {err}", file=sys.stderr)
         return 3
+    except RankZeroFailed as err:  # rank 0 prints its own error
+        if prints_for_every_rank():
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ckpt.CheckpointError, ValueError, OSError) as err:
         if os.environ.get("LLMFN_DEBUG"):
             raise

@@ -2,6 +2,9 @@
 equal to one process stepping on the same global batch (whose ranks' halves hold different
 numbers of loss tokens: each token weighs the same)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +111,43 @@ def test_nccl_without_a_gpu_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match=r"needs CUDA GPUs but train.device is cpu"):
         process_group_backend("nccl", cpu)
+
+
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m llmfn.train ARGS` (its output, its code)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run(
+        [*cmd, "-m", "llmfn.train", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def llmfn_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_errors_under_torchrun_are_one_line(tmp_path):
+    """A bad key (every rank) and data that rank 0 fails to prepare (the others waiting at the
+    barrier): one error line each, no rank's traceback (torchrun's own summary follows)."""
+    done = torchrun_train("configs/tiny.yaml", "optim.lrr=1")
+    assert done.returncode != 0
+    assert llmfn_errors(done.stderr) == [
+        "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
+    ]
+    missing = tmp_path / "nope"
+    done = torchrun_train(
+        "configs/tiny.yaml",
+        "data.module=token_bin",
+        f"data.path={missing}",
+        f"train.run_dir={tmp_path}",
+    )
+    assert done.returncode != 0
+    (line,) = llmfn_errors(done.stderr)
+    assert f"token-bin folder '{missing}': the folder does not exist" in line
+    assert "[rank1]" not in done.stderr and "gloo" not in done.stderr, done.stderr[-3000:]

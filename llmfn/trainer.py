@@ -109,17 +109,32 @@ def slow_precision_warning(precision: str, device: torch.device) -> str | None:
     )
 
 
-def world_size_warning(train_state: dict, world_size: int, config: Config) -> str | None:
-    """A warning when a checkpoint written by another number of processes is resumed: the
-    global batch and the data each step sees change (train_state: the checkpoint's)."""
-    saved = train_state.get("world_size", world_size)
-    if saved == world_size:
+def batch_layout(config: Config, world_size: int) -> dict[str, int]:
+    """What makes up the global batch: rows per micro-batch, micro-batches, processes."""
+    return {
+        "batch_size": config.data.batch_size,
+        "grad_accum_steps": config.train.grad_accum_steps,
+        "world_size": world_size,
+    }
+
+
+def batch_change_warning(train_state: dict, config: Config, world_size: int) -> str | None:
+    """A warning when a checkpoint is resumed with another global batch (rows per step): step s
+    then reads other rows of the data order than the original run would have (data skipped or
+    seen again) and each step holds another number of tokens. The same global batch split
+    otherwise (8 rows x 1 process against 4 x 2) reads the same rows (up to where epochs end).
+    train_state: the checkpoint's (older ones hold only world_size: the rest counts as unchanged).
+    """
+    now = batch_layout(config, world_size)
+    saved = {key: train_state.get(key, value) for key, value in now.items()}
+    if math.prod(saved.values()) == math.prod(now.values()):
         return None
-    rows = config.data.batch_size * config.train.grad_accum_steps
+    spell = lambda layout: " x ".join(str(v) for v in layout.values())  # noqa: E731
     return (
-        f"warning: the checkpoint was written by {saved} processes and this run has "
-        f"{world_size}: the global batch changes from {saved * rows} to {world_size * rows} "
-        "rows, and the batches from here on are not the ones the original run would have seen"
+        f"warning: the checkpoint trained with a global batch of {math.prod(saved.values())} rows "
+        f"(data.batch_size x train.grad_accum_steps x processes = {spell(saved)}) and this run "
+        f"has {math.prod(now.values())} ({spell(now)}): from here on each step reads other rows "
+        "of the data order than the original run would have (rows skipped or seen again)"
     )
 
 
@@ -350,7 +365,7 @@ def resumed_state(
         resume_from, state, expected_model=config.model.to_dict()
     )
     log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
-    if warning := world_size_warning(train_state, proc.world_size, config):
+    if warning := batch_change_warning(train_state, config, proc.world_size):
         log(proc, warning)
     saved_precision = ckpt.read_run_config(resume_from).get("train", {}).get("precision")
     if saved_precision not in (None, config.train.precision):
@@ -539,8 +554,7 @@ class Training:
                 "tokens_seen": float(self.tokens_seen),
                 "callbacks": self.callbacks.state_dict(),
                 "best_val_loss": self.best_val,
-                "data_position": step * self.config.train.grad_accum_steps,
-                "world_size": self.proc.world_size,
+                **batch_layout(self.config, self.proc.world_size),
             }
             path = ckpt.save_checkpoint(
                 self.checkpoint_root,

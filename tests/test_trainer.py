@@ -10,7 +10,7 @@ from llmfn import model
 from llmfn.config import load_config
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
-from llmfn.trainer import slow_precision_warning, train
+from llmfn.trainer import batch_change_warning, batch_layout, slow_precision_warning, train
 
 TINY_MOE = [
     "model.vocab_size=64",
@@ -206,3 +206,22 @@ def test_profile_at_traces_the_steps_after_it(tmp_path, capsys):
     assert {"train step 2", "train step 3"} <= {event.get("name") for event in trace["traceEvents"]}
     assert "aten::" in (folder / "top_ops_steps_2-3.txt").read_text()
     assert "profiler: steps 2-3 recorded" in capsys.readouterr().out
+
+
+def test_resuming_with_another_global_batch_warns_and_another_split_does_not():
+    config = load_config(None, ["data.batch_size=4", "train.grad_accum_steps=2"])
+    saved = batch_layout(config, world_size=2)  # 16 rows a step
+    assert batch_change_warning(saved, config, world_size=2) is None
+    split = load_config(None, ["data.batch_size=8", "train.grad_accum_steps=1"])
+    assert batch_change_warning(saved, split, world_size=2) is None  # 8 x 1 x 2: the same rows
+    warning = batch_change_warning(saved, split, world_size=1)
+    assert warning.startswith(
+        "warning: the checkpoint trained with a global batch of 16 rows (data.batch_size x "
+        "train.grad_accum_steps x processes = 4 x 2 x 2) and this run has 8 (8 x 1 x 1)"
+    )
+    older = {"world_size": 2}  # a checkpoint from before the layout was saved
+    assert batch_change_warning(older, config, world_size=2) is None
+    assert (
+        "16 rows (data.batch_size x train.grad_accum_steps x processes = 4 x 2 x 2) and this run has 8"
+        in (batch_change_warning(older, config, world_size=1))
+    )

@@ -21,6 +21,7 @@ from tensordict import TensorDict
 from llmfn import checkpoint as ckpt
 from llmfn.allocator import keep_freed_memory
 from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
+from llmfn.callbacks.early_stopping import stopped_early
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
@@ -318,6 +319,16 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         log(proc, nothing_to_train(config, resume_from, int(state["step"]), max_steps))
         run_dir = owning_run(resume_from) or resume_from
         return TrainResult(run_dir, int(state["step"]), None, "max_steps")
+    patience = config.train.early_stopping_patience
+    if resume_from is not None and stopped_early(train_state.get("callbacks", {}), patience):
+        log(
+            proc,
+            f"nothing to train: the run of {resume_from} stopped early at step "
+            f"{int(state['step'])} (train.early_stopping_patience={patience}); to train on, "
+            "raise the patience or set it to null",
+        )
+        run_dir = owning_run(resume_from) or resume_from
+        return TrainResult(run_dir, int(state["step"]), None, "early_stopping")
     run_dir = run_folder(config, resume_from)
     barrier()  # every rank has looked at the folder before rank 0 writes into it
     if config.train.run_name not in (None, run_dir.name):
@@ -500,7 +511,7 @@ class Training:
             self.config.checkpoint.every,
             self.run.max_steps,
         )
-        stopped_by, val = "max_steps", {}
+        stopped_by, val, evaluated_at = "max_steps", {}, None
         for step in range(self.run.start_step + 1, max_steps + 1):
             self.step = step
             self.state, metrics = self.step_fn(self.state, self.batch(step))
@@ -509,7 +520,7 @@ class Training:
             if step % self.config.logging.log_every == 0 or step == max_steps:
                 self.check_nonfinite(step)
             if step % train.eval_every == 0 and step < max_steps:
-                val = self.evaluate(step)
+                val, evaluated_at = self.evaluate(step), step
             if every and step % every == 0 and step < max_steps:
                 self.save(step)
             if self.stopped_by_signal(step, stop):
@@ -519,7 +530,8 @@ class Training:
                 stopped_by = "early_stopping"
                 break
         if not self.run.stop_signal:
-            val = self.evaluate(self.step) or val
+            if evaluated_at != self.step:  # (early stopping stops right after an eval)
+                val = self.evaluate(self.step) or val
             if self.config.checkpoint.save_at_end:
                 self.save(self.step)
         return stopped_by, val
@@ -588,8 +600,11 @@ class Training:
         if self.config.checkpoint.save_best and is_best:
             self.best_val = metrics["val_loss"]
             path = self.save(step)
+            keep_last_n = self.config.checkpoint.keep_last_n
             if self.proc.is_main:
                 ckpt.mark_best(self.checkpoint_root, path)
+                if keep_last_n is not None:  # the former best, kept by the save, may go now
+                    ckpt.prune_checkpoints(self.checkpoint_root, keep_last_n)
         return metrics
 
     def check_nonfinite(self, step: int) -> None:

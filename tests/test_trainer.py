@@ -225,3 +225,58 @@ def test_resuming_with_another_global_batch_warns_and_another_split_does_not():
         "16 rows (data.batch_size x train.grad_accum_steps x processes = 4 x 2 x 2) and this run has 8"
         in (batch_change_warning(older, config, world_size=1))
     )
+
+
+def test_early_stopping_evaluates_once_and_a_resume_has_nothing_to_train(tmp_path, capsys):
+    """lr 1e-30: the val loss never improves, so patience 2 stops at the third eval (step 6). That
+    step is evaluated once; resuming the stopped run trains nothing and writes nothing, unless
+    the patience allows more."""
+    frozen = [
+        "train.task=regression",
+        "data.module=regression",
+        "data.batch_size=8",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "optim.name=sgd",
+        "optim.lr=1e-30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "train.eval_every=2",
+        "train.max_steps=40",
+        "train.early_stopping_patience=2",
+    ]
+    result = train(config(tmp_path, *frozen))
+    assert (result.step, result.stopped_by) == (6, "early_stopping")
+    assert [row["step"] for row in evals(result.run_dir)] == [2, 4, 6]
+    metrics = (result.run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    again = train(config(tmp_path, *frozen, "train.resume=auto"))
+    assert (again.step, again.stopped_by) == (6, "early_stopping")
+    assert "nothing to train" in capsys.readouterr().out
+    assert (result.run_dir / "metrics.jsonl").read_text() == metrics  # nothing written
+
+    more = train(config(tmp_path, *frozen, "train.resume=auto", "train.early_stopping_patience=3"))
+    assert (more.step, more.stopped_by) == (8, "early_stopping")
+
+
+def test_keep_last_n_keeps_only_the_latest_and_the_best(tmp_path):
+    result = train(
+        config(
+            tmp_path,
+            "train.task=regression",
+            "data.module=regression",
+            "data.batch_size=8",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            "optim.warmup_steps=0",
+            "train.eval_every=2",
+            "train.max_steps=8",
+            "checkpoint.save_best=true",
+            "checkpoint.every=2",
+            "checkpoint.keep_last_n=1",
+        )
+    )
+    root = result.run_dir / "checkpoints"
+    named = {(root / (root / pointer).read_text().strip()) for pointer in ("latest", "best")}
+    assert set(root.glob("step_*")) == named

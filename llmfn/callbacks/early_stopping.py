@@ -87,3 +87,15 @@ class EarlyStopping(Callback):
         self.best_step = state.get("best_step")
         self.bad_evals = int(state.get("bad_evals", 0))
         self.stopped_step = state.get("stopped_step")
+
+
+def stopped_early(callback_states: dict, patience: int | None) -> bool:
+    """Whether a checkpoint's EarlyStopping (callback_states: its train_state's "callbacks")
+    stopped its run and, with `patience` (train.early_stopping_patience), would stop it again
+    at once: a resumed run then has nothing to train. None = no early stopping."""
+    state = callback_states.get(EarlyStopping.__name__, {})
+    return (
+        patience is not None
+        and state.get("stopped_step") is not None
+        and int(state.get("bad_evals", 0)) >= patience
+    )

@@ -127,10 +127,19 @@ def prints_for_every_rank() -> bool:
 def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Each value's maximum over all ranks: one all-reduce, and a host sync (call at step
     boundaries). One process: the values themselves."""
+    return _reduce_over_ranks(values, device, dist.ReduceOp.MAX)
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over all ranks (float64), as `max_over_ranks`."""
+    return _reduce_over_ranks(values, device, dist.ReduceOp.SUM)
+
+
+def _reduce_over_ranks(values: list[float], device: torch.device, op) -> list[float]:
     if not dist.is_initialized():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 

@@ -36,6 +36,7 @@ from llmfn.distributed import (
     on_rank_zero_first,
     prints_for_every_rank,
     shutdown,
+    sum_over_ranks,
 )
 from llmfn.memory_estimate import cpu_memory_warning
 from llmfn.model import count_params, flops_per_token
@@ -181,16 +182,21 @@ def stacked_train_batch(data, step: int, accum: int, device: torch.device) -> di
 
 
 def evaluate(
-    eval_step, params: TensorDict, data, device: torch.device, *, perplexity: bool
+    eval_step, params: TensorDict, data, proc: ProcessInfo, *, perplexity: bool
 ) -> dict[str, float]:
     """Token-weighted validation loss over the data module's val batches, and its perplexity
-    where the loss is a token negative log-likelihood (`Task.perplexity`)."""
+    where the loss is a token negative log-likelihood (`Task.perplexity`). With several
+    processes each evaluates every world_size-th batch and the sums are added up, so the
+    result does not depend on the number of processes."""
     total, count = 0.0, 0.0
-    for batch in data.val_batches():
-        out = eval_step(params, batch_to(batch, device))
+    for index, batch in enumerate(data.val_batches()):
+        if index % proc.world_size != proc.rank:
+            continue
+        out = eval_step(params, batch_to(batch, proc.device))
         tokens = float(out["tokens"])
         total += float(out["loss"]) * tokens
         count += tokens
+    total, count = sum_over_ranks([total, count], proc.device)
     if count == 0:
         return {}
     val_loss = total / count
@@ -590,7 +596,7 @@ class Training:
             self.eval_fn,
             self.state["params"],
             self.data,
-            self.proc.device,
+            self.proc,
             perplexity=self.task.perplexity,
         )
         if not metrics:

@@ -1,5 +1,6 @@
 """Small configs, batches and train steps shared by the step and distributed tests."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -77,3 +78,29 @@ def run_torchrun(*args: str) -> None:
         [*cmd, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def validation_metrics(proc) -> tuple[dict[str, float], int]:
+    """The driver's validation pass (`llmfn.trainer.evaluate`) of small_config's model at init
+    over 3 synthetic val batches, on this process's share of them -> (metrics, the number of
+    batches this process evaluated)."""
+    from llmfn.data import build_data_module
+    from llmfn.step import make_eval_step
+    from llmfn.trainer import evaluate
+
+    config = small_config()
+    data_config = dataclasses.replace(config.data, val_batches=3, synthetic_vocab_size=64)
+    config = config.replace(data=data_config)
+    data = build_data_module(config.data, seq_len=config.model.max_seq_len, seed=0)
+    data.prepare()
+    data.setup(rank=proc.rank, world_size=proc.world_size)
+    task = get_task(config.train.task)
+    params = init_params(config.model, seed=0)
+    calls = []
+    eval_step = make_eval_step(task, config)
+
+    def counted_eval_step(params, batch):
+        calls.append(1)
+        return eval_step(params, batch)
+
+    return evaluate(counted_eval_step, params, data, proc, perplexity=True), len(calls)

@@ -2,6 +2,7 @@
 equal to one process stepping on the same global batch (whose ranks' halves hold different
 numbers of loss tokens: each token weighs the same)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,18 @@ def test_errors_under_torchrun_are_one_line(tmp_path):
     (line,) = llmfn_errors(done.stderr)
     assert f"token-bin folder '{missing}': the folder does not exist" in line
     assert "[rank1]" not in done.stderr and "gloo" not in done.stderr, done.stderr[-3000:]
+
+
+def test_validation_is_split_across_ranks_and_equals_one_process(tmp_path):
+    """3 val batches on 2 ranks (2 and 1 each): the summed result is one process's."""
+    from llmfn.distributed import ProcessInfo
+    from tests.step_fixtures import validation_metrics
+
+    run_torchrun(str(ROOT / "tests" / "ddp_eval_worker.py"), str(tmp_path / "val.json"))
+    ranks = [json.loads((tmp_path / f"val.json.rank{r}").read_text()) for r in (0, 1)]
+    assert [rank["batches"] for rank in ranks] == [2, 1]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    one_process = ProcessInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    metrics, batches = validation_metrics(one_process)
+    assert batches == 3 and ranks[0]["metrics"].keys() == metrics.keys() == {"val_loss", "val_ppl"}
+    assert ranks[0]["metrics"]["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-6)

@@ -288,9 +288,10 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one(tmp_path, capsys):
     )
     assert resumed.step == 6
     assert {5, 6} <= train_losses(tmp_path / "ddp").keys()
-    assert "written by 2 processes and this run has 1: the global batch changes from 8 to 4" in (
-        capsys.readouterr().out
+    assert "a global batch of 8 rows (data.batch_size x train.grad_accum_steps x processes = " in (
+        out := capsys.readouterr().out
     )
+    assert "= 4 x 1 x 2) and this run has 4 (4 x 1 x 1)" in out
 
 
 def test_an_interrupt_outside_the_loop_exits_130_in_one_line(monkeypatch, capsys):

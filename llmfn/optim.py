@@ -364,14 +364,23 @@ def build_optimizer(optim_cfg, params: TensorDict) -> Optimizer:
 
 # --- gradient norm and clipping -----------------------------------------------------------------
 def global_norm(grads: TensorDict) -> torch.Tensor:
-    """0-d float32: the L2 norm of all leaves together (as torch.nn.utils.clip_grad_norm_)."""
-    return leaves_global_norm(list(grads.values(include_nested=True, leaves_only=True)))
+    """The L2 norm of all leaves together (as torch.nn.utils.clip_grad_norm_), float32: 0-d,
+    or one per member [*batch_size] for a stacked tree (an ensemble)."""
+    leaves = list(grads.values(include_nested=True, leaves_only=True))
+    return leaves_global_norm(leaves, batch_dims=grads.batch_dims)
 
 
-def leaves_global_norm(leaves: list[torch.Tensor]) -> torch.Tensor:
-    """global_norm over a list of leaves."""
+def leaves_global_norm(leaves: list[torch.Tensor], *, batch_dims: int = 0) -> torch.Tensor:
+    """global_norm over a list of leaves: 0-d, or with batch_dims > 0 (the leading dims of a
+    stacked tree's leaves, [*members, ...]) one norm per member, [*members], each computed as
+    for that member's leaves alone."""
     if not leaves:
         raise ValueError("global_norm: the grads tree has no leaves")
+    if batch_dims:
+        members = leaves[0].shape[:batch_dims]
+        flat = [leaf.reshape(-1, *leaf.shape[batch_dims:]) for leaf in leaves]  # [M, ...]
+        norms = [leaves_global_norm([leaf[m] for leaf in flat]) for m in range(members.numel())]
+        return torch.stack(norms).reshape(members)
     norms = torch._foreach_norm(leaves, 2)
     device = leaves[0].device
     return torch.linalg.vector_norm(
@@ -383,17 +392,19 @@ def clip_by_global_norm(
     grads: TensorDict, max_norm: float | None
 ) -> tuple[TensorDict, torch.Tensor]:
     """(grads scaled by min(1, max_norm / (norm + 1e-6)), norm before clipping). max_norm None:
-    the grads are returned unchanged (the norm is still computed, for logging)."""
+    the grads are returned unchanged (the norm is still computed, for logging). A stacked tree
+    (batch_size [*members]) is clipped per member: norm [*members]."""
     paths, leaves = paths_and_leaves(grads)
-    clipped, norm = clip_leaves_by_global_norm(leaves, max_norm)
+    clipped, norm = clip_leaves_by_global_norm(leaves, max_norm, batch_dims=grads.batch_dims)
     return (grads if max_norm is None else tree_like(grads, paths, clipped)), norm
 
 
 def clip_leaves_by_global_norm(
-    leaves: list[torch.Tensor], max_norm: float | None
+    leaves: list[torch.Tensor], max_norm: float | None, *, batch_dims: int = 0
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """clip_by_global_norm over a list of gradient leaves."""
-    norm = leaves_global_norm(leaves)
+    """clip_by_global_norm over a list of gradient leaves; batch_dims as in
+    `leaves_global_norm` (each member clipped by its own norm)."""
+    norm = leaves_global_norm(leaves, batch_dims=batch_dims)
     if max_norm is None:
         return leaves, norm
     if max_norm <= 0:
@@ -401,4 +412,7 @@ def clip_leaves_by_global_norm(
             f"clip_by_global_norm: max_norm={max_norm} is invalid: expected a positive number or None"
         )
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return torch._foreach_mul(leaves, scale), norm
+    if not batch_dims:
+        return torch._foreach_mul(leaves, scale), norm
+    per_member = [scale.reshape(scale.shape + (1,) * (leaf.ndim - batch_dims)) for leaf in leaves]
+    return [(leaf * s).to(leaf.dtype) for leaf, s in zip(leaves, per_member, strict=True)], norm

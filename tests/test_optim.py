@@ -16,6 +16,7 @@ from llmfn.optim import (
     adamw,
     build_optimizer,
     clip_by_global_norm,
+    clip_leaves_by_global_norm,
     default_decay_mask,
     global_norm,
     lion,
@@ -462,3 +463,33 @@ def test_adamw_without_a_step_says_what_it_needs():
     optimizer = adamw()
     with pytest.raises(ValueError, match=r"adamw update needs step= \(the 1-based number"):
         optimizer.update(params, params, optimizer.init(params), lr=torch.tensor(0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_of_a_stacked_ensemble_clips_each_member_alone(dtype):
+    """A stacked tree (batch_size [3]: an ensemble) is clipped per member: member i's norm and
+    clipped grads are exactly those of clipping member i alone (the first is under max_norm)."""
+    scales = (0.01, 1.0, 30.0)
+    members = [
+        small_tree(seed).apply(lambda g, s=s: (g * s).to(dtype)) for seed, s in enumerate(scales)
+    ]
+    ensemble = torch.stack(members)
+    clipped, norm = clip_by_global_norm(ensemble, 1.0)
+    assert norm.shape == (3,) and torch.equal(global_norm(ensemble), norm)
+    for i, member in enumerate(members):
+        alone, alone_norm = clip_by_global_norm(member, 1.0)
+        assert torch.equal(norm[i], alone_norm)
+        for path in leaf_paths(member):
+            assert torch.equal(clipped[i].get(path), alone.get(path)), (i, path)
+    assert torch.equal(clipped[0].get(("embed", "weight")), members[0].get(("embed", "weight")))
+    # two batch dims [2, 3], and the compiled leaves function the train step calls
+    grid = torch.stack([ensemble, torch.stack(members[::-1])])
+    grid_clipped, grid_norm = clip_by_global_norm(grid, 1.0)
+    assert torch.equal(grid_norm, torch.stack([norm, norm.flip(0)]))
+    for path in leaf_paths(grid):
+        assert torch.equal(grid_clipped[1, 0].get(path), clipped[2].get(path))
+    leaves = list(ensemble.values(True, True))
+    compiled = torch.compile(partial(clip_leaves_by_global_norm, batch_dims=1), fullgraph=True)
+    compiled_leaves, compiled_norm = compiled(leaves, 1.0)
+    torch.testing.assert_close(compiled_norm, norm)
+    torch.testing.assert_close(compiled_leaves, list(clipped.values(True, True)))

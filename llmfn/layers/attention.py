@@ -5,15 +5,19 @@ params: {"wqkv": [(H + 2·KV)·hd, D], "wo": [D, H·hd]} (+ "bqkv", "bo" with at
 The fused q/k/v weight is one matmul (DESIGN.md §3); `llmfn.hf` splits and joins it.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmfn.layers.decode_attention import decode_attention, kernel_serves
 from llmfn.layers.init import normal, residual_std, zeros
 from llmfn.layers.linear import linear
 from llmfn.layers.norm import normed_linear
 from llmfn.layers.positions import alibi_bias, apply_rope, rope_angles
+from llmfn.layers.recomputed_input import first_order_only
 from llmfn.model_config import ModelConfig
 
 
@@ -109,6 +113,7 @@ def attention_bias(
     cached: bool,
     batch_size: int,
     dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """What SDPA's attn_mask gets for queries at cache slots q_slots [Tq] over keys 0 .. Tk - 1
     (Tk = num_keys; key_valid: [B, Tk] bool or None, False at padding):
@@ -117,15 +122,22 @@ def attention_bias(
       window): SDPA's is_causal does it without a mask;
     - else the bool mask [B or 1, 1, Tq, Tk] of `attention_mask`, True where a query sees a key;
     - with ALiBi, an additive float bias [B, H, Tq, Tk] of `dtype` (B = batch_size):
-      -slope · (q - k) where the query sees the key, -inf elsewhere.
+      -slope · (q - k) where the query sees the key, -inf elsewhere. q and k are the tokens'
+      positions [B, T] without a cache (keys are the call's own tokens), so a `positions`
+      option moves ALiBi as it moves RoPE; with a cache they are slots, as the cache keeps no
+      key positions: the same distances for the default positions (and left padding), but
+      custom positions change nothing there.
 
     A cache always needs the explicit mask: its queries sit at slots past the first key, which
     is_causal (aligned to the top left) does not know.
     """
     if cfg.position == "alibi":
         visible = attention_mask(q_slots, num_keys, key_valid, cfg.sliding_window)
-        q_pos = q_slots[None].expand(batch_size, q_slots.shape[0])
-        k_pos = torch.arange(num_keys, device=q_slots.device)[None].expand(batch_size, -1)
+        if cached or positions is None:
+            q_pos = q_slots[None].expand(batch_size, q_slots.shape[0])
+            k_pos = torch.arange(num_keys, device=q_slots.device)[None].expand(batch_size, -1)
+        else:
+            q_pos = k_pos = positions
         bias = alibi_bias(q_pos, k_pos, cfg.num_heads)
         return bias.to(dtype).masked_fill(~visible, float("-inf"))
     if not cached and key_valid is None and cfg.sliding_window is None:
@@ -145,17 +157,20 @@ def attend(
     """q [B, H, Tq, hd], k and v [B, KV, Tk, hd], bias from `attention_bias` -> [B, H, Tq, hd].
 
     The CPU decode kernel (`llmfn.layers.decode_attention`) for cached steps it serves, SDPA
-    (causal when bias is None) everywhere else."""
+    (causal when bias is None) everywhere else: on its math backend under `hessian`,
+    `jacrev(grad)` or `jvp`, as the fused kernels have no second or forward-mode derivative."""
     if cached and kernel_serves(q, bias):
         return decode_attention(q, k, v, bias)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=bias,
-        is_causal=bias is None,
-        enable_gqa=cfg.kv_heads != cfg.num_heads,
-    )
+    backends = contextlib.nullcontext() if first_order_only() else sdpa_kernel(SDPBackend.MATH)
+    with backends:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            is_causal=bias is None,
+            enable_gqa=cfg.kv_heads != cfg.num_heads,
+        )
 
 
 def attention(
@@ -172,7 +187,7 @@ def attention(
 ) -> tuple[torch.Tensor, TensorDict | None]:
     """x: [B, T, D] -> ([B, T, D], updated cache or None).
 
-    positions: [B, T] token positions (RoPE). rope: `rope_angles(positions, cfg)` when the
+    positions: [B, T] token positions (RoPE; ALiBi's distances without a cache). rope: `rope_angles(positions, cfg)` when the
     caller has them (a model computes them once for all its layers). key_valid: [B, Tk] bool,
     False at padding (Tk = T without a cache, the cache length with one). cache: {"k", "v"} each
     [B, KV, max_len, hd]; this call writes slots cache_start .. cache_start + T - 1.
@@ -184,7 +199,7 @@ def attention(
     rope_training = cfg.position == "rope" and cache is None and torch.is_grad_enabled()
     q, k, v = split_heads(qkv, cfg, copy_v=rope_training)
     if cfg.position == "rope":
-        cos, sin = rope_angles(positions, cfg) if rope is None else rope
+        cos, sin = rope_angles(positions, cfg, x.dtype) if rope is None else rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     start = (
@@ -196,7 +211,14 @@ def attention(
         k, v, key_valid = written_slots(cache["k"], cache["v"], key_valid, start + T)
 
     bias = attention_bias(
-        q_slots, k.shape[2], key_valid, cfg, cached=cache is not None, batch_size=B, dtype=q.dtype
+        q_slots,
+        k.shape[2],
+        key_valid,
+        cfg,
+        cached=cache is not None,
+        batch_size=B,
+        dtype=q.dtype,
+        positions=positions,
     )
     out = attend(q, k.to(q.dtype), v.to(q.dtype), bias, cfg, cached=cache is not None)
     out = out.transpose(1, 2).reshape(B, T, cfg.num_heads * cfg.head_dim)

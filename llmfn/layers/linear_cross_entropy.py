@@ -17,11 +17,9 @@ raises.
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from llmfn.layers.linear import linear
-from llmfn.layers.recomputed_input import any_requires_grad
+from llmfn.layers.recomputed_input import any_requires_grad, first_order_only
 
 IGNORE_INDEX = -100
 
@@ -30,11 +28,12 @@ def chunk_loss_and_grads(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h: [n, D], weight: [V, D], targets: [n] -> (summed loss over the rows whose target is
-    not IGNORE_INDEX, d loss/d h [n, D], d loss/d weight [V, D] in float32). The logits and
-    their gradient in the head matmul's dtype (autocast's, or h's), the softmax in float32."""
+    not IGNORE_INDEX, d loss/d h [n, D], d loss/d weight [V, D] in float32, or float64 for a
+    float64 head). The logits and their gradient in the head matmul's dtype (autocast's, or
+    h's), the softmax in at least float32."""
     logits = F.linear(h, weight)  # [n, V]
     compute = logits.dtype
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(compute, torch.float32))
     valid = targets != IGNORE_INDEX
     safe_targets = torch.where(valid, targets, 0)
     log_z = torch.logsumexp(logits, dim=-1)  # [n]
@@ -44,7 +43,8 @@ def chunk_loss_and_grads(
     is_target = safe_targets[:, None] == torch.arange(logits.shape[-1], device=logits.device)
     grad_logits = (torch.where(is_target, probs - 1, probs) * valid[:, None]).to(compute)
     grad_h = (grad_logits @ weight.to(compute)).to(h.dtype)
-    grad_weight = (grad_logits.t() @ h.to(compute)).float()
+    grad_weight = grad_logits.t() @ h.to(compute)
+    grad_weight = grad_weight.to(torch.promote_types(grad_weight.dtype, torch.float32))
     return loss, grad_h, grad_weight
 
 
@@ -54,7 +54,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(chunk_size, targets, h, weight):
         rows, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        losses, grad_rows, grad_weight = [], [], torch.zeros_like(weight, dtype=torch.float32)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        losses, grad_rows, grad_weight = [], [], torch.zeros_like(weight, dtype=accumulate)
         for start in range(0, rows.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             loss, grad_h, grad_w = chunk_loss_and_grads(rows[chunk], weight, targets[chunk])
@@ -82,24 +83,18 @@ def linear_cross_entropy(
     """Summed cross-entropy of the logits linear(h, weight) [..., V] against targets [...]
     (rows whose target is IGNORE_INDEX add nothing), computed `chunk_size` rows at a time.
     h: [..., D], weight: [V, D]."""
-    if not torch.compiler.is_compiling() and not first_order_only():
+    if not first_order_only():
         raise NotImplementedError(
             "the chunked cross-entropy (model.loss_chunk_size > 0) gives first-order gradients "
             "only: for a gradient of a gradient (hessian, jacrev(grad(...))) or forward-mode AD "
             "(jvp) use model.loss_chunk_size=0"
         )
     if not any_requires_grad(h, weight):
+        logits = linear(h, weight).flatten(0, -2)
         return F.cross_entropy(
-            linear(h, weight).flatten(0, -2).float(),
+            logits.to(torch.promote_types(logits.dtype, torch.float32)),
             targets.flatten(),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
     return _LinearCrossEntropy.apply(chunk_size, targets, h, weight)[0]
-
-
-def first_order_only() -> bool:
-    """Whether the torch.func transforms around this call take at most one reverse-mode
-    gradient and no forward-mode one (vmap is fine)."""
-    keys = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
-    return keys.count(TransformType.Grad) <= 1 and TransformType.Jvp not in keys

@@ -56,14 +56,15 @@ def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
 def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
     """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors). The
     weights are the chosen experts' router probabilities, renormalised to sum to 1 for k > 1."""
-    logits = linear(x, router).float()  # [N, E]
+    logits = linear(x, router)  # [N, E], in at least float32
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     probs = logits.softmax(dim=-1)
     weights, experts = probs.topk(cfg.top_k, dim=-1)
     if cfg.top_k > 1:  # the chosen experts' weights sum to 1 (Mixtral)
         weights = weights / weights.sum(dim=-1, keepdim=True)
     # top_k = 1 keeps the raw probability (Switch Transformer): renormalised it would be exactly
     # 1, and the router would learn nothing from the model's loss, only from the aux losses.
-    chosen = one_hot(experts, cfg.num_experts).sum(dim=1).float()  # [N, E]
+    chosen = one_hot(experts, cfg.num_experts).sum(dim=1).to(probs.dtype)  # [N, E]
     fraction_routed = chosen.mean(dim=0) / cfg.top_k
     load_balance = cfg.num_experts * (fraction_routed * probs.mean(dim=0)).sum()
     z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()

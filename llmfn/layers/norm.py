@@ -18,9 +18,10 @@ def init_norm(cfg: ModelConfig) -> TensorDict:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D]. Normalises in float32, casts back, then scales (as HF Llama does)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    """x: [..., D]. Normalises in float32 (float64 stays float64), casts back, then scales (as
+    HF Llama does)."""
+    upcast = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = upcast * torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
 

@@ -11,33 +11,37 @@ from llmfn.model_config import ModelConfig
 
 
 # --- RoPE -------------------------------------------------------------------------------------
-def rope_angles(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: [B, T] int -> (cos, sin), each [B, 1, T, head_dim] float32."""
-    pos, inv_freq = rope_frequencies(positions, cfg)
+def rope_angles(
+    positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [B, T] int -> (cos, sin), each [B, 1, T, head_dim] in float32, or in `dtype`
+    where it is wider (float64 for a float64 model)."""
+    pos, inv_freq = rope_frequencies(positions, cfg, dtype)
     angles = pos[..., None] * inv_freq  # [B, T, hd/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, hd]
     return cos_sin(angles)
 
 
 def rope_frequencies(
-    positions: torch.Tensor, cfg: ModelConfig
+    positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The configured RoPE scaling, all in this one place: positions [B, T] int -> (scaled
-    positions [B, T], inverse frequencies [head_dim/2]), both float32, whose products are the
-    rotary angles.
+    positions [B, T], inverse frequencies [head_dim/2]), both float32 (or `dtype` where it is
+    wider), whose products are the rotary angles.
 
     None: theta^(-2i/hd). "linear": the positions divided by the factor. "llama3": the
     frequency bands of `llama3_inv_freq`. "dynamic": the grown base of `dynamic_ntk_inv_freq`.
     """
-    pos = positions.float()
+    dtype = torch.promote_types(dtype, torch.float32)
+    pos = positions.to(dtype)
     if cfg.rope_scaling == "dynamic":
-        return pos, dynamic_ntk_inv_freq(positions, cfg)
+        return pos, dynamic_ntk_inv_freq(positions, cfg, dtype)
     inv_freq = rope_inv_freq(cfg.rope_theta, cfg.head_dim)
     if cfg.rope_scaling == "llama3":
         inv_freq = llama3_inv_freq(inv_freq, cfg)
     elif cfg.rope_scaling == "linear":
         pos = pos / cfg.rope_scaling_factor
-    return pos, inv_freq.float().to(positions.device)
+    return pos, inv_freq.to(dtype).to(positions.device)
 
 
 def rope_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -68,18 +72,20 @@ def llama3_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, inv_freq)
 
 
-def dynamic_ntk_inv_freq(positions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Dynamic NTK: [hd/2] float32 inverse frequencies, on positions' device, of a base grown
-    once the sequence (positions [B, T]) outruns the original context.
+def dynamic_ntk_inv_freq(
+    positions: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dynamic NTK: [hd/2] inverse frequencies of `dtype` (float32 or float64), on positions'
+    device, of a base grown once the sequence (positions [B, T]) outruns the original context.
 
-    The base depends on the positions, so it is computed here in float32, and with HF's pow
+    The base depends on the positions, so it is computed here in `dtype`, and with HF's pow
     (`base ** exponents`), which matches HF's dynamic RoPE bit for bit where exp would not."""
     original = cfg.rope_original_max_seq_len or cfg.max_seq_len
-    seq_len = torch.clamp(positions.max().float() + 1, min=original)
+    seq_len = torch.clamp(positions.max().to(dtype) + 1, min=original)
     dim = cfg.head_dim
     scale = cfg.rope_scaling_factor * seq_len / original - (cfg.rope_scaling_factor - 1)
     base = cfg.rope_theta * scale ** (dim / (dim - 2))
-    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim
     return 1.0 / base**exponents
 
 
@@ -117,11 +123,12 @@ def _(info, in_dims: tuple, angles: torch.Tensor):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, T, hd], cos and sin: [B, 1, T, hd] (`rope_angles`) -> x rotated, [B, H, T, hd]
-    in x's dtype (computed in float32). Rotate-half convention: dim i pairs with i + hd/2, as
-    in HF."""
+    in x's dtype (computed in at least float32). Rotate-half convention: dim i pairs with
+    i + hd/2, as in HF."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(compute) * cos + rotated.to(compute) * sin).to(x.dtype)
 
 
 # --- ALiBi ------------------------------------------------------------------------------------
@@ -148,9 +155,13 @@ def init_learned_positions(cfg: ModelConfig, gen: torch.Generator) -> TensorDict
     return TensorDict({"weight": normal((cfg.max_seq_len, cfg.hidden_size), cfg.init_std, gen)}, [])
 
 
-def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """positions: [B, T] -> [B, T, dim] of Vaswani et al.'s sin/cos embeddings."""
-    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
-    angles = positions.float()[..., None] / (10000.0**exponents)
+def sinusoidal_table(
+    positions: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """positions: [B, T] -> [B, T, dim] of Vaswani et al.'s sin/cos embeddings, in float32 (or
+    `dtype` where it is wider: float64 for a float64 model)."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    exponents = torch.arange(0, dim, 2, device=positions.device, dtype=dtype) / dim
+    angles = positions.to(dtype)[..., None] / (10000.0**exponents)
     table = torch.stack([angles.sin(), angles.cos()], dim=-1)  # interleave sin, cos
     return table.flatten(-2)[..., :dim]

@@ -13,7 +13,9 @@ activation, 2·D + I values a token a layer (16 MB a layer at B8 x T256 on the 1
 recomputes `pre` from them under the forward's autocast state.
 
 Works under plain autograd, `torch.func.grad`, `vmap(grad)` and `torch.compile`; where no
-gradient is taken (generation, evaluation) it is `linear(pre(*inputs), weight, bias)`.
+gradient is taken (generation, evaluation), or a higher-order or forward-mode one is
+(`first_order_only`: `hessian`, `jacrev(grad)`, `jvp`), it is `linear(pre(*inputs), weight,
+bias)`.
 """
 
 import contextlib
@@ -21,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from llmfn.layers.linear import linear
 
@@ -73,7 +77,12 @@ def recomputed_input_linear(
     the backward. pre: elementwise work (cheap to redo) of float tensors, reading no tensor
     but `inputs` (a captured tensor would break vmap of the backward)."""
     tail = (weight,) if bias is None else (weight, bias)
-    if _plain_depth or weight.dim() != 2 or not any_requires_grad(*inputs, *tail):
+    if (
+        _plain_depth
+        or weight.dim() != 2
+        or not any_requires_grad(*inputs, *tail)
+        or not first_order_only()
+    ):
         return linear(pre(*inputs), weight, bias)
     return _RecomputedInputLinear.apply((pre, len(inputs)), *inputs, *tail)
 
@@ -85,6 +94,19 @@ def any_requires_grad(*tensors: torch.Tensor) -> bool:
     compiled forward of params without requires_grad. Under torch.func.grad, grad's own inputs
     can look that way to dynamo; the plain linear then runs, with the same gradients."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def first_order_only() -> bool:
+    """Whether the torch.func transforms around this call take at most one reverse-mode
+    gradient and no forward-mode one (vmap is fine). Only then do the autograd.Functions that
+    do their own backward (here, `llmfn.layers.remat`, `llmfn.layers.linear_cross_entropy`)
+    run: they have no jvp, so under `hessian`, `jacrev(grad)` or `jvp` their callers compute
+    plainly (or raise). Always True under torch.compile, whose dynamo cannot trace the read of
+    the transform stack (torch 2.13): compiled code keeps its first-order path."""
+    if torch.compiler.is_compiling():
+        return True
+    keys = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+    return keys.count(TransformType.Grad) <= 1 and TransformType.Jvp not in keys
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ newest valid checkpoint). Formats:
 
   hf           config.json + model.safetensors that `transformers.AutoModelForCausalLM.
                from_pretrained(out)` loads with the same logits (Llama; Mistral with a sliding
-               window; GPT-2 for learned positions; `--family qwen2` for Qwen2), plus the
+               window, Qwen2 with one and attention biases; GPT-2 for learned positions;
+               `--family qwen2` forces Qwen2), plus the
                tokenizer when it is an HF tokenizer (tokenizer.json + tokenizer_config.json).
   safetensors  params.safetensors + config.yaml + tokenizer/ + manifest.json: the checkpoint
                without optimizer state, loadable with `llmfn.checkpoint.load_for_inference`.
@@ -105,18 +106,27 @@ def export_hf(
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write an HF transformers folder (config.json, model.safetensors, tokenizer files) from
-    a checkpoint. Raises ValueError for a model HF cannot express (e.g. MoE, post-norm)."""
+    a checkpoint. config.json's bos/eos/pad_token_id are the checkpoint tokenizer's (None where
+    it has no such token, or no tokenizer: then a note on stderr says so). Raises ValueError
+    for a model HF cannot express (e.g. MoE, post-norm)."""
     out_dir = Path(out_dir)
     _check_empty(out_dir)
     folder = resolve_checkpoint(checkpoint)
     check_language_model(folder, "exported")
-    cfg, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
+    cfg, params, tokenizer = load_for_inference(folder, dtype=dtype)
+    token_ids = hf.special_token_ids(tokenizer)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
     # written beside out_dir and renamed into place: a failure leaves no partial folder, and an
     # OSError while writing names out_dir (atomic_folder's OutputError)
     with atomic_folder(out_dir, if_exists="replace") as tmp:
-        hf.save_hf_pretrained(params, cfg, tmp, family)
+        hf.save_hf_pretrained(params, cfg, tmp, family, token_ids=token_ids)
         _copy_hf_tokenizer(folder / TOKENIZER_DIR, tmp)
+    if tokenizer is None:
+        print(
+            f"note: {folder} has no tokenizer/: config.json has bos_token_id, eos_token_id and "
+            "pad_token_id None (set them to your tokenizer's, or HF generate never stops at EOS)",
+            file=sys.stderr,
+        )
     return out_dir
 
 
@@ -155,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--family",
         choices=tuple(hf.FAMILIES),
         default=None,
-        help="hf: the HF architecture (default: llama; mistral with a sliding window; gpt2 for learned positions)",
+        help="hf: the HF architecture (default: llama; mistral with a sliding window, qwen2 with a "
+        "window and attention biases; gpt2 for learned positions)",
     )
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: as saved)"

@@ -6,8 +6,8 @@
 
 Families: "llama", "mistral" (sliding window), "qwen2" (q/k/v bias, no o_proj bias) and "gpt2"
 (LayerNorm, learned positions, Conv1D weights stored [in, out]). `to_*` functions take a `family`
-argument; its default (`default_family`) is "gpt2" for learned positions, "mistral" with a
-sliding window, "llama" otherwise. Qwen2 is only chosen explicitly.
+argument; its default (`default_family`) is "gpt2" for learned positions, "qwen2" for a sliding
+window with attention biases, "mistral" for one without, "llama" otherwise.
 
 Name maps go llmfn key -> HF key, with "{}" for the layer index. A tuple of HF keys is fused
 in llmfn along dim 0: q/k/v -> `attn.wqkv`, gate/up -> `mlp.w13`.
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
-from llmfn.model import init_params
+from llmfn.model import param_shapes
 from llmfn.model_config import ModelConfig
 
 _LLAMA_NAMES = {
@@ -151,10 +151,13 @@ def get_family(name: str) -> Family:
 
 
 def default_family(cfg: ModelConfig) -> str:
-    """ "gpt2" for learned positions, "mistral" with a sliding window, else "llama"."""
+    """ "gpt2" for learned positions; with a sliding window "qwen2" if the attention has biases
+    (Mistral has none), else "mistral"; otherwise "llama" (which has the biases, no window)."""
     if cfg.position == "learned":
         return "gpt2"
-    return "mistral" if cfg.sliding_window is not None else "llama"
+    if cfg.sliding_window is None:
+        return "llama"
+    return "qwen2" if cfg.attention_bias else "mistral"
 
 
 # --- Names ------------------------------------------------------------------------------------
@@ -176,12 +179,6 @@ def _hf_names(family: Family, key: str) -> tuple[tuple[str, ...], str]:
     names = family.names[pattern]
     names = names if isinstance(names, tuple) else (names,)
     return tuple(name.format(layer) for name in names), pattern
-
-
-def _template(cfg: ModelConfig) -> TensorDict:
-    """The llmfn tree of `cfg` on the meta device: key order and shapes, no memory."""
-    with torch.device("meta"):
-        return init_params(cfg)
 
 
 def _leaf_keys(params: TensorDict) -> list[str]:
@@ -210,10 +207,8 @@ def from_hf_state_dict(
     shape mismatch, or an HF weight llmfn would drop.
     """
     fam = get_family(family)
-    template = _template(cfg)
     flat, used = {}, set()
-    for key in _leaf_keys(template):
-        expected = tuple(template.get(tuple(key.split("."))).shape)
+    for key, expected in param_shapes(cfg).items():
         names, pattern = _hf_names(fam, key)
         if pattern in fam.zero_in_hf:
             like = state_dict[fam.names["embed.weight"]]
@@ -462,6 +457,19 @@ def _token_id(default: int, cfg: ModelConfig) -> int | None:
     return default if default < cfg.vocab_size else None
 
 
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """An llmfn tokenizer (`llmfn.data.Tokenizer`) -> the HF config's {"bos_token_id",
+    "eos_token_id", "pad_token_id"}: its bos_id, eos_id and pad_id, None where it has no such
+    token (all None for tokenizer=None). HF `generate` stops at eos_token_id."""
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+    }
+
+
 def _llama_like_hf_fields(cfg: ModelConfig, family: str) -> dict:
     """The keyword arguments of the family's HF config (LlamaConfig, MistralConfig, Qwen2Config)."""
     # HF dynamic NTK scales from max_position_embeddings: that must be the original context.
@@ -516,16 +524,22 @@ def _gpt2_hf_fields(cfg: ModelConfig) -> dict:
     )
 
 
-def to_hf_config(cfg: ModelConfig, family: str | None = None):
+def to_hf_config(
+    cfg: ModelConfig, family: str | None = None, *, token_ids: dict[str, int | None] | None = None
+):
     """ModelConfig -> a transformers config (LlamaConfig, MistralConfig, Qwen2Config or GPT2Config).
 
     family defaults to `default_family(cfg)`; raises if cfg has a feature the family lacks.
+    token_ids: bos/eos/pad_token_id, e.g. `special_token_ids(tokenizer)`; without it the HF
+    family's defaults (Llama's bos 1 / eos 2, GPT-2's 50256), which fit only a tokenizer that
+    uses them.
     """
     fam = _resolve_family(cfg, family)
     if fam.name == "gpt2":
         fields = _gpt2_hf_fields(cfg)
     else:
         fields = _llama_like_hf_fields(cfg, fam.name)
+    fields.update(token_ids or {})
     hf_config = getattr(_transformers(), fam.config_class)(**fields)
     hf_config.architectures = [fam.model_class]
     return hf_config
@@ -567,13 +581,19 @@ def to_hf_state_dict(
 
 
 def save_hf_pretrained(
-    params: TensorDict, cfg: ModelConfig, out_dir: str | os.PathLike, family: str | None = None
+    params: TensorDict,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    family: str | None = None,
+    *,
+    token_ids: dict[str, int | None] | None = None,
 ) -> None:
     """Write out_dir/config.json and out_dir/model.safetensors for
-    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`."""
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. token_ids: as in
+    `to_hf_config` (pass `special_token_ids(tokenizer)` so HF generate stops at its EOS)."""
     from safetensors.torch import save_file
 
-    hf_config = to_hf_config(cfg, family)
+    hf_config = to_hf_config(cfg, family, token_ids=token_ids)
     dtype = next(iter(params.values(include_nested=True, leaves_only=True))).dtype
     setattr(
         hf_config,

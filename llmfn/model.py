@@ -9,11 +9,13 @@ Every function here works under `torch.func.grad`, `torch.func.vmap` and `torch.
 
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
 
 from llmfn.layers.block import block, init_block
 from llmfn.layers.dropout import dropout, fold_in
@@ -55,6 +57,16 @@ def init_params(
     if dtype is not None:
         params = params.to(dtype)
     return params.to(device) if device is not None else params
+
+
+@functools.lru_cache(maxsize=64)
+def param_shapes(cfg: ModelConfig) -> MappingProxyType:
+    """{"embed.weight": (V, D), "layers.0.attn.wqkv": (...), ...}: the leaf shapes of
+    `init_params(cfg)` in its key order, built on the meta device (no memory); cached per cfg."""
+    with torch.device("meta"), torch._C._DisableFuncTorch():  # first called inside vmap, say
+        params = init_params(cfg)
+    leaves = params.items(include_nested=True, leaves_only=True)
+    return MappingProxyType({".".join(key): tuple(leaf.shape) for key, leaf in leaves})
 
 
 def init_cache(
@@ -111,7 +123,7 @@ def embed(
     if cfg.position == "learned":
         x = x + F.embedding(positions, params["pos", "weight"])
     elif cfg.position == "sinusoidal":
-        x = x + sinusoidal_table(positions, cfg.hidden_size).to(x.dtype)
+        x = x + sinusoidal_table(positions, cfg.hidden_size, x.dtype).to(x.dtype)
     return x
 
 
@@ -153,6 +165,110 @@ class DecoderOutput(NamedTuple):
     losses: dict[str, torch.Tensor]  # MoE losses averaged over layers (empty for dense models)
 
 
+def _leaf_shapes(
+    tree: TensorDictBase, prefix: str = "", shapes: dict | None = None
+) -> dict[str, tuple[int, ...]]:
+    """{"a.b": shape} of a tree's leaves in order (a plain walk, several times cheaper than
+    `items(include_nested=True)`: it runs on every eager call)."""
+    shapes = {} if shapes is None else shapes
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            shapes[prefix + key] = tuple(value.shape)
+        else:
+            _leaf_shapes(value, f"{prefix}{key}.", shapes)
+    return shapes
+
+
+def check_params(params: TensorDict, cfg: ModelConfig) -> None:
+    """Raise a ValueError naming the first difference between the leaves of params and those of
+    `init_params(cfg)` (`param_shapes`): the layer count, a missing or extra leaf (lm_head with
+    tie_embeddings, pos without learned positions) or a shape (e.g. a fused wqkv of other head
+    counts). A `decode_weights` panel leaf [P, in, 8] counts as its [P·8, in] weight. Trees of
+    the same shapes pass: 2 heads of 16 and 4 heads of 8 cannot be told apart."""
+    expected, given = param_shapes(cfg), _leaf_shapes(params)
+    if given.keys() != expected.keys():
+        layers = {key.split(".")[1] for key in given if key.startswith("layers.")}
+        if len(layers) != cfg.num_layers:
+            raise ValueError(
+                f"params has {len(layers)} layers but model.num_layers={cfg.num_layers}"
+            )
+        missing = [key for key in expected if key not in given]
+        extra = [key for key in given if key not in expected]
+        raise ValueError(
+            f"params do not match the model config: missing {missing}, unexpected {extra} "
+            "(compared with init_params(cfg); check model.tie_embeddings, position, norm_*, *_bias)"
+        )
+    for key, shape in expected.items():
+        actual = given[key]
+        if len(actual) == 3 and len(shape) == 2:  # decode_weights' panels [P, in, width]
+            actual = (actual[0] * actual[2], actual[1])
+        if actual != shape:
+            raise ValueError(
+                f"params {key!r} has shape {list(given[key])} but the model config gives "
+                f"{list(shape)} (hidden_size={cfg.hidden_size}, num_heads={cfg.num_heads}, "
+                f"kv_heads={cfg.kv_heads}, ffn_size={cfg.ffn_size}, vocab_size={cfg.vocab_size})"
+            )
+
+
+def check_inputs(
+    params: TensorDict,
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    cache: TensorDict | None = None,
+) -> None:
+    """Raise a ValueError naming the argument when `decoder` cannot run its inputs: tokens not
+    [B, T] int64/int32 (as inside vmap over examples), T > max_seq_len with learned positions,
+    an attention_mask not [B, T] (or [B, max_len] with a cache), a stacked (ensemble) tree
+    outside vmap, params that do not fit cfg (`check_params`), a token id outside the vocabulary.
+
+    The shape checks read static metadata only (torch.compile traces them away: no graph
+    break, no recompile). The params walk runs in eager only; so does the id range, which reads
+    the values (a host sync): on CPU only, outside vmap."""
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        vmap_hint = (
+            ": under vmap over examples, run the model on tokens[None], or vmap over the "
+            "leading dim of a [N, B, T] batch"
+            if tokens.ndim == 1
+            else ""
+        )
+        shape = list(tokens.shape)  # one f-string: dynamo cannot add str to str
+        raise ValueError(
+            f"tokens must be [B, T] int64 (or int32) ids, got {shape} {tokens.dtype}{vmap_hint}"
+        )
+    if getattr(params, "batch_dims", 0):
+        raise ValueError(
+            f"params has batch_size {list(params.batch_size)} (a stacked ensemble): run it under "
+            "torch.func.vmap, e.g. vmap(lambda p: forward(p, tokens, cfg))(params)"
+        )
+    batch_size, seq_len = tokens.shape
+    if cfg.position == "learned" and seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"tokens [B, T={seq_len}] exceed model.max_seq_len={cfg.max_seq_len} "
+            "(learned positions)"
+        )
+    if attention_mask is not None:
+        slots = seq_len if cache is None else cache["layers", "0", "k"].shape[2]
+        if tuple(attention_mask.shape) != (batch_size, slots):
+            expected = "[B, T] like tokens" if cache is None else "[B, max_len] of the cache"
+            raise ValueError(
+                f"attention_mask {list(attention_mask.shape)} does not fit tokens "
+                f"{list(tokens.shape)}: expected {expected}, {[batch_size, slots]}"
+            )
+    if torch.compiler.is_compiling():
+        return
+    check_params(params, cfg)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(tokens)  # e.g. batched by vmap
+    if tokens.device.type == "cpu" and tokens.numel() and not wrapped:
+        low, high = torch.aminmax(tokens)
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, model.vocab_size={cfg.vocab_size}), "
+                f"got ids {int(low)} .. {int(high)}"
+            )
+
+
 def decoder(
     params: TensorDict,
     tokens: torch.Tensor,
@@ -171,7 +287,9 @@ def decoder(
     0 for padding; [B, T], or [B, max_len] over the cache slots when a cache is given.
     cache / cache_start: a tree from `init_cache` and the first slot this call writes (0-d long).
     training + rng (0-d int64 key): dropout, as a pure function of the key.
+    Misfit inputs or params raise a ValueError naming them (`check_inputs`).
     """
+    check_inputs(params, tokens, cfg, attention_mask=attention_mask, cache=cache)
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError(
             "forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)"
@@ -180,7 +298,7 @@ def decoder(
         positions = default_positions(tokens, attention_mask, cache_start)
     dropout_key = rng if training and cfg.dropout > 0 else None
     x = dropout(embed(params, tokens, positions, cfg), cfg.dropout, dropout_key)
-    rope = rope_angles(positions, cfg) if cfg.position == "rope" else None  # once, every layer
+    rope = rope_angles(positions, cfg, x.dtype) if cfg.position == "rope" else None  # once
 
     new_layers, layer_losses = {}, []
     for i in range(cfg.num_layers):
@@ -275,9 +393,9 @@ def forward_cached(
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, V], targets [B, T] (IGNORE_INDEX = no loss) -> (mean loss, token count)."""
     count = (targets != IGNORE_INDEX).sum()
-    total = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    logits = logits.flatten(0, 1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays
+    total = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return total / count.clamp(min=1), count
 
 

@@ -6,6 +6,7 @@ Every other module reads the architecture from here; nothing here knows about tr
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -13,6 +14,14 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ROPE_SCALINGS = (None, "linear", "dynamic", "llama3")
+BOOL_FIELDS = (
+    "use_glu",
+    "attention_bias",
+    "mlp_bias",
+    "tie_embeddings",
+    "use_moe",
+    "activation_checkpointing",
+)
 
 
 def _fail(field: str, value, expected: str) -> None:
@@ -22,6 +31,11 @@ def _fail(field: str, value, expected: str) -> None:
 def _check_choice(field: str, value, allowed: tuple) -> None:
     if value not in allowed:
         _fail(field, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _finite(value) -> bool:
+    """A finite int or float (not a bool, a string or inf/nan)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_positive_int(field: str, value, *, allow_zero: bool = False) -> None:
@@ -97,13 +111,17 @@ class ModelConfig:
             _fail("num_kv_heads", self.num_kv_heads, f"a divisor of num_heads={self.num_heads}")
 
     def _check_scalars(self) -> None:
-        """The scalars outside RoPE and MoE: dropout, init_std, norm_eps, loss_chunk_size."""
-        if not (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0):
+        """The scalars outside RoPE and MoE: the bool switches (a string such as "no" would be
+        truthy), dropout, init_std, norm_eps, loss_chunk_size."""
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool (True or False)")
+        if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
             _fail("dropout", self.dropout, "a float in [0, 1)")
-        if not self.init_std >= 0:
-            _fail("init_std", self.init_std, "a non-negative float")
-        if not self.norm_eps > 0:
-            _fail("norm_eps", self.norm_eps, "a positive float")
+        if not (_finite(self.init_std) and self.init_std >= 0):
+            _fail("init_std", self.init_std, "a finite non-negative float")
+        if not (_finite(self.norm_eps) and self.norm_eps > 0):
+            _fail("norm_eps", self.norm_eps, "a finite positive float")
         _check_positive_int("loss_chunk_size", self.loss_chunk_size, allow_zero=True)
 
     def _check_choices(self) -> None:
@@ -118,20 +136,35 @@ class ModelConfig:
             _fail(
                 "hidden_size", self.hidden_size, f"an even head_dim for RoPE (got {self.head_dim})"
             )
-        if not self.rope_theta > 0:
-            _fail("rope_theta", self.rope_theta, "a positive float")
-        if self.rope_scaling is not None and not self.rope_scaling_factor >= 1.0:
+        if not (_finite(self.rope_theta) and self.rope_theta > 0):
+            _fail("rope_theta", self.rope_theta, "a finite positive float")
+        if self.rope_scaling is not None and not (
+            _finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0
+        ):
             _fail(
                 "rope_scaling_factor",
                 self.rope_scaling_factor,
-                "a float >= 1 when rope_scaling is set",
+                "a finite float >= 1 when rope_scaling is set",
             )
         if self.rope_original_max_seq_len is not None:
             _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
-        if (
-            self.rope_scaling == "llama3"
-            and not self.rope_low_freq_factor < self.rope_high_freq_factor
-        ):
+        if self.rope_scaling == "dynamic" and self.position == "rope" and self.head_dim < 4:
+            # the grown base is theta · scale^(hd / (hd - 2)): hd = 2 divides by zero
+            _fail(
+                "hidden_size",
+                self.hidden_size,
+                f"head_dim >= 4 for dynamic RoPE (got {self.head_dim})",
+            )
+        if self.rope_scaling == "llama3":
+            self._check_llama3()
+
+    def _check_llama3(self) -> None:
+        """Llama 3's band limits: 0 < low_freq_factor < high_freq_factor, both finite (the
+        wavelength bands are original / factor)."""
+        for name in ("rope_low_freq_factor", "rope_high_freq_factor"):
+            if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
+                _fail(name, getattr(self, name), "a finite positive float for llama3 scaling")
+        if not self.rope_low_freq_factor < self.rope_high_freq_factor:
             expected = f"< rope_high_freq_factor={self.rope_high_freq_factor} for llama3 scaling"
             _fail("rope_low_freq_factor", self.rope_low_freq_factor, expected)
 
@@ -141,15 +174,12 @@ class ModelConfig:
         _check_positive_int("num_shared_experts", self.num_shared_experts, allow_zero=True)
         if self.top_k > self.num_experts:
             _fail("top_k", self.top_k, f"<= num_experts={self.num_experts}")
-        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
-            _fail(
-                "moe_capacity_factor",
-                self.moe_capacity_factor,
-                "None (dropless) or a positive float",
-            )
+        capacity = self.moe_capacity_factor
+        if capacity is not None and not (_finite(capacity) and capacity > 0):
+            _fail("moe_capacity_factor", capacity, "None (dropless) or a finite positive float")
         for name in ("moe_aux_loss_coef", "router_z_loss_coef"):
-            if not getattr(self, name) >= 0:
-                _fail(name, getattr(self, name), "a non-negative float")
+            if not (_finite(getattr(self, name)) and getattr(self, name) >= 0):
+                _fail(name, getattr(self, name), "a finite non-negative float")
 
     @property
     def kv_heads(self) -> int:

@@ -98,6 +98,58 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
     assert tokenizer("w3 w7 w19")["input_ids"] == [5, 9, 21] and tokenizer.eos_token == "<eos>"
 
 
+def bpe_tokenizer_dir(path: Path) -> Path:
+    """llmfn's default BPE (eos <|endoftext|> = 0, pad <|pad|> = 1, no bos), 260 ids."""
+    from llmfn.data.bpe_tokenizer import BPETokenizer
+
+    BPETokenizer.train(["hello world, hello there"] * 4, 260).save(path)
+    return path
+
+
+def char_tokenizer_dir(path: Path) -> Path:
+    """llmfn's char tokenizer (pad 0, eos 2, no bos): not an HF tokenizer, so not copied."""
+    from llmfn.data.char_tokenizer import CharTokenizer
+
+    CharTokenizer.train(["abcabd"]).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "ids"),
+    [
+        (bpe_tokenizer_dir, {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": 1}),
+        (hf_tokenizer_dir, {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": None}),
+        (char_tokenizer_dir, {"bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0}),
+    ],
+    ids=["bpe", "hf-word-level", "char"],
+)
+def test_hf_export_takes_special_token_ids_from_the_tokenizer(
+    tmp_path, capsys, make_tokenizer, ids
+):
+    cfg = LLAMA.replace(vocab_size=260)
+    tokenizer_dir = make_tokenizer(tmp_path / "tok")
+    step = write_checkpoint(tmp_path / "ckpt", cfg, init_params(cfg), tokenizer_dir=tokenizer_dir)
+    out = tmp_path / "hf"
+    assert main([str(step), "--format", "hf", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {name: config.get(name) for name in ids} == ids
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.generation_config.eos_token_id == ids["eos_token_id"]  # where generate stops
+    if (out / "tokenizer.json").is_file():
+        assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == ids["eos_token_id"]
+    assert "has no tokenizer" not in capsys.readouterr().err
+
+
+def test_hf_export_without_a_tokenizer_writes_no_token_ids_and_says_so(tmp_path, capsys):
+    step = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    assert main([str(step), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert [config.get(n) for n in ("bos_token_id", "eos_token_id", "pad_token_id")] == [None] * 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"note: {step} has no tokenizer/" in err
+    assert "eos_token_id" in err
+
+
 def test_hf_export_of_tied_embeddings_in_bfloat16(tmp_path):
     cfg = LLAMA.replace(tie_embeddings=True, num_kv_heads=None)
     params = sharpened_params(cfg, seed=1)

@@ -439,3 +439,15 @@ def test_qwen2_export_refuses_a_nonzero_output_bias():
     params = _random_params(QWEN2)  # bo randomized: Qwen2 has no o_proj bias
     with pytest.raises(ValueError, match=r"layers\.0\.attn\.bo"):
         to_hf_state_dict(params, QWEN2, "qwen2")
+
+
+def test_a_qwen2_sliding_window_model_exports_without_naming_the_family(tmp_path):
+    hf_model = _hf_model("qwen2_sliding")
+    cfg, params = from_hf(hf_model)
+    assert cfg.attention_bias and cfg.sliding_window == 6
+    save_hf_pretrained(params, cfg, tmp_path)  # default family: Mistral has no q/k/v biases
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    tokens = _tokens()
+    with torch.no_grad():
+        assert _max_delta(model(tokens).logits, hf_model(tokens).logits) <= TOLERANCE

@@ -5,6 +5,8 @@ import pytest
 
 from llmfn.model_config import ModelConfig
 
+INF, NAN = float("inf"), float("nan")
+
 # (overrides, field named in the message, text describing what is allowed)
 INVALID = [
     ({"vocab_size": 0}, "vocab_size", "positive integer"),
@@ -46,6 +48,38 @@ INVALID = [
         "rope_low_freq_factor",
         "< rope_high_freq_factor=4.0",
     ),
+    # llama3 bands are original / factor: a zero factor divided by zero, a negative one inverted
+    ({"rope_scaling": "llama3", "rope_low_freq_factor": 0.0}, "rope_low_freq_factor", "positive"),
+    ({"rope_scaling": "llama3", "rope_low_freq_factor": -1.0}, "rope_low_freq_factor", "positive"),
+    (
+        {"rope_scaling": "llama3", "rope_high_freq_factor": INF},
+        "rope_high_freq_factor",
+        "finite positive",
+    ),
+    # dynamic NTK grows the base by scale^(hd / (hd - 2)): head_dim 2 divided by zero
+    (
+        {"hidden_size": 8, "num_heads": 4, "rope_scaling": "dynamic", "rope_scaling_factor": 2.0},
+        "hidden_size",
+        "head_dim >= 4 for dynamic RoPE (got 2)",
+    ),
+    # bools: a string is truthy ("no" would tie the embeddings)
+    ({"tie_embeddings": "no"}, "tie_embeddings", "a bool"),
+    ({"use_glu": "false"}, "use_glu", "a bool"),
+    ({"attention_bias": 1}, "attention_bias", "a bool"),
+    ({"mlp_bias": None}, "mlp_bias", "a bool"),
+    ({"use_moe": "true"}, "use_moe", "a bool"),
+    ({"activation_checkpointing": 0}, "activation_checkpointing", "a bool"),
+    # floats: inf or nan where only a finite value makes sense, and strings
+    ({"init_std": INF}, "init_std", "finite non-negative float"),
+    ({"init_std": NAN}, "init_std", "finite non-negative float"),
+    ({"norm_eps": INF}, "norm_eps", "finite positive float"),
+    ({"rope_theta": INF}, "rope_theta", "finite positive float"),
+    ({"rope_theta": "1e4"}, "rope_theta", "finite positive float"),
+    ({"dropout": NAN}, "dropout", "[0, 1)"),
+    ({"rope_scaling": "linear", "rope_scaling_factor": INF}, "rope_scaling_factor", "finite"),
+    ({"use_moe": True, "moe_aux_loss_coef": INF}, "moe_aux_loss_coef", "finite non-negative"),
+    ({"use_moe": True, "router_z_loss_coef": INF}, "router_z_loss_coef", "finite non-negative"),
+    ({"use_moe": True, "moe_capacity_factor": INF}, "moe_capacity_factor", "finite positive"),
 ]
 
 
@@ -104,3 +138,12 @@ def test_config_is_frozen_and_replace_revalidates():
 def test_to_dict_round_trips():
     cfg = ModelConfig(num_kv_heads=2, use_moe=True, position="alibi")
     assert ModelConfig(**cfg.to_dict()) == cfg
+
+
+def test_valid_edge_values_still_construct():
+    assert ModelConfig(hidden_size=16, num_heads=4, rope_scaling="dynamic").head_dim == 4
+    assert ModelConfig(rope_theta=10000, init_std=0, dropout=0).rope_theta == 10000  # ints
+    cfg = ModelConfig(rope_scaling="llama3", rope_low_freq_factor=0.5, rope_high_freq_factor=2.0)
+    assert cfg.rope_low_freq_factor == 0.5
+    # rope fields are not read without RoPE, so a dynamic head_dim of 2 is fine there
+    assert ModelConfig(hidden_size=8, num_heads=4, position="alibi", rope_scaling="dynamic")

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from tensordict import TensorDict
 
 from llmfn.cached_decode import decode_weights
+from llmfn.layers.attention import attention_bias
 from llmfn.layers.dropout import dropout
 from llmfn.layers.linear import linear
 from llmfn.layers.mlp import mlp
 from llmfn.layers.moe import expert_capacity, moe, route
 from llmfn.layers.panel_matmul import panel_weight
+from llmfn.layers.positions import alibi_slopes
 from llmfn.model import forward, forward_cached, forward_with_aux, init_cache, init_params, loss
 from llmfn.model_config import ACTIVATIONS, NORM_POSITIONS, NORM_TYPES, POSITIONS, ModelConfig
 
@@ -125,6 +127,33 @@ def test_sliding_window_bounds_the_receptive_field(cfg, seed):
         changed[0, j] = (changed[0, j] + 1) % VOCAB
         moved = not torch.allclose(forward(params, changed, cfg)[0, t], base[0, t], atol=1e-4)
         assert moved == visible, (j, visible)
+
+
+# --- positions ------------------------------------------------------------------------------
+def test_alibi_distances_come_from_the_positions_option():
+    """Without a cache ALiBi's bias is -slope · (q - k) of the tokens' positions (as RoPE reads
+    them): a gapped `positions` scales the distances; a shifted one changes nothing."""
+    cfg = ModelConfig(
+        vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=4, max_seq_len=MAX_LEN,
+        position="alibi",
+    )  # fmt: skip
+    positions = torch.tensor([[0, 3, 6, 9], [5, 6, 7, 8]])
+    bias = attention_bias(
+        torch.arange(4), 4, None, cfg, cached=False, batch_size=2, dtype=torch.float32,
+        positions=positions,
+    )  # fmt: skip
+    distance = (positions[:, :, None] - positions[:, None, :]).float()  # [B, Tq, Tk]
+    expected = -alibi_slopes(4)[None, :, None, None] * distance[:, None]
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    torch.testing.assert_close(bias[..., causal], expected[..., causal])
+    assert torch.isinf(bias[..., ~causal]).all()
+
+    params, tokens = perturbed_params(cfg), random_tokens((2, 8), 0)
+    steps = torch.arange(8)[None].expand(2, 8)
+    plain = forward(params, tokens, cfg)
+    torch.testing.assert_close(forward(params, tokens, cfg, positions=steps + 5), plain, **TOL)
+    gapped = forward(params, tokens, cfg, positions=steps * 3)
+    assert (gapped - plain).abs().max() > 1e-2
 
 
 # --- GQA == MHA with repeated K/V heads -----------------------------------------------------

@@ -1,0 +1,199 @@
+"""`decoder`'s input checks (`llmfn.model.check_inputs`): misuse of forward / loss / decoder is
+one ValueError naming what was given and what was expected, and the checks cost no graph
+break or recompile under torch.compile and do not get in the way of vmap / grad."""
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from llmfn import decode_weights, decoder, forward, init_params, loss
+from llmfn.model import forward_cached, init_cache, param_shapes
+from tests.model_fixtures import DENSE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PARAMS = init_params(DENSE)
+TOKENS = torch.randint(0, DENSE.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
+LEARNED = DENSE.replace(position="learned")
+
+
+def batch(tokens: torch.Tensor = TOKENS) -> dict:
+    return {"inputs": tokens, "targets": tokens.roll(-1, 1)}
+
+
+def stacked_ensemble():
+    return torch.stack([PARAMS, init_params(DENSE, seed=1)])
+
+
+BAD_INPUTS = {
+    "1-D tokens": (
+        lambda: forward(PARAMS, TOKENS[0], DENSE),
+        r"tokens must be \[B, T\] int64 \(or int32\) ids, got \[8\] torch.int64: under vmap",
+    ),
+    "vmap over examples, tokens [T] inside": (
+        lambda: vmap(lambda row: forward(PARAMS, row, DENSE))(TOKENS),
+        r"got \[8\] torch.int64: under vmap over examples, run the model on tokens\[None\]",
+    ),
+    "float tokens": (
+        lambda: forward(PARAMS, TOKENS.float(), DENSE),
+        r"tokens must be \[B, T\] int64 \(or int32\) ids, got \[3, 8\] torch.float32$",
+    ),
+    "3-D tokens to loss": (
+        lambda: loss(PARAMS, batch(TOKENS[None]), DENSE),
+        r"got \[1, 3, 8\] torch.int64",
+    ),
+    "id == vocab_size": (
+        lambda: forward(PARAMS, torch.full((2, 8), 64), DENSE),
+        r"token ids must be in \[0, model.vocab_size=64\), got ids 64 \.\. 64",
+    ),
+    "negative id": (
+        lambda: loss(PARAMS, batch(TOKENS - 5), DENSE),
+        r"token ids must be in \[0, model.vocab_size=64\), got ids -5 \.\. ",
+    ),
+    "T > max_seq_len, learned positions": (
+        lambda: forward(init_params(LEARNED), torch.zeros(2, 40, dtype=torch.long), LEARNED),
+        r"tokens \[B, T=40\] exceed model.max_seq_len=16 \(learned positions\)",
+    ),
+    "attention_mask [B, T - 1]": (
+        lambda: forward(PARAMS, TOKENS, DENSE, attention_mask=torch.ones(3, 7)),
+        r"attention_mask \[3, 7\] does not fit tokens \[3, 8\]: expected \[B, T\] like tokens, "
+        r"\[3, 8\]",
+    ),
+    "attention_mask [T] to loss": (
+        lambda: loss(PARAMS, {**batch(), "attention_mask": torch.ones(8)}, DENSE),
+        r"attention_mask \[8\] does not fit tokens \[3, 8\]",
+    ),
+    "attention_mask [B, T] with a cache": (
+        lambda: forward_cached(
+            PARAMS,
+            TOKENS,
+            DENSE,
+            init_cache(DENSE, 3, 12),
+            torch.tensor(0),
+            attention_mask=torch.ones(3, 8),
+        ),
+        r"attention_mask \[3, 8\] does not fit tokens \[3, 8\]: expected \[B, max_len\] of the "
+        r"cache, \[3, 12\]",
+    ),
+    "stacked ensemble without vmap": (
+        lambda: forward(stacked_ensemble(), TOKENS, DENSE),
+        r"params has batch_size \[2\] \(a stacked ensemble\): run it under torch.func.vmap",
+    ),
+    "2-layer params, 1-layer cfg": (
+        lambda: forward(PARAMS, TOKENS, DENSE.replace(num_layers=1)),
+        r"params has 2 layers but model.num_layers=1",
+    ),
+    "2-layer params, 3-layer cfg (grad of loss)": (
+        lambda: grad(lambda p: loss(p, batch(), DENSE.replace(num_layers=3))[0])(PARAMS),
+        r"params has 2 layers but model.num_layers=3",
+    ),
+    "other kv heads: a fused wqkv of another size": (
+        lambda: forward(PARAMS, TOKENS, DENSE.replace(num_kv_heads=4)),
+        r"params 'layers.0.attn.wqkv' has shape \[64, 32\] but the model config gives "
+        r"\[96, 32\] \(hidden_size=32, num_heads=4, kv_heads=4",
+    ),
+    "tied params, untied cfg (no lm_head)": (
+        lambda: decoder(init_params(DENSE.replace(tie_embeddings=True)), TOKENS, DENSE),
+        r"params do not match the model config: missing \['lm_head.weight'\], unexpected \[\]",
+    ),
+    "untied params, tied cfg": (
+        lambda: forward(PARAMS, TOKENS, DENSE.replace(tie_embeddings=True)),
+        r"missing \[\], unexpected \['lm_head.weight'\]",
+    ),
+    "rope params, learned cfg": (
+        lambda: forward(PARAMS, TOKENS, LEARNED),
+        r"missing \['pos.weight'\]",
+    ),
+    "another vocabulary": (
+        lambda: forward(PARAMS, TOKENS, DENSE.replace(vocab_size=32)),
+        r"params 'embed.weight' has shape \[64, 32\] but the model config gives \[32, 32\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_misuse_is_one_value_error_naming_given_and_expected(case):
+    run, message = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=message) as err:
+        run()
+    assert "\n" not in str(err.value)
+
+
+def test_good_uses_still_run():
+    tokens = TOKENS
+    expected = forward(PARAMS, tokens, DENSE)
+    # vmap over examples with tokens[None] inside, and over a leading dim of a [N, B, T] batch
+    per_row = vmap(lambda row: forward(PARAMS, row[None], DENSE)[0])(tokens)
+    torch.testing.assert_close(per_row, expected, rtol=1e-5, atol=1e-5)
+    per_batch = vmap(lambda rows: forward(PARAMS, rows, DENSE))(tokens[None])
+    torch.testing.assert_close(per_batch[0], expected, rtol=1e-5, atol=1e-5)
+    # an ensemble under vmap; per-example grads; int32 ids; decode_weights' panel layout
+    members = vmap(lambda p: forward(p, tokens, DENSE))(stacked_ensemble())
+    torch.testing.assert_close(members[0], expected, rtol=1e-5, atol=1e-5)
+    per_example = vmap(grad(lambda p, row: loss(p, batch(row[None]), DENSE)[0]), (None, 0))
+    assert per_example(PARAMS, tokens)["embed", "weight"].shape == (3, 64, 32)
+    torch.testing.assert_close(forward(PARAMS, tokens.int(), DENSE), expected)
+    torch.testing.assert_close(forward(decode_weights(PARAMS), tokens, DENSE), expected)
+    # a full cache-length mask with a cache, and T == max_seq_len with learned positions
+    logits, _ = forward_cached(
+        PARAMS,
+        tokens,
+        DENSE,
+        init_cache(DENSE, 3, 12),
+        torch.tensor(0),
+        attention_mask=torch.ones(3, 12),
+    )
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    forward(init_params(LEARNED), torch.zeros(1, 16, dtype=torch.long), LEARNED)
+
+
+def test_param_shapes_are_init_params_keys_and_shapes_in_order():
+    expected = {
+        ".".join(key): tuple(leaf.shape)
+        for key, leaf in PARAMS.items(include_nested=True, leaves_only=True)
+    }
+    assert list(param_shapes(DENSE).items()) == list(expected.items())
+    assert param_shapes(DENSE) is param_shapes(DENSE.replace())  # cached per (equal) cfg
+    with pytest.raises(TypeError):
+        param_shapes(DENSE)["embed.weight"] = (1, 1)  # read-only: the cache is shared
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_dynamo_afterwards():
+    """The misuse tests compile frames of the model's functions around their errors: forget
+    them, so later tests count their own graphs."""
+    yield
+    torch._dynamo.reset()
+
+
+def test_checks_add_no_graph_break_or_recompile_under_compile():
+    """fullgraph=True fails on a graph break; error_on_recompile on a guard the checks add. New
+    token values and new param values of the same shapes reuse the one graph."""
+    other = init_params(DENSE, seed=2)
+    compiled_forward = torch.compile(lambda p, t: forward(p, t, DENSE), fullgraph=True)
+    compiled_grad = torch.compile(grad(lambda p, b: loss(p, b, DENSE)[0]), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for params, tokens in ((PARAMS, TOKENS), (other, TOKENS.flip(0))):
+            torch.testing.assert_close(
+                compiled_forward(params, tokens),
+                forward(params, tokens, DENSE),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+            grads = compiled_grad(params, batch(tokens))
+            expected = grad(lambda p, b: loss(p, b, DENSE)[0])(params, batch(tokens))
+            torch.testing.assert_close(
+                grads["layers", "1", "attn", "wqkv"],
+                expected["layers", "1", "attn", "wqkv"],
+                rtol=1e-4,
+                atol=1e-6,
+            )
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_misuse_still_names_the_argument(fullgraph):
+    """With fullgraph dynamo wraps the ValueError (its text kept); without, eager raises it."""
+    compiled = torch.compile(lambda p, t: forward(p, t, DENSE), fullgraph=fullgraph)
+    for tokens, message in ((TOKENS[0], r"got \[8\] torch.int64"), (TOKENS.float(), "float32")):
+        with pytest.raises(Exception, match=r"tokens must be \[B, T\] int64 .*" + message):
+            compiled(PARAMS, tokens)

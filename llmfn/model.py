@@ -427,13 +427,17 @@ def loss(
     "ce_loss", "tokens" and the MoE losses, all tensors. With `cfg.loss_chunk_size` the head
     and the cross-entropy run fused over row chunks (`head_cross_entropy`).
     """
+    inputs, targets = batch["inputs"], batch["targets"]
+    if targets.shape != inputs.shape:
+        shapes = f"targets {list(targets.shape)}, inputs {list(inputs.shape)}"  # one f-string
+        raise ValueError(f"{shapes}: expected targets of the inputs' shape [B, T] (the next ids)")
     options = dict(attention_mask=batch.get("attention_mask"), training=training, rng=rng)
     if cfg.loss_chunk_size:
-        hidden, _, aux = decoder(params, batch["inputs"], cfg, **options)
-        ce, count = head_cross_entropy(params, hidden, batch["targets"], cfg)
+        hidden, _, aux = decoder(params, inputs, cfg, **options)
+        ce, count = head_cross_entropy(params, hidden, targets, cfg)
     else:
-        logits, aux = forward_with_aux(params, batch["inputs"], cfg, **options)
-        ce, count = cross_entropy(logits, batch["targets"])
+        logits, aux = forward_with_aux(params, inputs, cfg, **options)
+        ce, count = cross_entropy(logits, targets)
     total = ce
     if aux:
         total = (

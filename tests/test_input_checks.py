@@ -75,6 +75,10 @@ BAD_INPUTS = {
         r"attention_mask \[3, 8\] does not fit tokens \[3, 8\]: expected \[B, max_len\] of the "
         r"cache, \[3, 12\]",
     ),
+    "targets of another shape": (
+        lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS[:, 1:]}, DENSE),
+        r"targets \[3, 7\], inputs \[3, 8\]: expected targets of the inputs' shape",
+    ),
     "stacked ensemble without vmap": (
         lambda: forward(stacked_ensemble(), TOKENS, DENSE),
         r"params has batch_size \[2\] \(a stacked ensemble\): run it under torch.func.vmap",

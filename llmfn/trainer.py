@@ -500,6 +500,7 @@ class Training:
     def run_to_end(self) -> TrainResult:
         """The loop with its callbacks, under the stop-signal handlers."""
         self.step = self.run.start_step
+        self.signal_check = SignalCheck(last_step=self.step)  # its clock starts with the loop
         self.callbacks.on_train_start(self.run)
         with StopSignal() as stop:
             try:

@@ -321,20 +321,13 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         params, optimizer, seed=config.train.seed, precision=config.train.precision
     )
     state, train_state, resume_from = resumed_state(config, state, proc)
-    if resume_from is not None and int(state["step"]) >= max_steps:
-        log(proc, nothing_to_train(config, resume_from, int(state["step"]), max_steps))
+    if resume_from is not None and (
+        done := nothing_to_train(config, resume_from, state, train_state, max_steps)
+    ):
+        message, stopped_by = done
+        log(proc, message)
         run_dir = owning_run(resume_from) or resume_from
-        return TrainResult(run_dir, int(state["step"]), None, "max_steps")
-    patience = config.train.early_stopping_patience
-    if resume_from is not None and stopped_early(train_state.get("callbacks", {}), patience):
-        log(
-            proc,
-            f"nothing to train: the run of {resume_from} stopped early at step "
-            f"{int(state['step'])} (train.early_stopping_patience={patience}); to train on, "
-            "raise the patience or set it to null",
-        )
-        run_dir = owning_run(resume_from) or resume_from
-        return TrainResult(run_dir, int(state["step"]), None, "early_stopping")
+        return TrainResult(run_dir, int(state["step"]), None, stopped_by)
     run_dir = run_folder(config, resume_from)
     barrier()  # every rank has looked at the folder before rank 0 writes into it
     if config.train.run_name not in (None, run_dir.name):
@@ -396,12 +389,28 @@ def resumed_state(
     return state, train_state, resume_from
 
 
-def nothing_to_train(config: Config, resume_from: Path, step: int, max_steps: int) -> str:
-    key = "train.max_steps" if config.train.epochs is None else "train.epochs"
-    return (
-        f"nothing to train: {resume_from} is at step {step} and the run ends at step "
-        f"{max_steps} ({key}); raise {key} to train on. No file was written."
-    )
+def nothing_to_train(
+    config: Config, resume_from: Path, state: TensorDict, train_state: dict, max_steps: int
+) -> tuple[str, str] | None:
+    """(what to say, TrainResult.stopped_by) when the resumed run is already over: at its last
+    step, or stopped by early stopping that would stop it again at this patience; else None.
+    Nothing is written then (a requeued job exits cleanly)."""
+    step, patience = int(state["step"]), config.train.early_stopping_patience
+    if step >= max_steps:
+        key = "train.max_steps" if config.train.epochs is None else "train.epochs"
+        return (
+            f"nothing to train: {resume_from} is at step {step} and the run ends at step "
+            f"{max_steps} ({key}); raise {key} to train on. No file was written.",
+            "max_steps",
+        )
+    if stopped_early(train_state.get("callbacks", {}), patience):
+        return (
+            f"nothing to train: the run of {resume_from} stopped early at step {step} "
+            f"(train.early_stopping_patience={patience}); to train on, raise the patience or "
+            "set it to null",
+            "early_stopping",
+        )
+    return None
 
 
 def build_train_step(config: Config, task, optimizer, max_steps: int, proc: ProcessInfo):
@@ -501,8 +510,10 @@ class Training:
         """The loop with its callbacks, under the stop-signal handlers."""
         self.step = self.run.start_step
         self.signal_check = SignalCheck(last_step=self.step)  # its clock starts with the loop
-        self.callbacks.on_train_start(self.run)
+        # The handlers go in before the callbacks start, so a signal that comes once they have
+        # made the run's files (metrics.jsonl...) is a clean stop, never a kill.
         with StopSignal() as stop:
+            self.callbacks.on_train_start(self.run)
             try:
                 stopped_by, val = self.loop(stop)
             except BaseException as error:

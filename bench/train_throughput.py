@@ -13,7 +13,8 @@ Ratios, not absolute times: the machines are shared and noisy. On CPU each varia
 process of its own (its own heap, as in a user's run: sharing one process, HF eager reused the
 memory the variant before it had faulted in and looked 20% faster than it runs alone), and the
 processes are timed interleaved: one step of each per round, the median of --iters rounds, so
-load from other jobs weighs on all alike. On GPU the variants run one after the other in this
+load from other jobs weighs on all alike; a row's ratio to llmfn compiled is the median of the
+rounds' ratios, with their interquartile range (how far the machine's noise moved it). On GPU the variants run one after the other in this
 process, so that each has its own peak memory, llmfn compiled and HF compiled first; each row is
 printed and the JSON rewritten as soon as it is measured, so a run cut short by a time limit
 keeps what it measured. Two rows run on GPU only: llmfn's compiled step with the whole
@@ -300,6 +301,7 @@ def measure_in_processes(names: list[str], args: dict, *, iters: int) -> dict:
                 times[name].append(connection.recv())
         for name, seconds in times.items():
             results[name]["step_s"] = statistics.median(seconds)
+            results[name]["round_s"] = seconds
     finally:
         for name, (process, connection) in workers.items():
             connection.send("stop")
@@ -376,6 +378,18 @@ def main() -> None:
     report.print_table()
 
 
+def ratio_to(base: dict, stats: dict) -> dict:
+    """llmfn compiled's speed over a row's. With per-round times (CPU: each round times every
+    variant once, back to back, so the machine's drift over the run cancels) the median of the
+    rounds' ratios and their interquartile range; else the ratio of the step times."""
+    theirs, ours = stats.get("round_s"), base.get("round_s")
+    if not (theirs and ours) or len(theirs) < 2:
+        return {"ratio": stats["step_s"] / base["step_s"]}
+    ratios = [t / o for t, o in zip(theirs, ours, strict=True)]
+    low, median, high = statistics.quantiles(ratios, n=4)
+    return {"ratio": median, "ratio_iqr": [low, high]}
+
+
 GPU_ORDER = [
     "llmfn-compiled",
     "hf-compiled",
@@ -399,17 +413,29 @@ class Report:
     def add(self, name: str, stats: dict, *, show: bool = False) -> None:
         stats["tok_s"] = self.tokens_per_step / stats["step_s"]
         stats["mfu"] = self.flops * stats["tok_s"] / self.peak if self.peak else None
+        if name == "llmfn-compiled":
+            stats["ratio"] = 1.0
+        elif base := self.results.get("llmfn-compiled"):
+            stats.update(ratio_to(base, stats))
         self.results[name] = stats
         self.save()
         if show:
             print(self.row(name), flush=True)
 
     def row(self, name: str) -> str:
-        r, base = self.results[name], self.results.get("llmfn-compiled")
+        r = self.results[name]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] else "-"
-        ratio = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        return f"{name:<28}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {ratio}"
+        return f"{name:<28}{r['params']:>12,}{r['tok_s']:>12,.0f}{mfu:>8}{mem:>10}{r['warmup_s']:>10.1f}  {self.ratio(name)}"
+
+    def ratio(self, name: str) -> str:
+        r = self.results[name]
+        if "ratio" not in r:
+            return "-"
+        if "ratio_iqr" not in r:
+            return f"{r['ratio']:.2f}x"
+        low, high = r["ratio_iqr"]
+        return f"{r['ratio']:.2f}x ({low:.2f}-{high:.2f})"
 
     def print_table(self) -> None:
         args = self.args
@@ -417,12 +443,14 @@ class Report:
             f"\n{args.preset}  B={args.batch} T={args.seq}  {self.precision}  device={self.device_name}"
         )
         print(
-            f"{'variant':<28}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  ratios (llmfn-compiled / row)"
+            f"{'variant':<28}{'params':>12}{'tok/s':>12}{'MFU':>8}{'peak GiB':>10}{'warmup s':>10}  llmfn-compiled / row"
         )
         for name in self.results:
             print(self.row(name))
         where = "CUDA max allocated" if self.peak else "the process's peak resident memory"
         print(f"peak GiB: {where} over the timed steps")
+        if not self.peak:
+            print("ratio: the median of the rounds' ratios (interquartile range)")
         print(f"\nwrote {args.out}")
 
     def save(self) -> None:

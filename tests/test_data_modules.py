@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import llmfn.data.text_module as text_module
 import llmfn.data.token_bin_module as token_bin_module
 from llmfn.config import DataConfig
 from llmfn.data import (
@@ -125,6 +126,24 @@ def test_token_bin_errors(tmp_path, bin_folder):
         ready(TokenBinDataModule(broken, seq_len=SEQ, batch_size=BATCH))
 
 
+def test_a_text_file_as_token_bin_folder_suggests_the_text_module(tmp_path):
+    (tmp_path / "book.txt").write_text("some text\n")
+    with pytest.raises(NotADirectoryError, match=r"'.*book.txt' is a file: .*data.module=text"):
+        TokenBinDataModule(tmp_path / "book.txt", seq_len=SEQ, batch_size=BATCH).prepare()
+
+
+def test_short_train_bin_epochs_pass_over_the_tokens_once(tmp_path):
+    """Too few tokens for a batch of non-overlapping windows: the overlapping windows that
+    stand in for them do not make an epoch one pass per window."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps\n" * 40)  # ~1000 tokens
+    prepare_bins(tmp_path / "t.txt", tmp_path / "out", tokenizer="char", val_fraction=0, progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="no validation batches"):
+        data = ready(TokenBinDataModule(tmp_path / "out", seq_len=300, batch_size=BATCH))
+    assert data.sampler.stride == 1
+    tokens_per_step = BATCH * (300 + 1)
+    assert (data.steps_per_epoch - 1) * tokens_per_step < len(data.bins.train)
+
+
 def copy_bins(source: Path, target: Path, meta=None, skip=()) -> Path:
     """A copy of a token-bin folder, with meta.json replaced by `meta` if given."""
     target.mkdir()
@@ -188,7 +207,7 @@ def test_no_val_split_gives_no_val_batches(tmp_path):
 
 
 # --- text and stdlib --------------------------------------------------------------------------
-def test_text_module_prepares_once_into_the_cache(tmp_path):
+def test_text_module_prepares_once_into_the_cache(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
@@ -211,8 +230,32 @@ def test_text_module_prepares_once_into_the_cache(tmp_path):
     assert again.path == data.path and meta.stat().st_mtime_ns == stamp  # reused, not rebuilt
     check_lm_batch(again.train_batch(0))
     assert "document" in again.tokenizer.decode(again.train_batch(0)["inputs"][0].tolist())
+    monkeypatch.setattr(text_module, "BINS_REVISION", text_module.BINS_REVISION + 1)
+    assert TextDataModule(corpus, **options).path != data.path  # bins made otherwise: a new cache
+    monkeypatch.undo()
     (corpus / "0.txt").write_text("changed\n" * 400)
     assert TextDataModule(corpus, **options).path != data.path  # a changed file, a new cache
+
+
+def test_a_cache_dir_the_inputs_would_read_is_refused(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text\n" * 100)
+    options = {"seq_len": SEQ, "batch_size": BATCH, "tokenizer": "char", "progress": False}
+    for inputs in (corpus, str(corpus / "**")):
+        with pytest.raises(ValueError, match=r"data.cache_dir '.*cache' is (inside|matched by)"):
+            TextDataModule(inputs, cache_dir=corpus / "cache", **options)
+    assert not (corpus / "cache").exists()
+    data = ready(TextDataModule(corpus, cache_dir=corpus / ".cache", **options))  # hidden: unread
+    assert TextDataModule(corpus, cache_dir=corpus / ".cache", **options).path == data.path
+
+
+def test_text_module_decoding_errors_name_the_config_key(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"good text\n" * 10 + b"bad \xff byte\n")
+    data = TextDataModule(tmp_path / "bad.txt", seq_len=SEQ, batch_size=BATCH, tokenizer="char",
+                          cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"invalid UTF-8 .* use data.errors=replace .* or data.errors=ignore"):  # fmt: skip
+        data.prepare()
 
 
 @pytest.mark.parametrize(

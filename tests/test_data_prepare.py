@@ -121,22 +121,77 @@ def test_tiny_buffers_give_identical_output(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus")
     prepare_bins(corpus, tmp_path / "big", tokenizer="char", val_fraction=0, progress=False)
     monkeypatch.setattr(sources, "READ_BYTES", 7)
+    monkeypatch.setattr(sources, "SNAP_CHARS", 4)
     monkeypatch.setattr(prepare_module, "ENCODE_BATCH_CHARS", 50)
-    monkeypatch.setattr(prepare_module, "MAX_BLOCK_CHARS", 64)
+    monkeypatch.setattr(prepare_module, "SEGMENT_CHARS", 16)
     prepare_bins(corpus, tmp_path / "small", tokenizer="char", val_fraction=0, progress=False)
     assert np.array_equal(bins(tmp_path / "big")["train"], bins(tmp_path / "small")["train"])
 
 
-def test_segments_are_line_aligned_and_bounded(tmp_path):
-    path = tmp_path / "x.txt"
-    path.write_text("short\n" + "y" * 50 + "\nend")
-    segments = list(read_segments([path], segment_chars=16))
-    assert "".join(s.text for s in segments) == path.read_text()
-    assert all(len(s.text) <= 16 for s in segments)
-    assert segments[0].text == "short\n" and [s.ends_document for s in segments][-1]
-    assert [s.offset for s in segments] == list(
-        np.cumsum([0] + [len(s.text) for s in segments[:-1]])
+def long_lines(count: int, words: int, seed: int = 0) -> str:
+    """`count` lines of `words` random words each (no newline inside a line)."""
+    rng = np.random.default_rng(seed)
+    vocabulary = np.array(["the", "model", "trains", "on", "tokens", "while", "a", "bin",
+                           "holds", "their", "ids", "fast", "ünïcödé", "中文", "42,", "x."])  # fmt: skip
+    return "".join(" ".join(rng.choice(vocabulary, words)) + "\n" for _ in range(count))
+
+
+def is_subsequence(part: np.ndarray, whole: np.ndarray) -> bool:
+    found = iter(whole.tolist())
+    return all(token in found for token in part.tolist())
+
+
+def test_a_val_split_keeps_the_tokens_of_encoding_the_text_whole(tmp_path):
+    """Split borders land at word borders: the bins hold the ids of encoding the file whole,
+    split into train and val, and the learned vocabulary does not depend on val_fraction."""
+    (tmp_path / "lines.txt").write_text(long_lines(count=30, words=400), encoding="utf-8")
+    options = {"tokenizer": "bpe", "vocab_size": 400, "progress": False}
+    meta = prepare_bins(tmp_path / "lines.txt", tmp_path / "split", val_fraction=0.05, **options)
+    prepare_bins(tmp_path / "lines.txt", tmp_path / "whole", val_fraction=0, **options)
+    assert 0 < meta["val_block_chars"] < 400  # blocks far shorter than a line
+    learned = [(tmp_path / out / "tokenizer.json").read_text() for out in ("split", "whole")]
+    assert learned[0] == learned[1]
+    tok = load_tokenizer(tmp_path / "split")
+    whole = np.array(
+        tok.encode((tmp_path / "lines.txt").read_text(encoding="utf-8")) + [tok.eos_id]
     )
+    split = bins(tmp_path / "split")
+    assert 0.03 < len(split["val"]) / len(whole) < 0.07
+    assert is_subsequence(split["train"], whole) and is_subsequence(split["val"], whole)
+    counts = np.bincount(np.concatenate([split["train"], split["val"]]), minlength=tok.vocab_size)
+    assert np.array_equal(counts, np.bincount(whole, minlength=tok.vocab_size))
+
+
+def test_segments_are_cut_at_word_borders_and_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "SNAP_CHARS", 8)
+    path = tmp_path / "x.txt"
+    path.write_text("short line\n" + "y" * 50 + "\nthen a few words and\nlines\n end")
+    text = path.read_text()
+    segments = list(read_segments([path], segment_chars=16))
+    assert "".join(s.text for s in segments) == text
+    assert all(len(s.text) <= 16 + 8 for s in segments) and segments[-1].ends_document
+    offsets = np.cumsum([0] + [len(s.text) for s in segments[:-1]])
+    assert [s.offset for s in segments] == offsets.tolist()
+    for cut in offsets[1:]:  # before a space after a word, or after a newline between lines
+        at_word = text[cut] == " " and not text[cut - 1].isspace()
+        at_line = text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
+        assert at_word or at_line or text[cut - 1 : cut + 1] == "yy", (cut, text[cut - 3 : cut + 3])
+
+
+def test_segments_stop_at_split_borders(tmp_path, monkeypatch):
+    """No segment reaches more than SNAP_CHARS past a train/val border, so its start offset
+    tells its split."""
+    monkeypatch.setattr(sources, "SNAP_CHARS", 8)
+    path = tmp_path / "x.txt"
+    path.write_text(long_lines(count=3, words=100), encoding="utf-8")
+    layout = SplitLayout(block=40, period=200)
+    segments = list(read_segments([path], segment_chars=1000, next_split=layout.next_split))
+    assert "".join(s.text for s in segments) == path.read_text(encoding="utf-8")
+    for segment in segments:
+        border = layout.next_split(segment.offset)
+        assert segment.offset + len(segment.text) <= border + 8  # a cut moved to a word border
+    val = [s for s in segments if layout.is_val(s.offset)]
+    assert abs(sum(len(s.text) for s in val) - 40 * len(val)) < 8 * len(val)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -380,3 +435,28 @@ def test_resolve_inputs_skips_hidden_files(tmp_path, monkeypatch):
         resolve_inputs([])
     monkeypatch.chdir(tmp_path)
     assert resolve_inputs("a.txt") == [Path("a.txt")]
+
+
+def test_inputs_are_sorted_by_path_and_each_file_is_read_once(tmp_path, monkeypatch):
+    texts = {"b.txt": "b\n", "a/z.txt": "z\n", "c/d/e.txt": "e\n", "a.txt": "a\n"}
+    corpus = write_corpus(tmp_path / "corpus", texts)
+    files = resolve_inputs(corpus)
+    assert files == sorted(files) == resolve_inputs(str(corpus / "**" / "*.txt"))  # as a glob's
+    monkeypatch.chdir(tmp_path)
+    spellings = ["corpus/a.txt", str(corpus / "a.txt"), "corpus/../corpus/a.txt", "corpus"]
+    again = resolve_inputs(spellings)
+    assert again[0] == Path("corpus/a.txt") and len(again) == len(texts)  # the first spelling
+
+
+def test_documents_counts_the_files_that_hold_text(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", {**TEXTS, "empty.txt": ""})
+    out = tmp_path / "out"
+    meta = prepare_bins(corpus, out, tokenizer="char", val_fraction=0, progress=False)
+    separators = int((bins(out)["train"] == load_tokenizer(out).eos_id).sum())
+    assert meta["documents"] == separators == len(TEXTS) and len(meta["sources"]) == len(TEXTS) + 1
+
+
+def test_a_file_shorter_than_a_split_period_is_split_too(tmp_path):
+    (tmp_path / "t.txt").write_text("a few words of text\n" * 4)
+    meta = prepare_bins(tmp_path / "t.txt", tmp_path / "out", tokenizer="char", val_fraction=0.5, progress=False)  # fmt: skip
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0

@@ -75,7 +75,7 @@ def test_windows_of_one_step_never_overlap_across_ranks(
 
 def test_short_stream_falls_back_to_distinct_overlapping_windows():
     sampler = WindowSampler(num_tokens=40, window=10, batch_size=4, world_size=2, seed=0)
-    assert sampler.stride == 1 and sampler.steps_per_epoch == 3  # 31 starts // 8
+    assert sampler.stride == 1
     starts = np.concatenate([sampler.starts(0, r) for r in range(2)])
     assert len(np.unique(starts)) == 8 and starts.max() <= 30
     with pytest.raises(
@@ -85,6 +85,18 @@ def test_short_stream_falls_back_to_distinct_overlapping_windows():
         WindowSampler(num_tokens=14, window=10, batch_size=4, world_size=2).steps_per_epoch  # noqa: B018
     with pytest.raises(ValueError, match="fewer than one window"):
         WindowSampler(num_tokens=5, window=10, batch_size=1)
+
+
+@given(st.integers(10, 5000), st.integers(2, 300), st.integers(1, 8), st.integers(1, 3))
+def test_an_epoch_is_one_pass_over_the_tokens(num_tokens, window, batch_size, world_size):
+    """Also when overlapping windows (stride 1) stand in for too few non-overlapping ones."""
+    try:
+        steps = WindowSampler(num_tokens, window, batch_size, world_size).steps_per_epoch
+    except ValueError:
+        return  # too little data for one batch
+    tokens_per_step = window * batch_size * world_size
+    assert steps >= 1 and (steps - 1) * tokens_per_step < num_tokens  # not one pass per window
+    assert steps * tokens_per_step >= num_tokens - 3 * tokens_per_step  # nor much less than one
 
 
 def test_window_grid_shifts_between_epochs():

@@ -185,6 +185,28 @@ def test_values_of_the_wrong_type_name_the_field(tmp_path):
             render({"messages": messages})
 
 
+def test_unexpected_keys_name_file_line_and_the_keys_accepted(tmp_path):
+    path = tmp_path / "keys.jsonl"
+    for record, message in [
+        ({"system": "Be brief.", "prompt": "a", "response": "b"},
+         "keys.jsonl:1: unexpected key 'system': a prompt/response record holds only prompt, response"),
+        ({"messages": [{"role": "assistant", "content": "b"}], "prompt": "a"},
+         "keys.jsonl:1: unexpected key 'prompt': a messages record holds only messages"),
+        ({"messages": [{"role": "assistant", "content": "b", "weight": 0}]},
+         "keys.jsonl:1: message 0: unexpected key 'weight': a message holds only role, content"),
+    ]:  # fmt: skip
+        write_jsonl(path, [record])
+        with pytest.raises(RecordError, match=re.escape(message)):
+            [render(r, where) for where, r in read_records(path)]
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8-sig")
+    assert [record for _, record in read_records(path)] == rows
+
+
 def test_undecodable_bytes_name_file_and_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "caf\u00e9?", "response": "oui"}]

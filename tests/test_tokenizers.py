@@ -142,7 +142,8 @@ def test_bpe_saved_folder_loads_in_transformers(tmp_path):
     small_bpe().save(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
-    assert hf.encode("def f(x):", add_special_tokens=False) == small_bpe().encode("def f(x):")
+    for text in ("def f(x):", "a<|endoftext|>b <|pad|>"):  # special strings stay text there too
+        assert hf.encode(text, add_special_tokens=False) == small_bpe().encode(text)
 
 
 # --- any HF tokenizer.json --------------------------------------------------------------------

@@ -7,8 +7,10 @@ Output folder (written under a temporary name, renamed into place when complete)
     meta.json            tokenizer, dtype, token counts, source files with SHA-256 (written last)
 
 Files are separated by the tokenizer's end-of-text id. The validation split takes `val_fraction`
-of the text in line-aligned blocks spread evenly through the corpus (not only its tail). Memory
-is bounded by the read/encode buffers, never by the corpus size.
+of the text in blocks spread evenly through the corpus (not only its tail), cut at word borders.
+The text is encoded in pieces of about SEGMENT_CHARS characters cut at word borders too, so the
+ids are those of encoding each file whole, whatever the split. Memory is bounded by the
+read/encode buffers, never by the corpus size.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from llmfn.data.tokenizer import TRAINABLE, Tokenizer, build_tokenizer
 
 FORMAT = "llmfn-token-bin"
 FORMAT_VERSION = 1
+BINS_REVISION = 2  # raised when the same inputs and settings give other bins (2: word-border cuts)
 DTYPES = ("auto", "uint16", "uint32")
 ENCODE_BATCH_CHARS = 4 << 20  # text encoded per batch (bounds memory)
+SEGMENT_CHARS = 1 << 18  # text encoded as one piece (a batch's pieces are encoded in parallel)
 VAL_BLOCKS = 32  # the validation split is spread over about this many blocks
 MIN_BLOCK_CHARS, MAX_BLOCK_CHARS = 64, 1 << 20
 DEFAULT_MAX_TOKENIZER_CHARS = 1_000_000_000
@@ -52,7 +56,7 @@ MAX_UNKNOWN_SHARE = 0.001  # more unknown-token ids than this share of the token
 class SplitLayout:
     """Every `period` characters of the stream, the first `block` go to validation."""
 
-    block: int  # also the segment size: the unit of reading, encoding and splitting
+    block: int
     period: int | None  # None = no validation split
 
     @classmethod
@@ -69,6 +73,13 @@ class SplitLayout:
 
     def is_val(self, offset: int) -> bool:
         return self.period is not None and offset % self.period < self.block
+
+    def next_split(self, offset: int) -> int:
+        """The first offset after `offset` where the stream changes split (train <-> val)."""
+        if self.period is None:
+            return sys.maxsize
+        start = offset - offset % self.period
+        return start + self.block if offset - start < self.block else start + self.period
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -102,13 +113,17 @@ class _Progress:
 
 
 def _corpus_texts(
-    files, layout: SplitLayout, errors: str, max_chars: int, progress: _Progress
+    files, errors: str, errors_setting: str, max_chars: int, progress: _Progress
 ) -> Iterator[str]:
     """The corpus text (both splits: the tokenizer needs every character, the model is what the
     validation split is held out from), stopping after `max_chars` characters."""
     seen = 0
     for segment in read_segments(
-        files, segment_chars=layout.block, errors=errors, on_bytes=progress
+        files,
+        segment_chars=SEGMENT_CHARS,
+        errors=errors,
+        errors_setting=errors_setting,
+        on_bytes=progress,
     ):
         if segment.text:
             yield segment.text
@@ -239,12 +254,14 @@ def prepare_bins(
     if_exists: str = "error",
     max_tokenizer_chars: int = DEFAULT_MAX_TOKENIZER_CHARS,
     progress: bool = True,
+    errors_setting: str = "--errors ",
 ) -> dict:
     """Tokenize `inputs` (files, folders, globs) into `out_dir`; returns the meta.json dict.
 
     tokenizer: "char" | "bpe" (trained on the corpus, at most `max_tokenizer_chars`
     characters, `vocab_size` ids) or a tokenizer.json path / folder. if_exists, when `out_dir`
     exists: "error" | "replace" | "keep" (keep: another writer's complete folder wins).
+    errors_setting: how the caller's user spells the `errors` option in messages.
     """
     out_dir = Path(out_dir)
     if errors not in ERROR_POLICIES:
@@ -264,21 +281,28 @@ def prepare_bins(
 
     def texts() -> Iterator[str]:
         bar = _Progress(corpus_bytes, f"training {tokenizer} tokenizer", progress)
-        return _corpus_texts(files, layout, errors, max_tokenizer_chars, bar)
+        return _corpus_texts(files, errors, errors_setting, max_tokenizer_chars, bar)
 
     tok = build_tokenizer(tokenizer, texts, vocab_size=vocab_size)
     bin_dtype = choose_dtype(tok.vocab_size, dtype)
 
     digests: dict[Path, str] = {}
-    counts = {"train": 0, "val": 0, "unknown": 0}
+    counts = {"train": 0, "val": 0, "unknown": 0, "documents": 0}
     bar = _Progress(corpus_bytes, "tokenizing", progress)
     with atomic_folder(out_dir, if_exists=if_exists) as tmp:
         with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
             segments = read_segments(
-                files, segment_chars=layout.block, errors=errors, on_bytes=bar, digests=digests
+                files,
+                segment_chars=SEGMENT_CHARS,
+                next_split=layout.next_split,
+                errors=errors,
+                errors_setting=errors_setting,
+                on_bytes=bar,
+                digests=digests,
             )
             for batch in _batches(segments, ENCODE_BATCH_CHARS):
                 encoded = _encode_segments(tok, batch)
+                counts["documents"] += sum(segment.ends_document for segment in batch)
                 counts["unknown"] += _unknown_count(encoded, getattr(tok, "unk_id", None))
                 is_val = [layout.is_val(segment.offset) for segment in batch]
                 counts["train"] += _write_split(
@@ -318,7 +342,7 @@ def prepare_bins(
             "val_fraction": val_fraction,
             "val_block_chars": layout.block if layout.period else 0,
             "errors": errors,
-            "documents": len(files),
+            "documents": counts["documents"],  # the files that hold text
             "bytes": corpus_bytes,
             "sources_sha256": _sources_digest(sources),
             "sources": sources,

@@ -146,13 +146,15 @@ class BPETokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write `directory/tokenizer.json` (HF format) and `tokenizer_config.json` naming the
-        special tokens, so `transformers.AutoTokenizer.from_pretrained(directory)` loads it too."""
+        special tokens, so `transformers.AutoTokenizer.from_pretrained(directory)` loads it too
+        and encodes as here (special tokens' strings in text stay text)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": False,
+            "split_special_tokens": True,  # transformers, too, encodes "<|endoftext|>" as text
         }
         for role, token in (
             ("eos_token", self.eos_token),

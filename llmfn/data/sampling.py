@@ -13,6 +13,7 @@ example within a step. The permutation of the current epoch is memoised when it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -160,7 +161,13 @@ class WindowSampler:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.slot_sampler.steps_per_epoch
+        """Micro-batches per rank in one pass over the tokens. With stride 1 the windows
+        overlap: a pass is ceil(num_tokens / (window × batch_size × world_size)) steps, not
+        one over every window (which would read each token about `window` times)."""
+        sampler = self.slot_sampler  # too little data fails here
+        if self.stride == self.window:
+            return sampler.steps_per_epoch
+        return max(1, math.ceil(self.num_tokens / (self.window * sampler.per_step)))
 
     def starts(self, index: int, rank: int) -> np.ndarray:
         """int64 [batch_size]: window starts of micro-batch `index` on `rank`."""

@@ -1,7 +1,8 @@
 """Supervised fine-tuning records: JSONL lines -> text pieces marked "learn this" or not.
 
 Each line is {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}]}
-with roles system / user / assistant. A conversation renders as plain text:
+with roles system / user / assistant, and no other keys (an unknown key is an error, not
+silently dropped). A conversation renders as plain text:
 
     System: {content}\\n        (no loss)
     User: {content}\\n          (no loss)
@@ -21,6 +22,7 @@ import numpy as np
 from llmfn.data.tokenizer import Tokenizer
 
 ROLES = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+MESSAGE_KEYS = ("role", "content")
 
 Piece = tuple[str, bool]  # (text, learn: the loss covers it)
 EOS_PIECE = None  # stands for the end-of-text token in a rendered example
@@ -44,8 +46,22 @@ def _require_str(entry: dict, key: str, where: str) -> None:
         raise RecordError(f"{where}: '{key}' is {_state(entry, key)}, expected str")
 
 
+def _check_keys(
+    entry: dict, accepted: tuple[str, ...], where: str, kind: str, hint: str = ""
+) -> None:
+    """Every key of `entry` is one of `accepted`; the error names the others."""
+    unexpected = [key for key in entry if key not in accepted]
+    if unexpected:
+        plural = "s" if len(unexpected) > 1 else ""
+        raise RecordError(
+            f"{where}: unexpected key{plural} {', '.join(map(repr, unexpected))}: {kind} holds "
+            f"only {', '.join(accepted)}{hint}"
+        )
+
+
 def _messages(record: dict, where: str) -> list[dict]:
     if "messages" in record:
+        _check_keys(record, ("messages",), where, "a messages record")
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             got = "an empty list" if messages == [] else _kind(messages)
@@ -54,6 +70,8 @@ def _messages(record: dict, where: str) -> list[dict]:
             )
         return messages
     if "prompt" in record and "response" in record:
+        system = ' (for a system prompt, write {"messages": [...]} with a role system message)'
+        _check_keys(record, ("prompt", "response"), where, "a prompt/response record", system)
         for key in ("prompt", "response"):
             _require_str(record, key, where)
         return [
@@ -78,6 +96,7 @@ def _check_message(message, number: int, where: str) -> None:
             f"{where}: message {number}: 'role' is {got}, expected one of {', '.join(ROLES)}"
         )
     _require_str(message, "content", f"{where}: message {number}")
+    _check_keys(message, MESSAGE_KEYS, f"{where}: message {number}", "a message")
 
 
 def render(record: dict, where: str = "record") -> list[Piece | None]:
@@ -108,7 +127,8 @@ def check_jsonl_path(path: str | Path) -> Path:
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for each non-blank line of a JSONL file; where = "file:line"."""
+    """(where, record) for each non-blank line of a JSONL file; where = "file:line". A UTF-8
+    byte order mark at the start of the file is skipped."""
     path = check_jsonl_path(path)
     with open(path, "rb") as handle:  # bytes: a decoding error can then name its line
         for number, raw in enumerate(handle, start=1):
@@ -120,6 +140,8 @@ def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
                     f"{where}: invalid UTF-8 at byte {err.start + 1} of the line "
                     f"(0x{raw[err.start]:02x}: {err.reason}): save the file as UTF-8"
                 ) from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # as encoding="utf-8-sig" reads it
             if not line.strip():
                 continue
             try:

@@ -1,8 +1,11 @@
 """Text inputs: which files a path, folder or glob names, and reading them as a stream.
 
-`read_segments` yields the corpus as line-aligned pieces of at most `segment_chars` characters
-(a line longer than that is cut), never crossing a file, so memory stays bounded whatever the
-file sizes. Files are read as bytes and decoded incrementally, which also yields their SHA-256.
+`read_segments` yields the corpus as pieces of about `segment_chars` characters, never crossing
+a file, so memory stays bounded whatever the file sizes. Pieces are cut at word borders (before
+a space that follows a word, or after a newline between two lines of text), where a byte-level
+BPE's pre-tokeniser splits anyway: encoding the pieces one by one gives the ids of encoding the
+file whole. Only a stretch of `SNAP_CHARS` characters without such a border is cut mid-word.
+Files are read as bytes and decoded incrementally, which also yields their SHA-256.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import fnmatch
 import glob
 import hashlib
 import os
+import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,10 @@ from pathlib import Path
 READ_BYTES = 1 << 20  # bytes read per system call
 ERROR_POLICIES = ("strict", "replace", "ignore")
 SKIPPED_DIRS = ("__pycache__",)
+SNAP_CHARS = 256  # how far past a wanted cut a word border is looked for
+# A word border: before a space that follows a word, or after a newline between two lines
+# of text. GPT-2 and Llama-3 style pre-tokenisers never put one token across it.
+WORD_BORDER = re.compile(r"(?<=\S) |(?<=\S\n)(?=\S)")
 
 
 class InputError(ValueError):
@@ -30,12 +39,13 @@ def _is_glob(spec: str) -> bool:
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Every regular file under `folder`, recursively, hidden files and folders skipped."""
+    """Every regular file under `folder`, recursively, hidden files and folders skipped, sorted
+    by path (as a glob's matches are)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS)
-        found += [Path(dirpath) / name for name in sorted(filenames) if not name.startswith(".")]
-    return found
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS]
+        found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
+    return sorted(found)
 
 
 def input_specs(specs: str | Path | Iterable[str | Path]) -> list[str | Path]:
@@ -43,7 +53,8 @@ def input_specs(specs: str | Path | Iterable[str | Path]) -> list[str | Path]:
 
 
 def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
-    """The files named by paths, folders (recursive) and globs (`**` allowed), in order, each once.
+    """The files named by paths, folders (recursive) and globs (`**` allowed), in order, each
+    once (a file named twice, however spelled, keeps its first place and spelling).
 
     Raises InputError naming the spec when nothing matches."""
     specs = input_specs(specs)
@@ -68,7 +79,10 @@ def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
             raise InputError(
                 f"input '{text}' does not exist (expected a text file, a folder or a glob)"
             )
-    return list(dict.fromkeys(files))
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def _glob_matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
@@ -104,6 +118,16 @@ def check_output_apart(
         raise ValueError(
             f"--out '{out_dir}' holds the input files ({held[0]}{more}): choose another folder"
         )
+    check_not_read_back(specs, out_dir, outputs, "--out")
+
+
+def check_not_read_back(
+    specs: str | Path | Iterable[str | Path], out_dir: Path, outputs: Iterable[str], setting: str
+) -> None:
+    """Refuse an output folder whose `outputs` (paths relative to it) the input folders or globs
+    `specs` would read. `setting` names the folder in the message (--out, data.cache_dir)."""
+    out = out_dir.resolve()
+    outputs = list(outputs)
     for spec in input_specs(specs):
         text = str(spec)
         if _is_glob(text):
@@ -117,7 +141,7 @@ def check_output_apart(
             continue
         if any(_glob_matches(pattern, (out / name).parts) for name in outputs):
             raise ValueError(
-                f"--out '{out_dir}' is {kind} '{text}': a later run would read the output as "
+                f"{setting} '{out_dir}' is {kind} '{text}': a later run would read the output as "
                 "input: choose a folder outside it"
             )
 
@@ -134,7 +158,7 @@ class Segment:
 
 
 def _decoded_chunks(
-    path: Path, errors: str, on_bytes: Callable[[int], None] | None, digest
+    path: Path, errors: str, on_bytes: Callable[[int], None] | None, digest, errors_setting: str
 ) -> Iterator[str]:
     """The text of `path` in chunks of about READ_BYTES; digest.update() sees every byte."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
@@ -150,8 +174,9 @@ def _decoded_chunks(
             except UnicodeDecodeError as err:
                 where = max(0, position + err.start - len(decoder.getstate()[0]))
                 raise InputError(
-                    f"{path}: invalid UTF-8 near byte {where} ({err.reason}); fix the file or pass "
-                    f"--errors replace (substitute U+FFFD) or --errors ignore (drop the bytes)"
+                    f"{path}: invalid UTF-8 near byte {where} ({err.reason}); fix the file or use "
+                    f"{errors_setting}replace (substitute U+FFFD) or {errors_setting}ignore (drop "
+                    "the bytes)"
                 ) from None
             position += len(raw)
             if on_bytes is not None and raw:
@@ -162,26 +187,50 @@ def _decoded_chunks(
                 return
 
 
-def _pieces(text: str, start: int, size: int) -> Iterator[tuple[int, int]]:
-    """(begin, end) of the full pieces of `text[start:]`: at most `size` chars each, ending after
-    the last newline inside, else cut at `size`. A shorter remainder is left to the caller."""
-    while len(text) - start >= size:
-        newline = text.rfind("\n", start, start + size)
-        end = newline + 1 if newline >= start else start + size
+def _cut_near(text: str, target: int, limit: int) -> int:
+    """The first word border in text[target:limit], else `target` (a cut mid-word)."""
+    border = WORD_BORDER.search(text, target, limit)
+    return border.start() if border else target
+
+
+def _pieces(
+    text: str, offset: int, size: int, next_split: Callable[[int], int]
+) -> Iterator[tuple[int, int]]:
+    """(begin, end) of the pieces of `text` (which starts at stream offset `offset`) that can be
+    cut now: one cut `size` characters on, or at the next split border if that comes first,
+    each moved on to the first word border within SNAP_CHARS (never up to the following split
+    border, so every piece lies within one split). The remainder is left to the caller: more
+    text, or the end of the file, ends it."""
+    start = 0
+    while True:
+        target = min(start + size, next_split(offset + start) - offset)
+        limit = min(target + SNAP_CHARS, next_split(offset + target) - offset)
+        if limit > len(text):  # more text decides the cut, or the file's end is the cut
+            return
+        end = _cut_near(text, target, limit)
         yield start, end
         start = end
+
+
+def _no_split(offset: int) -> int:
+    return sys.maxsize
 
 
 def read_segments(
     files: Iterable[Path],
     *,
     segment_chars: int,
+    next_split: Callable[[int], int] = _no_split,
     errors: str = "strict",
+    errors_setting: str = "--errors ",
     on_bytes: Callable[[int], None] | None = None,
     digests: dict[Path, str] | None = None,
 ) -> Iterator[Segment]:
-    """The files' text as Segments of at most `segment_chars` characters, cut after a newline
-    where there is one. `digests`, if given, receives each file's SHA-256 once it was read."""
+    """The files' text as Segments of at most `segment_chars + SNAP_CHARS` characters, cut at
+    word borders where there are some. `next_split(offset)` -> the first stream offset after
+    `offset` where a new piece must begin (a train/validation border): no segment spans one.
+    `errors_setting` spells the errors option for messages ("--errors ", "data.errors=").
+    `digests`, if given, receives each file's SHA-256 once it was read."""
     if errors not in ERROR_POLICIES:
         raise ValueError(
             f"errors={errors!r} is invalid: expected one of {', '.join(ERROR_POLICIES)}"
@@ -190,9 +239,9 @@ def read_segments(
     for path in files:
         digest = hashlib.sha256() if digests is not None else None
         pending, had_text = "", False
-        for chunk in _decoded_chunks(path, errors, on_bytes, digest):
+        for chunk in _decoded_chunks(path, errors, on_bytes, digest, errors_setting):
             buffer, rest = pending + chunk, 0
-            for begin, end in _pieces(buffer, 0, segment_chars):
+            for begin, end in _pieces(buffer, offset, segment_chars, next_split):
                 yield Segment(buffer[begin:end], offset, ends_document=False)
                 offset += end - begin
                 rest, had_text = end, True

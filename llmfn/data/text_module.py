@@ -5,7 +5,8 @@ like `TokenBinDataModule`.
 `{cache_dir}/{name}-{tokenizer}-{hash}/`, where the hash covers the files (path, size, mtime)
 and the tokenizer settings: a changed file or setting prepares a new folder, an unchanged one
 reuses the cache. The folder appears atomically, so concurrent or killed runs never see half
-of it. `setup()` (every rank) only opens it.
+of it. `setup()` (every rank) only opens it. A cache_dir that the inputs would read back (inside
+an input folder, or matched by an input glob) is refused.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfn.data.binarize import FORMAT_VERSION, prepare_bins
+from llmfn.data.binarize import BINS_REVISION, FORMAT_VERSION, OUTPUT_FILES, prepare_bins
 from llmfn.data.lifecycle import is_prepared, require_prepared
-from llmfn.data.sources import resolve_inputs
+from llmfn.data.sources import check_not_read_back, resolve_inputs
 from llmfn.data.token_bin_module import TokenBinDataModule
 from llmfn.data.tokenizer import TRAINABLE, tokenizer_file
 
@@ -84,14 +85,15 @@ class TextDataModule(TokenBinDataModule):
             "val_fraction": val_fraction,
             "errors": errors,
         }
-        key = cache_key(
-            self.files, {**self.prepare_options, "tokenizer": identity, "format": FORMAT_VERSION}
-        )
+        settings = {"tokenizer": identity, "format": FORMAT_VERSION, "revision": BINS_REVISION}
+        key = cache_key(self.files, {**self.prepare_options, **settings})
         if name is None:
             first = Path(str(inputs) if isinstance(inputs, str | Path) else self.files[0])
             name = "text-" + slug(first.stem or first.name)
         self.progress = progress
         folder = Path(cache_dir) / f"{name}-{label}-{key}"
+        outputs = [f"{folder.name}/{output}" for output in OUTPUT_FILES]
+        check_not_read_back(inputs, Path(cache_dir), outputs, "data.cache_dir")
         super().__init__(
             folder, seq_len=seq_len, batch_size=batch_size, seed=seed, val_batches=val_batches
         )
@@ -101,7 +103,12 @@ class TextDataModule(TokenBinDataModule):
         if is_prepared(self.path):
             return
         prepare_bins(
-            self.files, self.path, if_exists="keep", progress=self.progress, **self.prepare_options
+            self.files,
+            self.path,
+            if_exists="keep",
+            progress=self.progress,
+            errors_setting="data.errors=",
+            **self.prepare_options,
         )
 
     def setup(self, *, rank: int = 0, world_size: int = 1) -> None:

@@ -107,6 +107,11 @@ class TokenBins:
     def open(cls, folder: str | Path) -> TokenBins:
         folder = Path(folder)
         meta_path = folder / "meta.json"
+        if folder.is_file():
+            raise NotADirectoryError(
+                f"token-bin folder '{folder}' is a file: expected a folder written by "
+                "`python -m llmfn.data.prepare` (to train on a text file, use data.module=text)"
+            )
         if not meta_path.is_file():
             hint = (
                 "the folder does not exist"

@@ -39,6 +39,7 @@ from llmfn.cached_decode import (
     slot_positions,
 )
 from llmfn.devices import is_out_of_memory, resolve_device
+from llmfn.layers.dropout import fold_in
 from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
 from llmfn.streaming_text import TextRow, encode_prompt, text_pieces
@@ -205,8 +206,11 @@ def is_finite_number(value) -> bool:
     return isinstance(value, int | float) and abs(value) <= FLOAT32_MAX
 
 
+SEED_LIMIT = 2**32  # the sampler hashes its key to 32 bits: seed s and s + 2**32 would agree
+
+
 def check_options(
-    max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit=None
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit=None, seed=0
 ) -> None:
     checks = [
         ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an int >= 1"),
@@ -216,6 +220,7 @@ def check_options(
         ("repetition_penalty", repetition_penalty, is_finite_number(repetition_penalty) and repetition_penalty > 0, "a finite float > 0 (1 = off)"),
         ("eos_id", eos_id, eos_id is None or (isinstance(eos_id, int) and eos_id >= 0), "None or an int >= 0"),
         ("vocab_limit", vocab_limit, vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= 1), "None or an int >= 1"),
+        ("seed", seed, isinstance(seed, int) and 0 <= seed < SEED_LIMIT, f"an int in [0, {SEED_LIMIT - 1}]"),
     ]  # fmt: skip
     for name, value, ok, expected in checks:
         if not ok:
@@ -243,20 +248,21 @@ def stream(
     temperature is 0. Stops after max_new_tokens steps, or once every row has emitted eos_id.
     vocab_limit: sample only ids below it, e.g. the tokenizer's vocab_size when
     model.vocab_size is padded past it (None: any id; `stream_text` sets it).
+    seed: an int in [0, 2**32): the same seed gives the same samples.
     compile: run the decode step through torch.compile (compiled once per model config,
     sampling flags, batch size and cache length).
     """
     check_options(
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit
+        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit, seed
     )
     device = params["embed", "weight"].device
     tokens, pad_lengths = pad_prompts(prompts)
     tokens, pad_lengths = tokens.to(device), pad_lengths.to(device)
     if tokens.max() >= cfg.vocab_size or tokens.min() < 0:
         raise ValueError(f"prompts: token ids must be in [0, model.vocab_size={cfg.vocab_size})")
-    if cfg.position == "learned" and tokens.shape[1] + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"generate: prompt length {tokens.shape[1]} + max_new_tokens={max_new_tokens} "
+    if cfg.position == "learned" and tokens.shape[1] + max_new_tokens - 1 > cfg.max_seq_len:
+        raise ValueError(  # the last new token is never fed back: it needs no position
+            f"generate: prompt length {tokens.shape[1]} + max_new_tokens={max_new_tokens} - 1 "
             f"exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)"
         )
     dtype = params["embed", "weight"].dtype
@@ -448,6 +454,15 @@ def load_model(path: str, device: str):
     return cfg, params, tokenizer
 
 
+def batch_seed(seed: int, first: int) -> int:
+    """The sampling seed of the batch that starts at prompt index `first`: `seed` itself for the
+    first batch (a one-batch file samples as `--prompt` and `generate(seed=seed)` do), a hash of
+    (seed, first) for later ones, so that batches never share their noise."""
+    if first == 0:
+        return seed
+    return int(fold_in(torch.tensor(seed), first))
+
+
 def print_stream(prompt: str, pieces: Iterator[tuple[int, str]]) -> None:
     """Echo the prompt, then each piece as it arrives; the line is ended even when a piece
     fails, so an error message starts on a line of its own."""
@@ -482,6 +497,7 @@ def main(argv=None) -> int:
             options["top_p"],
             args.repetition_penalty,
             None,
+            seed=args.seed,
         )
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} is invalid: expected an int >= 1")
@@ -492,7 +508,9 @@ def main(argv=None) -> int:
             return 0
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first : first + args.batch_size]
-            for offset, text in enumerate(generate_text(params, cfg, tokenizer, batch, **options)):
+            seed = batch_seed(args.seed, first)
+            texts = generate_text(params, cfg, tokenizer, batch, **{**options, "seed": seed})
+            for offset, text in enumerate(texts):
                 print(
                     f"=== {first + offset + 1}: {batch[offset]}\n{batch[offset]}{text}\n",
                     flush=True,

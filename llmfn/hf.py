@@ -4,10 +4,11 @@
     state_dict = to_hf_state_dict(params, cfg)         # HF names and layouts
     save_hf_pretrained(params, cfg, "out/")            # AutoModelForCausalLM.from_pretrained("out/")
 
-Families: "llama", "mistral" (sliding window), "qwen2" (q/k/v bias, no o_proj bias) and "gpt2"
-(LayerNorm, learned positions, Conv1D weights stored [in, out]). `to_*` functions take a `family`
-argument; its default (`default_family`) is "gpt2" for learned positions, "qwen2" for a sliding
-window with attention biases, "mistral" for one without, "llama" otherwise.
+Families: "llama", "mistral" (sliding window), "qwen2" (q/k/v bias, no o_proj bias:
+attention_bias="qkv") and "gpt2" (LayerNorm, learned positions, Conv1D weights stored
+[in, out]). `to_*` functions take a `family` argument; its default (`default_family`) is "gpt2"
+for learned positions, "qwen2" for attention_bias="qkv" or a sliding window with attention
+biases, "mistral" for a window without, "llama" otherwise.
 
 Name maps go llmfn key -> HF key, with "{}" for the layer index. A tuple of HF keys is fused
 in llmfn along dim 0: q/k/v -> `attn.wqkv`, gate/up -> `mlp.w13`.
@@ -130,6 +131,7 @@ _ACTIVATION_TO_HF = {
 }
 _GPT2_ACTIVATION_TO_HF = {**_ACTIVATION_TO_HF, "gelu_tanh": "gelu_new"}
 _ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+LLMFN_MAX_SEQ_LEN = "llmfn_max_seq_len"  # HF config key: a dynamic-RoPE model's max_seq_len
 
 
 def _transformers():
@@ -151,10 +153,14 @@ def get_family(name: str) -> Family:
 
 
 def default_family(cfg: ModelConfig) -> str:
-    """ "gpt2" for learned positions; with a sliding window "qwen2" if the attention has biases
-    (Mistral has none), else "mistral"; otherwise "llama" (which has the biases, no window)."""
+    """ "gpt2" for learned positions; "qwen2" for Qwen2's q/k/v-only biases
+    (attention_bias="qkv"); with a sliding window "qwen2" if the attention has biases (Mistral
+    has none; an all-zero output bias is dropped), else "mistral"; otherwise "llama" (which has
+    the biases, no window)."""
     if cfg.position == "learned":
         return "gpt2"
+    if cfg.attention_bias == "qkv":
+        return "qwen2"
     if cfg.sliding_window is None:
         return "llama"
     return "qwen2" if cfg.attention_bias else "mistral"
@@ -276,7 +282,23 @@ def _rope_fields(hf_config) -> dict:
             rope_low_freq_factor=float(rope["low_freq_factor"]),
             rope_high_freq_factor=float(rope["high_freq_factor"]),
         )
-    return fields  # dynamic: HF scales from max_position_embeddings = our max_seq_len
+    if kind == "dynamic":
+        fields.update(_dynamic_context(hf_config))
+    return fields
+
+
+def _dynamic_context(hf_config) -> dict:
+    """Dynamic NTK: HF scales from max_position_embeddings, the original context. An llmfn
+    export with rope_original_max_seq_len records its max_seq_len as `llmfn_max_seq_len` (HF
+    has no such field), so the round trip keeps both; other models get max_seq_len = the
+    original context."""
+    max_seq_len = getattr(hf_config, LLMFN_MAX_SEQ_LEN, None)
+    if max_seq_len is None:
+        return {}
+    return {
+        "max_seq_len": max_seq_len,
+        "rope_original_max_seq_len": hf_config.max_position_embeddings,
+    }
 
 
 def _activation_from_hf(hf_config, name: str) -> str:
@@ -302,6 +324,13 @@ def _sliding_window_from_hf(hf_config, family: str) -> int | None:
     return hf_config.sliding_window
 
 
+def _attention_bias_from_hf(hf_config, family: str) -> bool | str:
+    """Qwen2: q/k/v biases only ("qkv"); Llama's attention_bias also puts one on o_proj."""
+    if family == "qwen2":
+        return "qkv"
+    return bool(getattr(hf_config, "attention_bias", False))
+
+
 def _llama_like_config(hf_config, family: str) -> ModelConfig:
     name = type(hf_config).__name__
     head_dim = (
@@ -313,7 +342,7 @@ def _llama_like_config(hf_config, family: str) -> ModelConfig:
             f"{name}.head_dim={head_dim} is not supported: expected hidden_size / num_attention_heads"
         )
     kv_heads = hf_config.num_key_value_heads or hf_config.num_attention_heads
-    return ModelConfig(
+    fields = dict(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         num_layers=hf_config.num_hidden_layers,
@@ -326,13 +355,13 @@ def _llama_like_config(hf_config, family: str) -> ModelConfig:
         norm_type="rmsnorm",
         norm_eps=hf_config.rms_norm_eps,
         position="rope",
-        attention_bias=family == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        attention_bias=_attention_bias_from_hf(hf_config, family),
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         sliding_window=_sliding_window_from_hf(hf_config, family),
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         init_std=hf_config.initializer_range,
-        **_rope_fields(hf_config),
     )
+    return ModelConfig(**{**fields, **_rope_fields(hf_config)})
 
 
 def _gpt2_config(hf_config) -> ModelConfig:
@@ -426,10 +455,20 @@ def _check_expressible(cfg: ModelConfig, family: str) -> None:
     _require(cfg, family, norm_type="rmsnorm", position="rope", use_glu=True)
     if family == "llama":
         _require(cfg, family, sliding_window=None)
+        if cfg.attention_bias == "qkv":
+            raise ValueError(
+                "model.attention_bias='qkv' cannot be expressed as HF llama: expected True or "
+                "False (Llama's attention_bias also puts a bias on o_proj); use --family qwen2"
+            )
     elif family == "mistral":
         _require(cfg, family, attention_bias=False, mlp_bias=False)
     elif family == "qwen2":
-        _require(cfg, family, attention_bias=True, mlp_bias=False)
+        _require(cfg, family, mlp_bias=False)
+        if not cfg.attention_bias:
+            raise ValueError(
+                "model.attention_bias=False cannot be expressed as HF qwen2: expected 'qkv' "
+                "(or True with an all-zero output bias)"
+            )
 
 
 def _resolve_family(cfg: ModelConfig, family: str | None) -> Family:
@@ -491,6 +530,8 @@ def _llama_like_hf_fields(cfg: ModelConfig, family: str) -> dict:
         bos_token_id=_token_id(1, cfg),
         eos_token_id=_token_id(2, cfg),
     )
+    if original:
+        common[LLMFN_MAX_SEQ_LEN] = cfg.max_seq_len  # read back by `_dynamic_context`
     if family == "llama":
         common.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     elif family == "mistral":
@@ -562,7 +603,9 @@ def to_hf_state_dict(
         if pattern in fam.zero_in_hf:
             if value.count_nonzero():
                 raise ValueError(
-                    f"llmfn {key!r} is nonzero but HF {fam.model_class} has no such weight"
+                    f"llmfn {key!r} is nonzero but HF {fam.model_class} has no such weight: "
+                    "model.attention_bias=true trains an output bias; train with "
+                    "model.attention_bias=qkv (q/k/v biases only) to export as Qwen2"
                 )
             continue
         if len(names) == 1:

@@ -16,7 +16,6 @@ POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ROPE_SCALINGS = (None, "linear", "dynamic", "llama3")
 BOOL_FIELDS = (
     "use_glu",
-    "attention_bias",
     "mlp_bias",
     "tie_embeddings",
     "use_moe",
@@ -75,7 +74,7 @@ class ModelConfig:
     rope_original_max_seq_len: int | None = None  # dynamic/llama3: the pre-scaling context
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
-    attention_bias: bool = False
+    attention_bias: bool | str = False  # True: q/k/v and output biases; "qkv": q/k/v only
     mlp_bias: bool = False
     sliding_window: int | None = None
     tie_embeddings: bool = False
@@ -116,6 +115,9 @@ class ModelConfig:
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "a bool (True or False)")
+        if not (isinstance(self.attention_bias, bool) or self.attention_bias == "qkv"):
+            expected = "a bool (True: biases on q, k, v and the output) or 'qkv' (q, k, v only)"
+            _fail("attention_bias", self.attention_bias, expected)
         if not (_finite(self.dropout) and 0.0 <= self.dropout < 1.0):
             _fail("dropout", self.dropout, "a float in [0, 1)")
         if not (_finite(self.init_std) and self.init_std >= 0):
@@ -188,6 +190,16 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q/k/v projection has a bias (`attn.bqkv`)."""
+        return self.attention_bias is not False
+
+    @property
+    def output_bias(self) -> bool:
+        """Whether the attention's output projection has a bias (`attn.bo`)."""
+        return self.attention_bias is True
 
     @property
     def ffn_size(self) -> int:

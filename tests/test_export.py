@@ -106,6 +106,27 @@ def bpe_tokenizer_dir(path: Path) -> Path:
     return path
 
 
+def test_exported_bpe_tokenizer_encodes_special_token_text_as_llmfn_does(tmp_path):
+    """Text that spells a special token ("<|endoftext|>") is plain text to llmfn's tokenizer;
+    transformers' AutoTokenizer of the exported folder must give the same ids."""
+    from llmfn.data.tokenizer import load_tokenizer
+
+    tokenizer_dir = bpe_tokenizer_dir(tmp_path / "tok")
+    step = write_checkpoint(
+        tmp_path / "ckpt",
+        LLAMA.replace(vocab_size=260),
+        init_params(LLAMA.replace(vocab_size=260)),
+        tokenizer_dir=tokenizer_dir,
+    )
+    out = tmp_path / "hf"
+    assert main([str(step), "--format", "hf", "--out", str(out)]) == 0
+    ours = load_tokenizer(tokenizer_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "hello <|endoftext|> world<|pad|>"
+    assert ours.encode(text) != [ours.eos_id]  # the check below compares real text ids
+    assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+
+
 def char_tokenizer_dir(path: Path) -> Path:
     """llmfn's char tokenizer (pad 0, eos 2, no bos): not an HF tokenizer, so not copied."""
     from llmfn.data.char_tokenizer import CharTokenizer
@@ -356,3 +377,37 @@ def test_a_failed_hf_export_leaves_no_partial_folder(tmp_path, capsys, monkeypat
     assert main([str(ckpt), "--format", "hf", "--out", str(out)]) == 2
     assert "cannot be written: No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no out, no temporary
+
+
+def test_a_trained_qkv_bias_window_model_exports_as_qwen2(tmp_path, capsys):
+    """attention_bias="qkv" (Qwen2's layout: no output bias) with a sliding window: trained
+    from the command-line config for a step, it exports as Qwen2 without --family and loads in
+    transformers with the same logits (attention_bias=true would train a `bo` Qwen2 lacks)."""
+    from llmfn.config import load_config
+    from llmfn.trainer import train
+
+    model = ["vocab_size=64", "hidden_size=32", "num_layers=2", "num_heads=4", "num_kv_heads=2"]
+    model += ["max_seq_len=16", "sliding_window=4", "attention_bias=qkv"]
+    overrides = [f"model.{item}" for item in model] + [
+        "data.module=synthetic", "data.synthetic_vocab_size=64", "data.batch_size=2",
+        "train.max_steps=2", "train.eval_every=2", "train.compile=false", "optim.lr=1e-2",
+        "optim.warmup_steps=1", "logging.progress=false", "logging.plot=false",
+        "checkpoint.save_best=false", f"train.run_dir={tmp_path}", "train.run_name=qwen",
+    ]  # fmt: skip
+    run_dir = train(load_config(None, overrides, {})).run_dir
+    cfg, params, _ = load_for_inference(run_dir)
+    assert cfg.attention_bias == "qkv" and "bo" not in params["layers", "0", "attn"]
+    assert params["layers", "0", "attn", "bqkv"].count_nonzero() > 0  # trained
+
+    out = tmp_path / "hf"
+    assert main([str(run_dir), "--format", "hf", "--out", str(out)]) == 0, capsys.readouterr()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert type(hf_model).__name__ == "Qwen2ForCausalLM"
+    assert hf_model.config.use_sliding_window and hf_model.config.sliding_window == 4
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = forward(params, tokens, cfg)
+        full_attention = forward(params, tokens, cfg.replace(sliding_window=None))
+        actual = hf_model.eval()(tokens).logits
+    assert (full_attention - expected).abs().max().item() > 1e-3  # the window shows
+    assert (actual - expected).abs().max().item() <= 1e-4

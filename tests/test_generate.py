@@ -394,6 +394,9 @@ def test_bad_options_and_prompts_are_clear_errors():
         (dict(temperature=1e39), r"temperature=1e\+39 is invalid"),  # inf as float32
         (dict(repetition_penalty=float("inf")), r"repetition_penalty=inf is invalid"),
         (dict(vocab_limit=0), "vocab_limit=0 is invalid"),
+        (dict(seed=-1), r"seed=-1 is invalid: expected an int in \[0, 4294967295\]"),
+        (dict(seed=2**32), "seed=4294967296 is invalid"),  # it would sample as seed 0
+        (dict(seed=1.5), "seed=1.5 is invalid"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -406,7 +409,15 @@ def test_bad_options_and_prompts_are_clear_errors():
         generate(params, cfg, [[1, 61]], max_new_tokens=2)
     gpt2 = CONFIGS["gpt2_like"]
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        generate(PARAMS["gpt2_like"], gpt2, [[1] * 60], max_new_tokens=5)
+        generate(PARAMS["gpt2_like"], gpt2, [[1] * 60], max_new_tokens=6)
+
+
+def test_learned_positions_generate_up_to_max_seq_len_fed_tokens():
+    """The last new token is never fed back: prompt + max_new_tokens - 1 positions are used."""
+    cfg, params = CONFIGS["gpt2_like"], PARAMS["gpt2_like"]
+    prompt = [3, 9, 27, 14, 5, 44, 2] * 8  # 56 of max_seq_len 64
+    new_ids = generate(params, cfg, [prompt], max_new_tokens=9)
+    assert new_ids == [greedy_without_cache(params, cfg, prompt, 9)]
 
 
 # --- Text and stop strings --------------------------------------------------------------------
@@ -626,6 +637,25 @@ def test_cli_prompt_file_batches_and_stop_strings(checkpoint, capsys, tmp_path):
         assert f"=== {number}: {prompt}\n{prompt}{text}\n" in out
 
 
+def test_cli_prompt_file_batches_sample_with_their_own_noise(checkpoint, capsys, tmp_path):
+    """Rows at the same place of different batches get different noise (the same prompt 4
+    times, batches of 2), reproducibly; the first batch samples as generate(seed=seed)."""
+    path, cfg, params, tokenizer = checkpoint
+    (tmp_path / "same.txt").write_text("the\n" * 4)
+    argv = [str(path), "--prompt-file", str(tmp_path / "same.txt"), "--batch-size", "2"]
+    argv += ["--max-new-tokens", "12", "--temperature", "1.0", "--seed", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    texts = [block.split("\n", 1)[1] for block in out.split("=== ")[1:]]
+    assert len(set(texts)) == 4  # batch 2 does not repeat batch 1
+    assert main(argv) == 0
+    assert capsys.readouterr().out == out
+    first = generate_text(
+        params, cfg, tokenizer, ["the"] * 2, max_new_tokens=12, temperature=1.0, top_k=50, seed=1
+    )
+    assert texts[:2] == [f"the{text}\n\n" for text in first]
+
+
 def test_text_of_a_padded_vocabulary_uses_only_ids_the_tokenizer_decodes(
     padded_checkpoint, capsys, monkeypatch
 ):
@@ -673,6 +703,12 @@ def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys)
     )
     assert main([path, "--prompt", "the", "--repetition-penalty", "inf"]) == 2
     assert "error: generate: repetition_penalty=inf is invalid" in capsys.readouterr().err
+    assert main([path, "--prompt", "the", "--seed", "99999999999999999999"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: generate: seed=99999999999999999999 is invalid: expected an int in "
+        "[0, 4294967295]\n",
+    )
 
 
 def test_cli_bad_device_is_one_clear_error(checkpoint, capsys, monkeypatch):

@@ -255,7 +255,16 @@ LLMFN_CASES = {
         rope_scaling="dynamic",
         rope_scaling_factor=3.0,
     ),
+    "llama_dynamic_longer_context": ModelConfig(  # HF's max_position_embeddings is the 16
+        **_SMALL,
+        rope_scaling="dynamic",
+        rope_scaling_factor=2.0,
+        rope_original_max_seq_len=16,
+    ),
     "mistral_mqa": ModelConfig(**_SMALL, num_kv_heads=1, sliding_window=5, norm_eps=1e-6),
+    "qwen2_qkv_bias_window": ModelConfig(
+        **_SMALL, num_kv_heads=2, attention_bias="qkv", sliding_window=6
+    ),
     "gpt2_tied": ModelConfig(
         **dict(_SMALL, intermediate_size=None, max_seq_len=32),
         use_glu=False,
@@ -312,6 +321,9 @@ def test_round_trip_llmfn_hf_llmfn_is_exact(name, cfg, family):
     model.load_state_dict(to_hf_state_dict(params, cfg, family), strict=True)
     back_cfg, back = from_hf(model)
 
+    if family == "qwen2":  # True with an all-zero bo (older checkpoints): back as Qwen2's layout
+        cfg = cfg.replace(attention_bias="qkv")
+        params = params.exclude(*[("layers", str(i), "attn", "bo") for i in range(cfg.num_layers)])
     assert back_cfg == cfg
     keys = list(params.keys(include_nested=True, leaves_only=True))
     assert (
@@ -403,6 +415,10 @@ GPT2_STYLE = ModelConfig(
         (ModelConfig(use_moe=True), None, "use_moe"),
         (ModelConfig(position="alibi"), None, "position='alibi'"),
         (ModelConfig(attention_bias=True), "qwen2", None),  # fine
+        (ModelConfig(attention_bias="qkv"), None, None),  # qwen2, window or not
+        (ModelConfig(attention_bias="qkv"), "llama", "attention_bias='qkv' .* HF llama"),
+        (ModelConfig(attention_bias="qkv", sliding_window=4), "mistral", "attention_bias='qkv'"),
+        (GPT2_STYLE.replace(attention_bias="qkv"), "gpt2", "attention_bias='qkv'"),
         (ModelConfig(), "qwen2", "attention_bias=False"),
         (ModelConfig(mlp_bias=True, sliding_window=4), None, "mlp_bias.*mistral"),
         (ModelConfig(), "falcon", "family='falcon'"),
@@ -413,7 +429,7 @@ GPT2_STYLE = ModelConfig(
 )
 def test_inexpressible_configs_name_the_field(cfg, family, message):
     if message is None:
-        assert to_hf_config(cfg, family).model_type == family
+        assert to_hf_config(cfg, family).model_type == (family or "qwen2")
         return
     with pytest.raises(ValueError, match=message):
         to_hf_config(cfg, family)
@@ -437,17 +453,43 @@ def test_missing_or_misshapen_hf_weights_are_named():
 
 def test_qwen2_export_refuses_a_nonzero_output_bias():
     params = _random_params(QWEN2)  # bo randomized: Qwen2 has no o_proj bias
-    with pytest.raises(ValueError, match=r"layers\.0\.attn\.bo"):
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.bo.*model.attention_bias=qkv"):
         to_hf_state_dict(params, QWEN2, "qwen2")
 
 
 def test_a_qwen2_sliding_window_model_exports_without_naming_the_family(tmp_path):
     hf_model = _hf_model("qwen2_sliding")
     cfg, params = from_hf(hf_model)
-    assert cfg.attention_bias and cfg.sliding_window == 6
+    assert cfg.attention_bias == "qkv" and cfg.sliding_window == 6
     save_hf_pretrained(params, cfg, tmp_path)  # default family: Mistral has no q/k/v biases
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(model).__name__ == "Qwen2ForCausalLM"
     tokens = _tokens()
     with torch.no_grad():
         assert _max_delta(model(tokens).logits, hf_model(tokens).logits) <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", ["qwen2_qkv_bias", "qwen2_sliding"])
+def test_a_fine_tuned_qwen2_exports_back_with_same_logits(case, tmp_path):
+    """Import a Qwen2, take a gradient step on every leaf (an o_proj bias would move away from
+    zero, which Qwen2 cannot store: an import has none), export, and compare in transformers."""
+    from llmfn import loss
+
+    cfg, params = from_hf(_hf_model(case))
+    assert cfg.attention_bias == "qkv" and "bo" not in params["layers", "0", "attn"]
+    tokens = _tokens(seed=1)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    grads = torch.func.grad(lambda p: loss(p, batch, cfg)[0])(params)
+    tuned = params.apply(lambda p, g: p - 0.1 * g, grads)
+    assert all(g.abs().max() > 0 for g in grads.values(include_nested=True, leaves_only=True))
+    save_hf_pretrained(tuned, cfg, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        expected = forward(tuned, tokens, cfg)
+        assert _max_delta(model(tokens).logits, expected) <= TOLERANCE
+        assert _max_delta(forward(params, tokens, cfg), expected) > 100 * TOLERANCE  # it moved
+    back_cfg, back = from_hf(model)
+    assert back_cfg == cfg
+    for key in tuned.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(back.get(key), tuned.get(key)), key

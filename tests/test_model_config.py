@@ -65,7 +65,9 @@ INVALID = [
     # bools: a string is truthy ("no" would tie the embeddings)
     ({"tie_embeddings": "no"}, "tie_embeddings", "a bool"),
     ({"use_glu": "false"}, "use_glu", "a bool"),
-    ({"attention_bias": 1}, "attention_bias", "a bool"),
+    ({"attention_bias": 1}, "attention_bias", "a bool"),  # 1 == True, but not a bool
+    ({"attention_bias": "true"}, "attention_bias", "or 'qkv' (q, k, v only)"),
+    ({"attention_bias": "QKV"}, "attention_bias", "or 'qkv' (q, k, v only)"),
     ({"mlp_bias": None}, "mlp_bias", "a bool"),
     ({"use_moe": "true"}, "use_moe", "a bool"),
     ({"activation_checkpointing": 0}, "activation_checkpointing", "a bool"),
@@ -147,3 +149,28 @@ def test_valid_edge_values_still_construct():
     assert cfg.rope_low_freq_factor == 0.5
     # rope fields are not read without RoPE, so a dynamic head_dim of 2 is fine there
     assert ModelConfig(hidden_size=8, num_heads=4, position="alibi", rope_scaling="dynamic")
+
+
+@pytest.mark.parametrize(
+    ("attention_bias", "leaves"),
+    [(False, set()), (True, {"bqkv", "bo"}), ("qkv", {"bqkv"})],
+)
+def test_attention_bias_chooses_the_bias_leaves(attention_bias, leaves):
+    """True: biases on q, k, v and the output (Llama, GPT-2); "qkv": q, k, v only (Qwen2)."""
+    from llmfn.model import init_params, param_shapes
+
+    cfg = ModelConfig(hidden_size=16, num_heads=4, num_layers=1, attention_bias=attention_bias)
+    attn = init_params(cfg)["layers", "0", "attn"]
+    assert set(attn.keys()) - {"wqkv", "wo"} == leaves
+    shapes = param_shapes(cfg)
+    assert {key.split(".")[-1] for key in shapes if ".attn.b" in key} == leaves
+
+
+def test_attention_bias_qkv_through_the_config_loader():
+    from llmfn.config import ConfigError, load_config
+
+    config = load_config(None, ["model.attention_bias=qkv"], {})
+    assert config.model.attention_bias == "qkv"
+    assert load_config(None, ["model.attention_bias=true"], {}).model.attention_bias is True
+    with pytest.raises(ConfigError, match=r"model.attention_bias='q' is invalid: expected a bool"):
+        load_config(None, ["model.attention_bias=q"], {})

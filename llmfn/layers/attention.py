@@ -1,7 +1,8 @@
 """Multi-head attention with MHA / GQA / MQA through SDPA: causal, padding mask, sliding window,
 RoPE or ALiBi, and a preallocated KV cache.
 
-params: {"wqkv": [(H + 2·KV)·hd, D], "wo": [D, H·hd]} (+ "bqkv", "bo" with attention_bias).
+params: {"wqkv": [(H + 2·KV)·hd, D], "wo": [D, H·hd]} (+ "bqkv" [(H + 2·KV)·hd] with
+attention_bias True or "qkv", "bo" [D] with attention_bias True).
 The fused q/k/v weight is one matmul (DESIGN.md §3); `llmfn.hf` splits and joins it.
 """
 
@@ -27,8 +28,9 @@ def init_attention(cfg: ModelConfig, gen: torch.Generator) -> TensorDict:
         "wqkv": normal((qkv_out, cfg.hidden_size), cfg.init_std, gen),
         "wo": normal((cfg.hidden_size, cfg.num_heads * cfg.head_dim), residual_std(cfg), gen),
     }
-    if cfg.attention_bias:
+    if cfg.qkv_bias:
         leaves["bqkv"] = zeros(qkv_out)
+    if cfg.output_bias:
         leaves["bo"] = zeros(cfg.hidden_size)
     return TensorDict(leaves, batch_size=[])
 

@@ -325,6 +325,12 @@ RANGES = (
     ),
     (("optim.decay_fraction",), lambda v: 0 < v <= 1, "a float in (0, 1]"),
     (("checkpoint.every",), lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    (
+        ("train.seed",),
+        lambda v: 0 <= v < 2**63,
+        "an integer in [0, 2**63) (a 64-bit signed tensor in the train state; numpy and torch "
+        "seeds take it too)",
+    ),
 )
 NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
 TOKENIZED = ("stdlib", "text", "sft")  # data modules that train data.tokenizer char or bpe
@@ -353,8 +359,8 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _check_combinations(cfg: Config) -> None:
-    """What a single key's range cannot say: a valid run name, min_lr <= lr, the data a module
-    or a task needs."""
+    """What a single key's range cannot say: a valid run name, min_lr <= lr, nesterov with
+    momentum, the data a module or a task needs."""
     name = cfg.train.run_name
     if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
         raise ConfigError(
@@ -364,6 +370,11 @@ def _check_combinations(cfg: Config) -> None:
     if not 0 <= cfg.optim.min_lr <= cfg.optim.lr:
         raise ConfigError(
             f"optim.min_lr={cfg.optim.min_lr} is invalid: expected 0 <= min_lr <= optim.lr={cfg.optim.lr}"
+        )
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError(
+            "optim.nesterov=true is invalid with optim.momentum=0: expected optim.momentum > 0 "
+            "(or optim.nesterov=false)"
         )
     if cfg.data.module in NEEDS_PATH and not cfg.data.path:
         raise ConfigError(

@@ -3,12 +3,16 @@
 The state is one TensorDict:
     params      the model parameters
     opt_state   the optimizer's moments (a tree mirroring params)
-    step        0-d long: optimizer updates done (skipped non-finite updates count too)
+    step        0-d long: steps done, skipped ones included (drives the lr schedule, data, dropout)
+    updates     0-d long: updates applied, skipped steps not counted (optax's Adam `count`):
+                the 1-based step= of the optimizer's bias correction is updates + 1
     rng         0-d long: the run's dropout key (folded with the step, so never updated)
     loss_scale  0-d float: fp16 dynamic loss scale (1.0 otherwise)
     good_steps  0-d long: finite steps since the loss scale last changed
-    nonfinite_streak  0-d long: skipped (non-finite) steps in a row; at the limit (1 for
-                train.nonfinite=halt, else train.max_nonfinite) the state freezes and the driver stops
+    nonfinite_streak  0-d long: failed (non-finite) steps in a row; at the limit (1 for
+                train.nonfinite=halt, else train.max_nonfinite) the state freezes and the driver
+                stops. An fp16 loss-scale overflow (`is_scale_overflow`) is no failure and
+                leaves the streak as it is.
 
 Everything that changes from step to step is a tensor in the state, so one compiled graph
 serves the whole run (a Python float learning rate would recompile at every new value).
@@ -28,7 +32,11 @@ from llmfn.tree import paths_and_leaves, tree_def, tree_like
 
 FP16_INITIAL_SCALE = 2.0**16
 FP16_GROWTH_INTERVAL = 2000
-STATE_SCALARS = ("step", "rng", "loss_scale", "good_steps", "nonfinite_streak")
+STATE_SCALARS = ("step", "updates", "rng", "loss_scale", "good_steps", "nonfinite_streak")
+# State keys added after checkpoints were first written -> the stored key that holds their value
+# in an older checkpoint (`load_checkpoint(..., missing_from=...)`): `updates` equals `step`
+# when no step was skipped (and older versions counted skipped steps in the bias correction).
+KEYS_ADDED_SINCE = {"updates": "step"}
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -54,6 +62,7 @@ def init_train_state(
             "params": params,
             "opt_state": optimizer.init(params),
             "step": scalar(0, torch.long),
+            "updates": scalar(0, torch.long),
             "rng": scalar(seed, torch.long),
             "loss_scale": scalar(initial_loss_scale(precision), torch.float32),
             "good_steps": scalar(0, torch.long),
@@ -92,6 +101,15 @@ def next_loss_scale(scale: torch.Tensor, good_steps: torch.Tensor, finite: torch
     new_scale = torch.where(finite, torch.where(grown, scale * 2, scale), scale / 2)
     new_good = torch.where(finite & ~grown, good_steps + 1, torch.zeros_like(good_steps))
     return new_scale, new_good
+
+
+def is_scale_overflow(
+    loss: torch.Tensor, grad_norm: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """0-d bool: an fp16 loss-scale event, not a failure: the loss is finite but the scaled
+    gradients overflowed while the scale is above 1 (so backing it off can help). At a scale
+    <= 1 the unscaled gradients themselves overflow, and a non-finite loss is no scale's doing."""
+    return torch.isfinite(loss) & ~torch.isfinite(grad_norm) & (scale > 1)
 
 
 def mean_over_ranks(all_reduce: GradientAllReduce, grads: list, loss, tokens, extra: dict):
@@ -215,10 +233,21 @@ def make_train_step(
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         # Once the streak reaches the limit the state freezes until the driver stops, so the
         # diagnostic checkpoint holds the last good values and the step of the first failure.
-        take_update = finite & (streak < nonfinite_limit)
+        frozen = streak >= nonfinite_limit
+        take_update = finite & ~frozen
+        failed = ~finite
+        if precision == "fp16":
+            failed = failed & ~is_scale_overflow(loss, grad_norm, scale)
         lr = learning_rate(step)
+        updates = scalars["updates"]
         new_params, new_moments = optimizer.update_leaves(
-            paths, params, grads, moments, lr=lr, step=step + 1, batch_dims=len(treedef.batch_size)
+            paths,
+            params,
+            grads,
+            moments,
+            lr=lr,
+            step=updates + 1,
+            batch_dims=len(treedef.batch_size),
         )
         new_params, new_moments = select_update(
             take_update, (new_params, new_moments), (params, moments), donate=donate
@@ -228,10 +257,14 @@ def make_train_step(
             new_scale, new_good = next_loss_scale(scale, new_good, finite)
         new_scalars = {
             "step": step + 1,
+            "updates": updates + take_update.long(),
             "rng": scalars["rng"],
             "loss_scale": new_scale,
             "good_steps": new_good,
-            "nonfinite_streak": torch.where(take_update, 0, streak + 1),
+            # an fp16 loss-scale overflow neither fails nor succeeds: the streak stays
+            "nonfinite_streak": torch.where(
+                failed | frozen, streak + 1, torch.where(take_update, 0, streak)
+            ),
         }
         metrics = {
             "loss": loss,

@@ -6,10 +6,12 @@ checkpoints into one loop that runs on one process or many (torchrun).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from llmfn.distributed import (
 )
 from llmfn.memory_estimate import cpu_memory_warning
 from llmfn.model import count_params, flops_per_token
-from llmfn.optim import build_optimizer
+from llmfn.optim import build_optimizer, global_norm
 from llmfn.run_folders import (
     check_output_folders,
     naming_the_run_folder,
@@ -50,7 +52,13 @@ from llmfn.run_folders import (
     write_run_files,
 )
 from llmfn.schedule import lr_schedule_from_config
-from llmfn.step import init_train_state, make_eval_step, make_train_step, with_fresh_loss_scale
+from llmfn.step import (
+    KEYS_ADDED_SINCE,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    with_fresh_loss_scale,
+)
 from llmfn.tasks import get_task
 from llmfn.tasks.base import Task
 
@@ -262,7 +270,8 @@ class StopSignal:
 
 
 def nonfinite_report(task, config: Config, state: TensorDict, batch: dict) -> str:
-    """Names of parameters or gradients that are not finite, recomputed eagerly on `batch`."""
+    """Names of parameters or gradients that are not finite, recomputed eagerly on `batch`; when
+    all are finite but their global norm is not (its float32 sum of squares overflowed), that."""
     params = state["params"]
     bad = [
         ".".join(k)
@@ -276,10 +285,26 @@ def nonfinite_report(task, config: Config, state: TensorDict, batch: dict) -> st
         for k, v in grads.items(include_nested=True, leaves_only=True)
         if not torch.isfinite(v).all()
     ]
+    if bad:
+        return ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else "")
+    if not torch.isfinite(global_norm(grads)):
+        return gradient_norm_overflow(grads)
+    return "loss only (all parameters and gradients finite)"
+
+
+def gradient_norm_overflow(grads: TensorDict) -> str:
+    """What to say when every gradient is finite but their global norm overflows float32."""
+    name, largest = max(
+        (
+            (".".join(k), v.abs().max())
+            for k, v in grads.items(include_nested=True, leaves_only=True)
+        ),
+        key=lambda item: float(item[1]),
+    )
     return (
-        ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else "")
-        if bad
-        else "loss only (all parameters and gradients finite)"
+        "gradient norm overflow: every gradient is finite but their global norm is not (its "
+        f"float32 sum of squares overflows; the largest |gradient| is {float(largest):.3g}, in "
+        f"grad:{name}): usually a diverging loss (lower optim.lr)"
     )
 
 
@@ -320,7 +345,9 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     state = init_train_state(
         params, optimizer, seed=config.train.seed, precision=config.train.precision
     )
-    state, train_state, resume_from = resumed_state(config, state, proc)
+    state, train_state, resume_from = resumed_state(
+        config, state, proc, getattr(data, "tokenizer", None)
+    )
     if resume_from is not None and (
         done := nothing_to_train(config, resume_from, state, train_state, max_steps)
     ):
@@ -362,17 +389,19 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
 
 
 def resumed_state(
-    config: Config, state: TensorDict, proc: ProcessInfo
+    config: Config, state: TensorDict, proc: ProcessInfo, tokenizer=None
 ) -> tuple[TensorDict, dict, Path | None]:
     """(state, the checkpoint's train_state.json, its folder) for `train.resume`; the fresh
-    state, {} and None when there is nothing to resume."""
+    state, {} and None when there is nothing to resume. tokenizer: the data module's, which
+    must be the one the checkpoint trained with (ValueError otherwise)."""
     resume_from = resume_checkpoint(config)
     if resume_from is None:
         if config.train.resume == "auto":
             log(proc, "train.resume=auto: no checkpoint found, starting fresh")
         return state, {}, None
+    check_same_tokenizer(config, resume_from, tokenizer)
     state, train_state = ckpt.load_checkpoint(
-        resume_from, state, expected_model=config.model.to_dict()
+        resume_from, state, expected_model=config.model.to_dict(), missing_from=KEYS_ADDED_SINCE
     )
     log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
     if warning := batch_change_warning(train_state, config, proc.world_size):
@@ -387,6 +416,34 @@ def resumed_state(
             f"{float(state['loss_scale']):g}",
         )
     return state, train_state, resume_from
+
+
+def saved_tokenizer_json(tokenizer) -> dict:
+    """The tokenizer.json that `tokenizer.save` writes, parsed."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save(folder)
+        return json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
+    """ValueError when the checkpoint's tokenizer (its tokenizer/tokenizer.json) differs from
+    the data module's: the data was prepared again (changed text, another data.tokenizer) and
+    its token ids now mean other tokens, which model.vocab_size cannot catch. Nothing to compare
+    (no tokenizer on either side) passes."""
+    saved = checkpoint / ckpt.TOKENIZER_DIR / "tokenizer.json"
+    if tokenizer is None or not saved.is_file():
+        return
+    if json.loads(saved.read_text(encoding="utf-8")) == saved_tokenizer_json(tokenizer):
+        return
+    data = config.data
+    raise ValueError(
+        f"train.resume: checkpoint {checkpoint} trained with the tokenizer in {saved.parent}, "
+        f"but the data of data.path={data.path!r} (data.module={data.module!r}, "
+        f"data.tokenizer={data.tokenizer!r}) now has another one: its token ids would mean other "
+        "tokens. Start a fresh run (another train.run_name, train.resume=null), or train on the "
+        "data the checkpoint used (the same text and data.tokenizer, or data.module=token_bin "
+        "with data.path set to the folder prepared for it under data.cache_dir)"
+    )
 
 
 def nothing_to_train(
@@ -574,9 +631,13 @@ class Training:
         return True
 
     def save(self, step: int, *, name: str | None = None) -> Path | None:
-        """Checkpoint the state at `step` (once per step; rank 0 writes, every rank waits)."""
+        """Checkpoint the state at `step` (once per step; rank 0 writes, every rank waits). A
+        regular checkpoint (no `name`) of a state frozen by non-finite steps halts instead: a
+        resume from it could never train."""
         if name is None and step in self.saved:
             return self.saved[step]
+        if name is None:
+            self.halt_if_frozen(step)
         path = None
         if self.proc.is_main:
             info = {
@@ -625,16 +686,25 @@ class Training:
                     ckpt.prune_checkpoints(self.checkpoint_root, keep_last_n)
         return metrics
 
+    @property
+    def nonfinite_limit(self) -> int:
+        train = self.config.train
+        return 1 if train.nonfinite == "halt" else train.max_nonfinite
+
     def check_nonfinite(self, step: int) -> None:
         """Stop on non-finite steps: at once (halt) or after max_nonfinite in a row (skip)."""
         streak = int(self.state["nonfinite_streak"])
-        train = self.config.train
-        limit = 1 if train.nonfinite == "halt" else train.max_nonfinite
-        if streak == 0:
-            return
-        if streak < limit:
+        if 0 < streak < self.nonfinite_limit:
             log(self.proc, f"step {step}: {streak} non-finite step(s) in a row, updates skipped")
+        self.halt_if_frozen(step)
+
+    def halt_if_frozen(self, step: int) -> None:
+        """When the non-finite streak has reached its limit (the state froze): write the
+        diagnostic checkpoint and raise TrainingHalted."""
+        streak, limit = int(self.state["nonfinite_streak"]), self.nonfinite_limit
+        if streak < limit:
             return
+        train = self.config.train
         first = step - streak + 1
         where = nonfinite_report(self.task, self.config, self.state, self.batch(first))
         name = f"nonfinite_step_{first:06d}"

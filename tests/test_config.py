@@ -115,6 +115,15 @@ def test_override_values_are_read_for_the_field_they_set():
             r"data.tokenizer_vocab_size=257 is invalid for data.tokenizer='bpe': expected at "
             r"least 258 \(256 bytes \+ 2 special tokens\)",
         ),
+        (["train.seed=-1"], r"train.seed=-1 is invalid: expected an integer in \[0, 2\*\*63\)"),
+        (
+            ["train.seed=9223372036854775808"],  # 2**63: no int64 (the state's rng tensor)
+            r"train.seed=9223372036854775808 is invalid: expected an integer in \[0, 2\*\*63\)",
+        ),
+        (
+            ["optim.name=sgd", "optim.nesterov=true", "optim.momentum=0"],
+            r"optim.nesterov=true is invalid with optim.momentum=0: expected optim.momentum > 0",
+        ),
         (["lr=1"], r"needs a section"),
         (["optim.lr"], r"not of the form section.key=value"),
     ],

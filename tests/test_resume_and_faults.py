@@ -3,6 +3,7 @@ cleanly, non-finite steps halt with a diagnosis, a corrupted newest checkpoint f
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensordict import TensorDict
 
+from llmfn import checkpoint as ckpt
 from llmfn.config import load_config
 from llmfn.trainer import SignalCheck, StopSignal, TrainingHalted, train
 from tests.step_fixtures import run_torchrun
@@ -372,3 +375,52 @@ def test_resuming_at_another_precision_starts_its_loss_scale_afresh(tmp_path, ca
     assert "trained with train.precision=fp32, this run uses fp16" in capsys.readouterr().out
     scalars = load_file(first.run_dir / "checkpoints" / "step_000003" / "state.safetensors")
     assert resumed.step == 3 and float(scalars["loss_scale"]) == 2.0**16
+
+
+def test_a_checkpoint_from_before_the_updates_count_resumes_as_if_never_cut(tmp_path):
+    """Older checkpoints hold no `updates` (AdamW's count of applied updates): it resumes as the
+    step, which it equals when nothing was skipped, so the run goes on as one never cut."""
+    straight = train(tiny_config(tmp_path, "train.max_steps=3", "train.run_name=straight"))
+    first = train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=first"))
+    saved = first.run_dir / "checkpoints" / "step_000002"
+    tensors = {**load_file(saved / "state.safetensors")}
+    tensors.update({f"params.{k}": v for k, v in load_file(saved / "params.safetensors").items()})
+    assert int(tensors.pop("updates")) == 2
+    older = ckpt.save_checkpoint(
+        tmp_path / "older",
+        2,
+        TensorDict(tensors, batch_size=[]).unflatten_keys("."),
+        config_yaml=(saved / "config.yaml").read_text(),
+        train_state=json.loads((saved / "train_state.json").read_text()),
+    )
+    assert "updates" not in load_file(older / "state.safetensors")
+    resumed = train(
+        tiny_config(tmp_path, "train.max_steps=3", f"train.resume={older}", "train.run_name=r")
+    )
+    assert train_losses(resumed.run_dir)[3] == train_losses(straight.run_dir)[3]
+    a, b = final_params(straight.run_dir), final_params(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    scalars = load_file(resumed.run_dir / "checkpoints" / "step_000003" / "state.safetensors")
+    assert int(scalars["updates"]) == int(scalars["step"]) == 3
+
+
+def test_a_regular_checkpoint_never_holds_a_frozen_state(tmp_path):
+    """halt freezes the state at the first non-finite step; the periodic save at step 5 (before
+    the log step that checks) halts instead of writing a checkpoint a resume could not train
+    from. The diagnosis names an overflowing gradient norm as such."""
+    config = tiny_config(
+        tmp_path,
+        "train.task=regression",
+        "data.module=regression",
+        "optim.name=sgd",
+        "optim.lr=1e6",
+        "train.nonfinite=halt",
+        "checkpoint.every=5",
+        "logging.log_every=10",
+        "train.max_steps=40",
+    )
+    with pytest.raises(TrainingHalted, match=r"from step (\d+) .*gradient norm overflow") as info:
+        train(config)
+    first = int(re.search(r"from step (\d+)", str(info.value))[1])
+    folders = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    assert folders == [f"nonfinite_step_{first:06d}"]  # no step_000005, no `latest`

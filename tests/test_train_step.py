@@ -5,7 +5,17 @@ import dataclasses
 import pytest
 import torch
 
-from llmfn.step import FP16_GROWTH_INTERVAL, make_eval_step, next_loss_scale
+from llmfn.config import from_dict
+from llmfn.optim import build_optimizer
+from llmfn.schedule import lr_schedule_from_config
+from llmfn.step import (
+    FP16_GROWTH_INTERVAL,
+    init_train_state,
+    is_scale_overflow,
+    make_eval_step,
+    make_train_step,
+    next_loss_scale,
+)
 from llmfn.tasks import get_task
 from tests.step_fixtures import global_batch, small_config, state_and_step
 
@@ -170,3 +180,86 @@ def test_metrics_are_tensors_with_lr_from_schedule():
     assert {"loss", "grad_norm", "lr", "tokens", "nonfinite", "ce_loss"} <= set(metrics)
     assert all(isinstance(v, torch.Tensor) for v in metrics.values())
     assert 0 < float(metrics["lr"]) < config.optim.lr  # still warming up at step 0
+
+
+def test_a_skipped_step_is_not_applied_and_leaves_the_bias_correction_alone():
+    """A non-finite step, then three good ones, ends where the three good ones alone end (AdamW
+    at a constant lr: torch's AdamW with GradScaler skipping optimizer.step() does the same).
+    The step counter still counts it: it drives the lr schedule and the data."""
+    config = from_dict(
+        {
+            "model": {"hidden_size": 16, "num_layers": 1},
+            "data": {"module": "regression", "regression_features": 4},
+            "optim": {"schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0},
+            "train": {"task": "regression", "max_steps": 10},
+        }
+    )
+    gen = torch.Generator().manual_seed(0)
+    good = [{"x": torch.randn(1, 8, 4, generator=gen), "y": torch.randn(1, 8, 1, generator=gen)}]
+    good += [{k: torch.randn(v.shape, generator=gen) for k, v in good[0].items()} for _ in range(2)]
+    nan = {"x": torch.full((1, 8, 4), float("nan")), "y": torch.zeros(1, 8, 1)}
+    task = get_task("regression")
+    params = task.init_params(config, 0)
+    optimizer = build_optimizer(config.optim, params)
+    state = init_train_state(params, optimizer, seed=0, precision="fp32")
+    step = make_train_step(task, config, optimizer, lr_schedule_from_config(config.optim, 10))
+    straight = skipping = state
+    for batch in good:
+        straight, _ = step(straight, batch)
+    skipping, metrics = step(skipping, nan)
+    assert float(metrics["nonfinite"]) == 1.0
+    for batch in good:
+        skipping, _ = step(skipping, batch)
+    assert_trees_close(skipping["params"], straight["params"], rtol=0, atol=1e-6)
+    assert_trees_close(skipping["opt_state"], straight["opt_state"], rtol=0, atol=1e-6)
+    assert (int(skipping["step"]), int(skipping["updates"])) == (4, 3)
+    assert int(straight["step"]) == int(straight["updates"]) == 3
+
+
+def fp16_state_and_step(nonfinite: str = "halt"):
+    config = small_config(precision="fp16", nonfinite=nonfinite)
+    return config, *state_and_step(config)
+
+
+def test_an_fp16_overflow_backs_off_the_scale_without_counting_as_a_failure():
+    """GradScaler's rule: scaled gradients that overflow (a finite loss) halve the scale and
+    skip the update; that is no non-finite failure, even under train.nonfinite=halt."""
+    config, state, step = fp16_state_and_step("halt")
+    state["loss_scale"] = torch.tensor(2.0**40)  # overflows any fp16 gradient
+    batch = global_batch(config, 0, rows=2)
+    after, metrics = step(state, batch)
+    assert torch.isfinite(metrics["loss"]) and not torch.isfinite(metrics["grad_norm"])
+    assert float(after["loss_scale"]) == 2.0**39
+    assert int(after["nonfinite_streak"]) == 0  # the state is not frozen: training goes on
+    assert (int(after["step"]), int(after["updates"])) == (1, 0)
+    assert_trees_close(after["params"], state["params"], rtol=0, atol=0)
+    after["loss_scale"] = torch.tensor(2.0**10)
+    trained, metrics = step(after, batch)
+    assert float(metrics["nonfinite"]) == 0.0 and int(trained["updates"]) == 1
+    assert not torch.equal(trained["params", "embed", "weight"], state["params", "embed", "weight"])
+
+
+def test_an_fp16_overflow_leaves_the_failure_streak_as_it_is():
+    """Between two failures an overflow neither resets the streak (alternating failures and
+    overflows would never reach the limit) nor adds to it."""
+    config, state, step = fp16_state_and_step("skip")
+    state["loss_scale"] = torch.tensor(2.0**40)
+    state["nonfinite_streak"] = torch.tensor(2)
+    after, _ = step(state, global_batch(config, 0, rows=2))
+    assert int(after["nonfinite_streak"]) == 2 and int(after["updates"]) == 0
+
+
+def test_an_fp16_non_finite_loss_still_counts_as_a_failure():
+    config, state, step = fp16_state_and_step("halt")
+    state["params", "layers", "0", "attn", "wo"][0, 0] = float("nan")
+    after, metrics = step(state, global_batch(config, 0, rows=2))
+    assert not torch.isfinite(metrics["loss"])
+    assert int(after["nonfinite_streak"]) == 1
+
+
+def test_only_a_finite_loss_with_overflowing_gradients_above_scale_1_is_a_scale_overflow():
+    inf, finite = torch.tensor(float("inf")), torch.tensor(3.0)
+    assert is_scale_overflow(finite, inf, torch.tensor(1024.0))
+    assert not is_scale_overflow(finite, inf, torch.tensor(1.0))  # unscaled gradients overflow
+    assert not is_scale_overflow(inf, inf, torch.tensor(1024.0))  # the loss itself
+    assert not is_scale_overflow(finite, finite, torch.tensor(1024.0))  # nothing overflowed

@@ -280,3 +280,75 @@ def test_keep_last_n_keeps_only_the_latest_and_the_best(tmp_path):
     root = result.run_dir / "checkpoints"
     named = {(root / (root / pointer).read_text().strip()) for pointer in ("latest", "best")}
     assert set(root.glob("step_*")) == named
+
+
+def test_early_stopping_does_not_stop_a_run_that_reached_max_steps(tmp_path, capsys):
+    """Patience 2 runs out at the final eval (step 6 = max_steps): the run ended anyway, so no
+    early stop is recorded and a resume with a larger max_steps trains on (and stops early at
+    its first eval, the val loss still not improving)."""
+    frozen = [
+        "train.task=regression",
+        "data.module=regression",
+        "data.batch_size=8",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "optim.name=sgd",
+        "optim.lr=1e-30",
+        "optim.min_lr=0",
+        "optim.warmup_steps=0",
+        "train.eval_every=2",
+        "train.early_stopping_patience=2",
+    ]
+    result = train(config(tmp_path, *frozen, "train.max_steps=6"))
+    assert (result.step, result.stopped_by) == (6, "max_steps")
+    assert [row["step"] for row in evals(result.run_dir)] == [2, 4, 6]
+    assert "early stopping" not in capsys.readouterr().out
+    more = train(config(tmp_path, *frozen, "train.max_steps=20", "train.resume=auto"))
+    assert (more.step, more.stopped_by) == (8, "early_stopping")
+
+
+def test_resuming_after_the_data_got_another_tokenizer_fails_naming_both(tmp_path):
+    """A char tokenizer ranks the corpus's characters: one more line of a new character
+    prepares the data again with other ids. Resuming then stops before loading anything."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world\n" * 200)
+    lm = [
+        "data.module=text",
+        f"data.path={text}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.tokenizer=char",
+        "model.vocab_size=64",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.max_seq_len=16",
+        "data.batch_size=2",
+    ]
+    first = train(config(tmp_path, *lm, "train.max_steps=2"))
+    same = train(config(tmp_path, *lm, "train.max_steps=3", "train.resume=auto"))
+    assert same.step == 3  # the same data resumes
+    text.write_text("hello world\n" * 200 + "z" * 5000 + "\n")
+    saved = first.run_dir / "checkpoints" / "step_000003" / "tokenizer"
+    with pytest.raises(ValueError) as error:
+        train(config(tmp_path, *lm, "train.max_steps=4", "train.resume=auto"))
+    assert f"trained with the tokenizer in {saved}, but the data of data.path='{text}'" in str(
+        error.value
+    )
+    assert "data.tokenizer='char') now has another one" in str(error.value)
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """train.seed's documented bound, 2**63 - 1, fits every seed it feeds: the params' and the
+    data's generators and the state's int64 dropout key."""
+    result = train(
+        config(
+            tmp_path,
+            "train.task=regression",
+            "data.module=regression",
+            "model.hidden_size=16",
+            "model.num_layers=1",
+            f"train.seed={2**63 - 1}",
+            "train.max_steps=1",
+        )
+    )
+    assert result.step == 1

@@ -1,7 +1,9 @@
 """EarlyStopping: end training after `patience` evals in a row without improvement.
 
 An eval improves when its value is finite and below `best - min_delta`. After `patience`
-non-improving evals in a row it sets `run.stop_requested`; the driver then stops. It runs on
+non-improving evals in a row it sets `run.stop_requested`; the driver then stops. The final
+eval of a run that reached max_steps stops nothing (the run ended anyway), so a resume with a
+larger max_steps trains on; its bad evals still count there. It runs on
 every rank (eval metrics are identical across ranks), so all ranks stop at the same step; only
 rank 0 prints. Its counters are in `state_dict()`, so a resumed run keeps counting.
 """
@@ -59,7 +61,7 @@ class EarlyStopping(Callback):
             self.best, self.best_step, self.bad_evals = value, step, 0
             return
         self.bad_evals += 1
-        if self.bad_evals >= self.patience:
+        if self.bad_evals >= self.patience and step < run.max_steps:  # not a run that ended
             run.stop_requested = True
             self.stopped_step = step
             if run.is_main:

@@ -120,6 +120,7 @@ def load_checkpoint(
     *,
     expected_model: ModelConfig | Mapping | None = None,
     verify: bool = True,
+    missing_from: Mapping[str, str] | None = None,
 ) -> tuple[TensorDict, dict]:
     """Fill the train-state `template` from a step folder in place; return (template, train_state).
 
@@ -128,6 +129,9 @@ def load_checkpoint(
     Values are copied (`copy_`), so the template keeps its key order, devices and tensor types.
     expected_model: the running ModelConfig (or its dict); checked against config.yaml.
     verify: check the manifest (sizes and sha256) first.
+    missing_from: {template key: stored key} for keys added to the state after a checkpoint was
+    written: a key the checkpoint lacks is filled from that stored key (e.g. the train state's
+    `llmfn.step.KEYS_ADDED_SINCE`, {"updates": "step"}).
     """
     folder = Path(path)
     if verify:
@@ -148,6 +152,9 @@ def load_checkpoint(
         **_stored_specs(folder, PARAMS_FILE, "params."),
         **_stored_specs(folder, STATE_FILE, ""),
     }
+    for key, stored in (missing_from or {}).items():
+        if key not in specs and stored in specs:
+            specs[key] = specs[stored]
     return _fill(folder, template, specs), train_state
 
 

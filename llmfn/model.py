@@ -115,6 +115,21 @@ def default_positions(
     return real_before.index_select(1, slots)
 
 
+def token_mask(
+    attention_mask: torch.Tensor | None,
+    tokens: torch.Tensor,
+    cache: TensorDict | None,
+    cache_start: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The attention_mask at the tokens being run: [B, T] (with a cache, the [B, max_len] slot
+    mask read at slots cache_start .. cache_start + T - 1), or None without a mask."""
+    if attention_mask is None or cache is None:
+        return attention_mask
+    start = 0 if cache_start is None else cache_start
+    slots = torch.arange(tokens.shape[1], device=tokens.device) + start
+    return attention_mask.index_select(1, slots)
+
+
 def embed(
     params: TensorDict, tokens: torch.Tensor, positions: torch.Tensor, cfg: ModelConfig
 ) -> torch.Tensor:
@@ -135,13 +150,14 @@ def checkpointed_block(
     positions: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     key_valid: torch.Tensor | None,
+    token_valid: torch.Tensor | None,
     dropout_key: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`block` without a cache, its activations recomputed in the backward (`layers.remat`), so
     it works under torch.func.grad / vmap and torch.compile. x: [B, T, D] -> (x, MoE losses)."""
     flat = layer.flatten_keys(".")
     names = list(flat.keys())
-    options = {"key_valid": key_valid, "dropout_key": dropout_key}
+    options = {"key_valid": key_valid, "token_valid": token_valid, "dropout_key": dropout_key}
     option_names = [option for option, value in options.items() if value is not None]
     rope = () if rope is None else tuple(rope)
     loss_names = ("moe_aux_loss", "router_z_loss") if cfg.use_moe else ()
@@ -217,15 +233,18 @@ def check_inputs(
     *,
     attention_mask: torch.Tensor | None = None,
     cache: TensorDict | None = None,
+    positions: torch.Tensor | None = None,
+    cache_start: torch.Tensor | None = None,
 ) -> None:
     """Raise a ValueError naming the argument when `decoder` cannot run its inputs: tokens not
     [B, T] int64/int32 (as inside vmap over examples), T > max_seq_len with learned positions,
     an attention_mask not [B, T] (or [B, max_len] with a cache), a stacked (ensemble) tree
-    outside vmap, params that do not fit cfg (`check_params`), a token id outside the vocabulary.
+    outside vmap, params that do not fit cfg (`check_params`), a token id outside the vocabulary,
+    with learned positions a position outside the table (`check_learned_positions`).
 
     The shape checks read static metadata only (torch.compile traces them away: no graph
-    break, no recompile). The params walk runs in eager only; so does the id range, which reads
-    the values (a host sync): on CPU only, outside vmap."""
+    break, no recompile). The params walk runs in eager only; so do the id and position
+    ranges, which read the values (a host sync): on CPU only, outside vmap."""
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         vmap_hint = (
             ": under vmap over examples, run the model on tokens[None], or vmap over the "
@@ -259,13 +278,49 @@ def check_inputs(
     if torch.compiler.is_compiling():
         return
     check_params(params, cfg)
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(tokens)  # e.g. batched by vmap
-    if tokens.device.type == "cpu" and tokens.numel() and not wrapped:
+    if can_read_values(tokens):
         low, high = torch.aminmax(tokens)
         if low < 0 or high >= cfg.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, model.vocab_size={cfg.vocab_size}), "
                 f"got ids {int(low)} .. {int(high)}"
+            )
+    if cfg.position == "learned":
+        check_learned_positions(tokens, cfg, positions=positions, cache_start=cache_start)
+
+
+def can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether an eager check may read the tensor's values: on CPU (no device sync), not a
+    vmap-batched wrapper, not empty."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+    return tensor.device.type == "cpu" and tensor.numel() > 0 and not wrapped
+
+
+def check_learned_positions(
+    tokens: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor | None,
+    cache_start: torch.Tensor | None,
+) -> None:
+    """Raise a ValueError naming the argument when a learned position would fall outside the
+    table of model.max_seq_len rows: positions= (explicit) outside [0, max_seq_len), or, by
+    default, the slots cache_start .. cache_start + T - 1 past it. Eager, reads values."""
+    if positions is not None:
+        if can_read_values(positions):
+            low, high = torch.aminmax(positions)
+            if low < 0 or high >= cfg.max_seq_len:
+                raise ValueError(
+                    f"positions must be in [0, model.max_seq_len={cfg.max_seq_len}) with learned "
+                    f"positions, got {int(low)} .. {int(high)}"
+                )
+    elif cache_start is not None and can_read_values(cache_start):
+        end = int(cache_start) + tokens.shape[1]
+        if end > cfg.max_seq_len:
+            raise ValueError(
+                f"cache_start={int(cache_start)} + T={tokens.shape[1]} tokens exceed "
+                f"model.max_seq_len={cfg.max_seq_len} (learned positions): pass positions= "
+                "within the table, or a larger max_seq_len"
             )
 
 
@@ -289,7 +344,15 @@ def decoder(
     training + rng (0-d int64 key): dropout, as a pure function of the key.
     Misfit inputs or params raise a ValueError naming them (`check_inputs`).
     """
-    check_inputs(params, tokens, cfg, attention_mask=attention_mask, cache=cache)
+    check_inputs(
+        params,
+        tokens,
+        cfg,
+        attention_mask=attention_mask,
+        cache=cache,
+        positions=positions,
+        cache_start=cache_start,
+    )
     if training and cfg.dropout > 0 and rng is None:
         raise ValueError(
             "forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)"
@@ -299,6 +362,8 @@ def decoder(
     dropout_key = rng if training and cfg.dropout > 0 else None
     x = dropout(embed(params, tokens, positions, cfg), cfg.dropout, dropout_key)
     rope = rope_angles(positions, cfg, x.dtype) if cfg.position == "rope" else None  # once
+    # MoE routing leaves padding out of its losses and capacity (dense blocks need no mask)
+    token_valid = token_mask(attention_mask, tokens, cache, cache_start) if cfg.use_moe else None
 
     new_layers, layer_losses = {}, []
     for i in range(cfg.num_layers):
@@ -306,7 +371,11 @@ def decoder(
         layer_cache = None if cache is None else cache["layers", name]
         layer_key = None if dropout_key is None else fold_in(dropout_key, i + 1)
         layer_inputs = dict(
-            positions=positions, rope=rope, key_valid=attention_mask, dropout_key=layer_key
+            positions=positions,
+            rope=rope,
+            key_valid=attention_mask,
+            token_valid=token_valid,
+            dropout_key=layer_key,
         )
         if cfg.activation_checkpointing and cache is None and torch.is_grad_enabled():
             x, losses = checkpointed_block(params["layers", name], x, cfg, **layer_inputs)
@@ -422,7 +491,8 @@ def loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss of batch {"inputs": [B, T], "targets": [B, T], optional "attention_mask"}.
 
-    targets are the inputs shifted by one with IGNORE_INDEX (-100) where no loss is wanted.
+    targets are the inputs shifted by one with IGNORE_INDEX (-100) where no loss is wanted, of
+    any integer dtype (int32 ids are widened to int64).
     Returns (loss, metrics): loss = cross-entropy + the weighted MoE losses; metrics hold
     "ce_loss", "tokens" and the MoE losses, all tensors. With `cfg.loss_chunk_size` the head
     and the cross-entropy run fused over row chunks (`head_cross_entropy`).
@@ -431,6 +501,12 @@ def loss(
     if targets.shape != inputs.shape:
         shapes = f"targets {list(targets.shape)}, inputs {list(inputs.shape)}"  # one f-string
         raise ValueError(f"{shapes}: expected targets of the inputs' shape [B, T] (the next ids)")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(
+            f"targets must be integer token ids (any int dtype; {IGNORE_INDEX} = no loss), "
+            f"got {targets.dtype}"
+        )
+    targets = targets.long()  # the cross-entropy kernels take int64 only; int64 is not copied
     options = dict(attention_mask=batch.get("attention_mask"), training=training, rng=rng)
     if cfg.loss_chunk_size:
         hidden, _, aux = decoder(params, inputs, cfg, **options)

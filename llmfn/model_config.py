@@ -140,16 +140,16 @@ class ModelConfig:
             )
         if not (_finite(self.rope_theta) and self.rope_theta > 0):
             _fail("rope_theta", self.rope_theta, "a finite positive float")
-        if self.rope_scaling is not None and not (
-            _finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0
-        ):
+        if self.rope_original_max_seq_len is not None:
+            _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
+        if self.rope_scaling is None:
+            self._check_no_rope_scaling_fields()
+        elif not (_finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0):
             _fail(
                 "rope_scaling_factor",
                 self.rope_scaling_factor,
                 "a finite float >= 1 when rope_scaling is set",
             )
-        if self.rope_original_max_seq_len is not None:
-            _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
         if self.rope_scaling == "dynamic" and self.position == "rope" and self.head_dim < 4:
             # the grown base is theta · scale^(hd / (hd - 2)): hd = 2 divides by zero
             _fail(
@@ -159,6 +159,16 @@ class ModelConfig:
             )
         if self.rope_scaling == "llama3":
             self._check_llama3()
+
+    def _check_no_rope_scaling_fields(self) -> None:
+        """Without rope_scaling the scaling fields have no effect: one set anyway is a mistake
+        (a forgotten rope_scaling), not something to ignore."""
+        for name in ("rope_scaling_factor", "rope_original_max_seq_len"):
+            default = ModelConfig.__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                shown = "null" if default is None else default
+                expected = f"{shown} (the default) while rope_scaling is null; set rope_scaling"
+                _fail(name, getattr(self, name), f"{expected} (linear, dynamic, llama3) to use it")
 
     def _check_llama3(self) -> None:
         """Llama 3's band limits: 0 < low_freq_factor < high_freq_factor, both finite (the

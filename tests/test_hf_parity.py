@@ -161,12 +161,20 @@ def test_from_hf_matches_hf_logits(case, measured):
     assert delta <= TOLERANCE, f"{case}: max |Δlogits| = {delta:.3e}"
 
 
+# without rope_scaling, its other fields must be at their defaults too
+NO_ROPE_SCALING = {
+    "rope_scaling": None,
+    "rope_scaling_factor": 1.0,
+    "rope_original_max_seq_len": None,
+}
+
+
 @pytest.mark.parametrize(
     ("case", "ablation"),
     [
         ("llama_rope_linear", {"rope_scaling": None, "rope_scaling_factor": 1.0}),
-        ("llama_rope_dynamic", {"rope_scaling": None, "rope_scaling_factor": 1.0}),
-        ("llama_rope_llama3", {"rope_scaling": None, "rope_scaling_factor": 1.0}),
+        ("llama_rope_dynamic", NO_ROPE_SCALING),
+        ("llama_rope_llama3", NO_ROPE_SCALING),
         ("mistral_sliding", {"sliding_window": None}),
         ("qwen2_sliding", {"sliding_window": None}),
         ("llama_mha_untied", {"rope_theta": 20000.0}),

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PARAMS = init_params(DENSE)
 TOKENS = torch.randint(0, DENSE.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
 LEARNED = DENSE.replace(position="learned")
+LEARNED_PARAMS = init_params(LEARNED)
 
 
 def batch(tokens: torch.Tensor = TOKENS) -> dict:
@@ -54,6 +55,20 @@ BAD_INPUTS = {
         lambda: forward(init_params(LEARNED), torch.zeros(2, 40, dtype=torch.long), LEARNED),
         r"tokens \[B, T=40\] exceed model.max_seq_len=16 \(learned positions\)",
     ),
+    "positions= past the learned table": (
+        lambda: forward(LEARNED_PARAMS, TOKENS, LEARNED, positions=torch.arange(10, 18)[None]),
+        r"positions must be in \[0, model.max_seq_len=16\) with learned positions, got 10 \.\. 17",
+    ),
+    "negative positions=, learned": (
+        lambda: forward(LEARNED_PARAMS, TOKENS, LEARNED, positions=torch.arange(-1, 7)[None]),
+        r"positions must be in \[0, model.max_seq_len=16\) .*, got -1 \.\. 6",
+    ),
+    "cache slots past max_seq_len, learned": (
+        lambda: forward_cached(
+            LEARNED_PARAMS, TOKENS, LEARNED, init_cache(LEARNED, 3, 32), torch.tensor(12)
+        ),
+        r"cache_start=12 \+ T=8 tokens exceed model.max_seq_len=16 \(learned positions\)",
+    ),
     "attention_mask [B, T - 1]": (
         lambda: forward(PARAMS, TOKENS, DENSE, attention_mask=torch.ones(3, 7)),
         r"attention_mask \[3, 7\] does not fit tokens \[3, 8\]: expected \[B, T\] like tokens, "
@@ -78,6 +93,10 @@ BAD_INPUTS = {
     "targets of another shape": (
         lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS[:, 1:]}, DENSE),
         r"targets \[3, 7\], inputs \[3, 8\]: expected targets of the inputs' shape",
+    ),
+    "float targets": (
+        lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS.float()}, DENSE),
+        r"targets must be integer token ids \(any int dtype; -100 = no loss\), got torch.float32",
     ),
     "stacked ensemble without vmap": (
         lambda: forward(stacked_ensemble(), TOKENS, DENSE),
@@ -148,7 +167,39 @@ def test_good_uses_still_run():
         attention_mask=torch.ones(3, 12),
     )
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-    forward(init_params(LEARNED), torch.zeros(1, 16, dtype=torch.long), LEARNED)
+    forward(LEARNED_PARAMS, torch.zeros(1, 16, dtype=torch.long), LEARNED)
+    # learned positions up to the table's end: cache slots 8..15, and slots 20..27 of a longer
+    # cache (the layout of left-padded generation) at positions= 8..15
+    long_cache = init_cache(LEARNED, 3, 32)
+    forward_cached(LEARNED_PARAMS, tokens, LEARNED, long_cache, torch.tensor(8))
+    positions = torch.arange(8, 16)[None]
+    logits, _ = forward_cached(
+        LEARNED_PARAMS,
+        tokens,
+        LEARNED,
+        long_cache,
+        torch.tensor(20),
+        positions=positions,
+        attention_mask=(torch.arange(32) >= 20).expand(3, 32),
+    )
+    expected = forward(LEARNED_PARAMS, tokens, LEARNED, positions=positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_int32_targets_give_the_int64_loss(chunk, with_grad):
+    """Plain and chunked (`loss_chunk_size`) heads, with and without grad: the cross-entropy
+    kernels take int64 targets only; int32 ones (as int32 tokens) are widened."""
+    cfg = DENSE.replace(loss_chunk_size=chunk)
+    targets = TOKENS.roll(-1, 1)
+    targets[:, -1] = -100
+    with torch.set_grad_enabled(with_grad):
+        params = PARAMS.clone().apply(lambda leaf: leaf.requires_grad_(with_grad))
+        value, metrics = loss(params, {"inputs": TOKENS.int(), "targets": targets.int()}, cfg)
+        expected, _ = loss(params, {"inputs": TOKENS, "targets": targets}, cfg)
+    torch.testing.assert_close(value, expected)
+    assert metrics["tokens"] == 21
 
 
 def test_param_shapes_are_init_params_keys_and_shapes_in_order():
@@ -191,6 +242,25 @@ def test_checks_add_no_graph_break_or_recompile_under_compile():
                 expected["layers", "1", "attn", "wqkv"],
                 rtol=1e-4,
                 atol=1e-6,
+            )
+
+
+def test_learned_position_checks_add_no_graph_break_or_recompile():
+    """forward_cached of learned positions at new cache slots and positions= reuses one graph:
+    the range checks read values in eager only."""
+    compiled = torch.compile(
+        lambda p, t, c, start, pos: forward_cached(p, t, LEARNED, c, start, positions=pos)[0],
+        fullgraph=True,
+    )
+    cache = init_cache(LEARNED, 3, 16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for start in (0, 4, 8):
+            positions = torch.arange(start, start + 8)[None]
+            torch.testing.assert_close(
+                compiled(LEARNED_PARAMS, TOKENS, cache, torch.tensor(start), positions),
+                forward_cached(LEARNED_PARAMS, TOKENS, LEARNED, cache, torch.tensor(start))[0],
+                rtol=1e-5,
+                atol=1e-5,
             )
 
 

@@ -43,6 +43,13 @@ INVALID = [
     ({"dropout": "0.1"}, "dropout", "[0, 1)"),
     ({"init_std": -0.02}, "init_std", "non-negative float"),
     ({"rope_original_max_seq_len": 0}, "rope_original_max_seq_len", "positive integer"),
+    # scaling fields without rope_scaling would be silently ignored
+    ({"rope_scaling_factor": 2.0}, "rope_scaling_factor", "1.0 (the default) while rope_scaling"),
+    (
+        {"rope_original_max_seq_len": 16},
+        "rope_original_max_seq_len",
+        "null (the default) while rope_scaling is null; set rope_scaling",
+    ),
     (
         {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_low_freq_factor": 4.0},
         "rope_low_freq_factor",
@@ -105,6 +112,12 @@ def test_enum_error_lists_every_allowed_choice():
 def test_moe_fields_are_ignored_when_moe_is_off():
     cfg = ModelConfig(use_moe=False, num_experts=2, top_k=3)
     assert cfg.top_k == 3
+
+
+def test_rope_scaling_fields_at_their_defaults_are_fine_without_rope_scaling():
+    assert ModelConfig(rope_scaling_factor=1, rope_original_max_seq_len=None).rope_scaling is None
+    scaled = ModelConfig(rope_scaling="linear", rope_scaling_factor=2.0)
+    assert scaled.replace(rope_scaling=None, rope_scaling_factor=1.0).rope_scaling_factor == 1.0
 
 
 def test_odd_head_dim_is_fine_without_rope():

@@ -9,6 +9,11 @@ Dispatch has no Python loop over tokens or experts: every (token, choice) pair g
 results are gathered back. C = N (an expert sees each token at most once: dropless) unless
 `moe_capacity_factor` caps it, in which case pairs past an expert's capacity are skipped (their
 weight drops out of the sum).
+
+Padding: given `token_valid` (1 = real token, 0 = padding), padding is left out of everything
+routing computes: the aux and z losses are means over the real tokens, the capacity counts the
+real tokens only (a 0-d tensor, no host sync; the buffer keeps its static size C), and padding
+pairs take no slot (their output is the shared experts' alone, finite and unused).
 """
 
 import math
@@ -47,15 +52,40 @@ def expert_capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return min(num_tokens, max(1, math.ceil(cfg.moe_capacity_factor * pairs / cfg.num_experts)))
 
 
+def real_capacity(num_real: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """`expert_capacity` of a token count held in a 0-d long tensor (the real tokens of a padded
+    batch), computed on the device in float64 like Python's float, without a host sync."""
+    if cfg.moe_capacity_factor is None:
+        return num_real
+    pairs = (num_real * cfg.top_k).double()
+    capacity = torch.ceil(cfg.moe_capacity_factor * pairs / cfg.num_experts).long()
+    return torch.minimum(num_real, capacity.clamp(min=1))
+
+
+def token_mean(values: torch.Tensor, token_valid: torch.Tensor | None) -> torch.Tensor:
+    """values [N, ...] -> their mean over the tokens [...]; with token_valid [N] (1 = real),
+    over the real tokens only (0 when there are none)."""
+    if token_valid is None:
+        return values.mean(dim=0)
+    weights = token_valid.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(dim=0) / weights.sum().clamp(min=1)
+
+
 def one_hot(indices: torch.Tensor, num_classes: int) -> torch.Tensor:
     """indices [...] -> [..., num_classes] long. Unlike F.one_hot, no data-dependent check, so
     it works under torch.func.vmap."""
     return (indices[..., None] == torch.arange(num_classes, device=indices.device)).long()
 
 
-def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
+def route(
+    router: torch.Tensor,
+    x: torch.Tensor,
+    cfg: ModelConfig,
+    token_valid: torch.Tensor | None = None,
+):
     """x: [N, D] -> (weights [N, k], experts [N, k] long, losses dict of 0-d tensors). The
-    weights are the chosen experts' router probabilities, renormalised to sum to 1 for k > 1."""
+    weights are the chosen experts' router probabilities, renormalised to sum to 1 for k > 1.
+    token_valid: [N] (1 = real token, 0 = padding): the losses average over real tokens only."""
     logits = linear(x, router)  # [N, E], in at least float32
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     probs = logits.softmax(dim=-1)
@@ -65,9 +95,9 @@ def route(router: torch.Tensor, x: torch.Tensor, cfg: ModelConfig):
     # top_k = 1 keeps the raw probability (Switch Transformer): renormalised it would be exactly
     # 1, and the router would learn nothing from the model's loss, only from the aux losses.
     chosen = one_hot(experts, cfg.num_experts).sum(dim=1).to(probs.dtype)  # [N, E]
-    fraction_routed = chosen.mean(dim=0) / cfg.top_k
-    load_balance = cfg.num_experts * (fraction_routed * probs.mean(dim=0)).sum()
-    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    fraction_routed = token_mean(chosen, token_valid) / cfg.top_k
+    load_balance = cfg.num_experts * (fraction_routed * token_mean(probs, token_valid)).sum()
+    z_loss = token_mean(torch.logsumexp(logits, dim=-1).pow(2), token_valid)
     return weights.to(x.dtype), experts, {"moe_aux_loss": load_balance, "router_z_loss": z_loss}
 
 
@@ -78,19 +108,41 @@ def run_experts(experts: TensorDict, buffer: torch.Tensor, cfg: ModelConfig) -> 
     return torch.bmm(hidden, experts["w2"].transpose(1, 2))
 
 
-def moe(params: TensorDict, x: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, dict]:
-    """x: [B, T, D] -> ([B, T, D], {"moe_aux_loss", "router_z_loss"})."""
+def kept_pairs(
+    flat_expert: torch.Tensor, capacity: int, cfg: ModelConfig, pair_valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat_expert [N·k] (token-major: earlier tokens win a full expert) -> (rank_in_expert
+    [N·k] long, kept [N·k] bool: the pair has a slot below its expert's capacity). pair_valid
+    [N·k] (False = a padding token's pair): such pairs are not counted and not kept, and the
+    capacity is that of the real tokens (`real_capacity`)."""
+    routed = one_hot(flat_expert, cfg.num_experts)  # [N·k, E]
+    if pair_valid is not None:
+        routed = routed * pair_valid[:, None]
+    rank_in_expert = (routed.cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
+    if pair_valid is None:
+        return rank_in_expert, rank_in_expert < capacity
+    num_real = pair_valid.sum() // cfg.top_k
+    return rank_in_expert, pair_valid & (rank_in_expert < real_capacity(num_real, cfg))
+
+
+def moe(
+    params: TensorDict,
+    x: torch.Tensor,
+    cfg: ModelConfig,
+    token_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """x: [B, T, D] -> ([B, T, D], {"moe_aux_loss", "router_z_loss"}). token_valid: [B, T]
+    (1 = real token, 0 = padding), or None when every token is real."""
     B, T, D = x.shape
     tokens = x.reshape(B * T, D)
     N, E, k = B * T, cfg.num_experts, cfg.top_k
     capacity = expert_capacity(N, cfg)
-    weights, experts, losses = route(params["router"], tokens, cfg)
+    valid = None if token_valid is None else token_valid.reshape(N).bool()
+    weights, experts, losses = route(params["router"], tokens, cfg, valid)
 
-    flat_expert = experts.reshape(-1)  # [N·k], token-major: earlier tokens win a full expert
-    rank_in_expert = (
-        (one_hot(flat_expert, E).cumsum(dim=0) - 1).gather(1, flat_expert[:, None]).squeeze(1)
-    )
-    kept = rank_in_expert < capacity
+    flat_expert = experts.reshape(-1)  # [N·k]
+    pair_valid = None if valid is None else valid.repeat_interleave(k)
+    rank_in_expert, kept = kept_pairs(flat_expert, capacity, cfg, pair_valid)
     overflow_slot = E * capacity  # one spare row receives every skipped pair
     slot = torch.where(kept, flat_expert * capacity + rank_in_expert, overflow_slot)
 

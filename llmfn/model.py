@@ -278,15 +278,20 @@ def check_inputs(
     if torch.compiler.is_compiling():
         return
     check_params(params, cfg)
-    if can_read_values(tokens):
-        low, high = torch.aminmax(tokens)
-        if low < 0 or high >= cfg.vocab_size:
-            raise ValueError(
-                f"token ids must be in [0, model.vocab_size={cfg.vocab_size}), "
-                f"got ids {int(low)} .. {int(high)}"
-            )
+    check_range(
+        tokens, cfg.vocab_size, f"token ids must be in [0, model.vocab_size={cfg.vocab_size})"
+    )
     if cfg.position == "learned":
         check_learned_positions(tokens, cfg, positions=positions, cache_start=cache_start)
+
+
+def check_range(values: torch.Tensor, end: int, expected: str) -> None:
+    """ValueError `expected` (with the values' range) when an integer tensor holds values
+    outside [0, end); only where its values can be read without a sync (`can_read_values`)."""
+    if can_read_values(values):
+        low, high = torch.aminmax(values)
+        if low < 0 or high >= end:
+            raise ValueError(f"{expected}, got {int(low)} .. {int(high)}")
 
 
 def can_read_values(tensor: torch.Tensor) -> bool:
@@ -307,13 +312,10 @@ def check_learned_positions(
     table of model.max_seq_len rows: positions= (explicit) outside [0, max_seq_len), or, by
     default, the slots cache_start .. cache_start + T - 1 past it. Eager, reads values."""
     if positions is not None:
-        if can_read_values(positions):
-            low, high = torch.aminmax(positions)
-            if low < 0 or high >= cfg.max_seq_len:
-                raise ValueError(
-                    f"positions must be in [0, model.max_seq_len={cfg.max_seq_len}) with learned "
-                    f"positions, got {int(low)} .. {int(high)}"
-                )
+        expected = (
+            f"positions must be in [0, model.max_seq_len={cfg.max_seq_len}) with learned positions"
+        )
+        check_range(positions, cfg.max_seq_len, expected)
     elif cache_start is not None and can_read_values(cache_start):
         end = int(cache_start) + tokens.shape[1]
         if end > cfg.max_seq_len:

@@ -45,11 +45,11 @@ BAD_INPUTS = {
     ),
     "id == vocab_size": (
         lambda: forward(PARAMS, torch.full((2, 8), 64), DENSE),
-        r"token ids must be in \[0, model.vocab_size=64\), got ids 64 \.\. 64",
+        r"token ids must be in \[0, model.vocab_size=64\), got 64 \.\. 64",
     ),
     "negative id": (
         lambda: loss(PARAMS, batch(TOKENS - 5), DENSE),
-        r"token ids must be in \[0, model.vocab_size=64\), got ids -5 \.\. ",
+        r"token ids must be in \[0, model.vocab_size=64\), got -5 \.\. ",
     ),
     "T > max_seq_len, learned positions": (
         lambda: forward(init_params(LEARNED), torch.zeros(2, 40, dtype=torch.long), LEARNED),

@@ -227,24 +227,27 @@ def test_resuming_with_another_global_batch_warns_and_another_split_does_not():
     )
 
 
+# lr 1e-30: the val loss never improves, so early stopping's patience (2) runs out
+NEVER_IMPROVES = [
+    "train.task=regression",
+    "data.module=regression",
+    "data.batch_size=8",
+    "model.hidden_size=16",
+    "model.num_layers=1",
+    "optim.name=sgd",
+    "optim.lr=1e-30",
+    "optim.min_lr=0",
+    "optim.warmup_steps=0",
+    "train.eval_every=2",
+    "train.early_stopping_patience=2",
+]
+
+
 def test_early_stopping_evaluates_once_and_a_resume_has_nothing_to_train(tmp_path, capsys):
     """lr 1e-30: the val loss never improves, so patience 2 stops at the third eval (step 6). That
     step is evaluated once; resuming the stopped run trains nothing and writes nothing, unless
     the patience allows more."""
-    frozen = [
-        "train.task=regression",
-        "data.module=regression",
-        "data.batch_size=8",
-        "model.hidden_size=16",
-        "model.num_layers=1",
-        "optim.name=sgd",
-        "optim.lr=1e-30",
-        "optim.min_lr=0",
-        "optim.warmup_steps=0",
-        "train.eval_every=2",
-        "train.max_steps=40",
-        "train.early_stopping_patience=2",
-    ]
+    frozen = [*NEVER_IMPROVES, "train.max_steps=40"]
     result = train(config(tmp_path, *frozen))
     assert (result.step, result.stopped_by) == (6, "early_stopping")
     assert [row["step"] for row in evals(result.run_dir)] == [2, 4, 6]
@@ -286,19 +289,7 @@ def test_early_stopping_does_not_stop_a_run_that_reached_max_steps(tmp_path, cap
     """Patience 2 runs out at the final eval (step 6 = max_steps): the run ended anyway, so no
     early stop is recorded and a resume with a larger max_steps trains on (and stops early at
     its first eval, the val loss still not improving)."""
-    frozen = [
-        "train.task=regression",
-        "data.module=regression",
-        "data.batch_size=8",
-        "model.hidden_size=16",
-        "model.num_layers=1",
-        "optim.name=sgd",
-        "optim.lr=1e-30",
-        "optim.min_lr=0",
-        "optim.warmup_steps=0",
-        "train.eval_every=2",
-        "train.early_stopping_patience=2",
-    ]
+    frozen = NEVER_IMPROVES
     result = train(config(tmp_path, *frozen, "train.max_steps=6"))
     assert (result.step, result.stopped_by) == (6, "max_steps")
     assert [row["step"] for row in evals(result.run_dir)] == [2, 4, 6]

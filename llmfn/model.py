@@ -509,6 +509,9 @@ def loss(
             f"got {targets.dtype}"
         )
     targets = targets.long()  # the cross-entropy kernels take int64 only; int64 is not copied
+    if not torch.compiler.is_compiling():
+        expected = f"targets must be in [0, model.vocab_size={cfg.vocab_size}) or {IGNORE_INDEX}"
+        check_range(targets.masked_fill(targets == IGNORE_INDEX, 0), cfg.vocab_size, expected)
     options = dict(attention_mask=batch.get("attention_mask"), training=training, rng=rng)
     if cfg.loss_chunk_size:
         hidden, _, aux = decoder(params, inputs, cfg, **options)

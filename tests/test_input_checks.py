@@ -48,7 +48,7 @@ BAD_INPUTS = {
         r"token ids must be in \[0, model.vocab_size=64\), got 64 \.\. 64",
     ),
     "negative id": (
-        lambda: loss(PARAMS, batch(TOKENS - 5), DENSE),
+        lambda: loss(PARAMS, {"inputs": TOKENS - 5, "targets": TOKENS}, DENSE),
         r"token ids must be in \[0, model.vocab_size=64\), got -5 \.\. ",
     ),
     "T > max_seq_len, learned positions": (
@@ -93,6 +93,10 @@ BAD_INPUTS = {
     "targets of another shape": (
         lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS[:, 1:]}, DENSE),
         r"targets \[3, 7\], inputs \[3, 8\]: expected targets of the inputs' shape",
+    ),
+    "target id == vocab_size": (
+        lambda: loss(PARAMS, {"inputs": TOKENS, "targets": torch.full((3, 8), 64)}, DENSE),
+        r"targets must be in \[0, model.vocab_size=64\) or -100, got 64 \.\. 64",
     ),
     "float targets": (
         lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS.float()}, DENSE),

@@ -100,6 +100,13 @@ class ModelOutput(NamedTuple):
     losses: dict[str, torch.Tensor]  # MoE losses averaged over layers (empty for dense models)
 
 
+def token_slots(tokens: torch.Tensor, cache_start: torch.Tensor | None) -> torch.Tensor:
+    """[T] long: the cache slots (or, without a cache, the positions) of tokens [B, T]:
+    cache_start + t, from 0 without a cache."""
+    start = 0 if cache_start is None else cache_start
+    return torch.arange(tokens.shape[1], device=tokens.device) + start
+
+
 def default_positions(
     tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache_start: torch.Tensor | None
 ) -> torch.Tensor:
@@ -107,8 +114,7 @@ def default_positions(
     (so left-padded rows start at 0); start = cache_start (0-d long), 0 without a cache. With a
     cache the mask is over slots, and the positions are read at slots start .. start + T - 1
     (so cached decode matches the uncached forward)."""
-    start = 0 if cache_start is None else cache_start
-    slots = torch.arange(tokens.shape[1], device=tokens.device) + start
+    slots = token_slots(tokens, cache_start)
     if attention_mask is None:
         return slots.expand(tokens.shape)
     real_before = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T or max_len]
@@ -125,9 +131,7 @@ def token_mask(
     mask read at slots cache_start .. cache_start + T - 1), or None without a mask."""
     if attention_mask is None or cache is None:
         return attention_mask
-    start = 0 if cache_start is None else cache_start
-    slots = torch.arange(tokens.shape[1], device=tokens.device) + start
-    return attention_mask.index_select(1, slots)
+    return attention_mask.index_select(1, token_slots(tokens, cache_start))
 
 
 def embed(

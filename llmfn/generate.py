@@ -39,7 +39,6 @@ from llmfn.cached_decode import (
     slot_positions,
 )
 from llmfn.devices import is_out_of_memory, resolve_device
-from llmfn.layers.dropout import fold_in
 from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
 from llmfn.streaming_text import TextRow, encode_prompt, text_pieces
@@ -206,11 +205,19 @@ def is_finite_number(value) -> bool:
     return isinstance(value, int | float) and abs(value) <= FLOAT32_MAX
 
 
-SEED_LIMIT = 2**32  # the sampler hashes its key to 32 bits: seed s and s + 2**32 would agree
+SEED_LIMIT = 2**63  # the sampler's key is an int64
 
 
 def check_options(
-    max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit=None, seed=0
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    repetition_penalty,
+    eos_id,
+    vocab_limit=None,
+    seed=0,
+    prompt_offset=0,
 ) -> None:
     checks = [
         ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an int >= 1"),
@@ -220,7 +227,8 @@ def check_options(
         ("repetition_penalty", repetition_penalty, is_finite_number(repetition_penalty) and repetition_penalty > 0, "a finite float > 0 (1 = off)"),
         ("eos_id", eos_id, eos_id is None or (isinstance(eos_id, int) and eos_id >= 0), "None or an int >= 0"),
         ("vocab_limit", vocab_limit, vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= 1), "None or an int >= 1"),
-        ("seed", seed, isinstance(seed, int) and 0 <= seed < SEED_LIMIT, f"an int in [0, {SEED_LIMIT - 1}]"),
+        ("seed", seed, isinstance(seed, int) and 0 <= seed < SEED_LIMIT, "an int in [0, 2**63)"),
+        ("prompt_offset", prompt_offset, isinstance(prompt_offset, int) and 0 <= prompt_offset < 2**31, "an int in [0, 2**31)"),
     ]  # fmt: skip
     for name, value, ok, expected in checks:
         if not ok:
@@ -240,6 +248,7 @@ def stream(
     eos_id: int | None = None,
     vocab_limit: int | None = None,
     seed: int = 0,
+    prompt_offset: int = 0,
     compile: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, one new id per prompt (None for rows already finished at EOS).
@@ -248,12 +257,23 @@ def stream(
     temperature is 0. Stops after max_new_tokens steps, or once every row has emitted eos_id.
     vocab_limit: sample only ids below it, e.g. the tokenizer's vocab_size when
     model.vocab_size is padded past it (None: any id; `stream_text` sets it).
-    seed: an int in [0, 2**32): the same seed gives the same samples.
+    seed: an int in [0, 2**63): the same seed gives the same samples. Each prompt samples with
+    its own key, (seed, prompt_offset + its index in `prompts`), so its sample does not depend on
+    the other prompts of the batch; prompt_offset: the index of prompts[0] in a longer list that
+    is generated in batches (a prompt then samples the same whatever the batch size).
     compile: run the decode step through torch.compile (compiled once per model config,
     sampling flags, batch size and cache length).
     """
     check_options(
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_id, vocab_limit, seed
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        eos_id,
+        vocab_limit,
+        seed,
+        prompt_offset,
     )
     device = params["embed", "weight"].device
     tokens, pad_lengths = pad_prompts(prompts)
@@ -270,6 +290,7 @@ def stream(
     sampler, flags = init_sampler(
         tokens, pad_lengths, cfg.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, eos_id=eos_id, seed=seed, vocab_limit=vocab_limit,
+        prompt_offset=prompt_offset,
     )  # fmt: skip
     return decode_loop(params, cfg, tokens, pad_lengths, sampler, flags, max_new_tokens, compile)
 
@@ -342,7 +363,7 @@ def generate(params: TensorDict, cfg: ModelConfig, prompts, **options) -> list[l
 
     prompts: a list of token-id lists or a [B, T] long tensor. Options as in `stream`:
     max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, eos_id, seed,
-    compile.
+    prompt_offset, compile.
     """
     new_ids: list[list[int]] | None = None
     for step in stream(params, cfg, prompts, **options):
@@ -405,7 +426,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=50, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="a prompt samples the same whatever the --batch-size"
+    )
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument(
         "--batch-size", type=int, default=8, help="prompts per batch with --prompt-file"
@@ -454,15 +477,6 @@ def load_model(path: str, device: str):
     return cfg, params, tokenizer
 
 
-def batch_seed(seed: int, first: int) -> int:
-    """The sampling seed of the batch that starts at prompt index `first`: `seed` itself for the
-    first batch (a one-batch file samples as `--prompt` and `generate(seed=seed)` do), a hash of
-    (seed, first) for later ones, so that batches never share their noise."""
-    if first == 0:
-        return seed
-    return int(fold_in(torch.tensor(seed), first))
-
-
 def print_stream(prompt: str, pieces: Iterator[tuple[int, str]]) -> None:
     """Echo the prompt, then each piece as it arrives; the line is ended even when a piece
     fails, so an error message starts on a line of its own."""
@@ -508,8 +522,7 @@ def main(argv=None) -> int:
             return 0
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first : first + args.batch_size]
-            seed = batch_seed(args.seed, first)
-            texts = generate_text(params, cfg, tokenizer, batch, **{**options, "seed": seed})
+            texts = generate_text(params, cfg, tokenizer, batch, prompt_offset=first, **options)
             for offset, text in enumerate(texts):
                 print(
                     f"=== {first + offset + 1}: {batch[offset]}\n{batch[offset]}{text}\n",

@@ -1,7 +1,8 @@
 """The sampler: the next token of each row, from logits [B, V], the sampler state and a key.
 
-Sampling is a pure function of (seed, slot): Gumbel-max with noise from the hash in
-`llmfn.layers.dropout`, so the same seed gives the same tokens, compiled or not.
+Sampling is a pure function of (seed, prompt index, token number): Gumbel-max with noise from
+the hash in `llmfn.layers.dropout`, so the same seed gives the same tokens, compiled or not,
+whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def limit_vocab(logits: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Standard Gumbel noise of `shape`, a pure function of the 0-d int64 key."""
+    """Standard Gumbel noise of `shape` [B, V], a pure function of the int64 keys [B] (row b's
+    noise depends on key[b] alone)."""
     u = uniform(key, shape).add(0.5 / (1 << 24))  # in (0, 1): never log(0)
     return -torch.log(-torch.log(u))
 
@@ -96,11 +98,13 @@ def sample_step(
     """Pick the token for cache slot `slot` -> (ids [B] long, updated sampler).
 
     Rows already finished get eos_id again; a row finishes when it emits eos_id (-1 = never).
-    sampler: {"key", "temperature", "top_k", "top_p", "repetition_penalty", "eos_id",
-    "vocab_limit"} 0-d tensors, "seen" [B, V] bool (ids in the prompt or generated),
-    "finished" [B] bool.
+    sampler: {"temperature", "top_k", "top_p", "repetition_penalty", "eos_id", "vocab_limit",
+    "first_new_slot"} 0-d tensors, "key" [B] long (one per row), "seen" [B, V] bool (ids in the
+    prompt or generated), "finished" [B] bool. The noise of a row's n-th new token is keyed by
+    (its row key, n) alone, so it does not depend on the other rows or the padding.
     """
-    ids = choose_tokens(logits, sampler, flags, fold_in(sampler["key"], slot))
+    step_keys = fold_in(sampler["key"], slot - sampler["first_new_slot"])
+    ids = choose_tokens(logits, sampler, flags, step_keys)
     eos = sampler["eos_id"]
     ids = torch.where(sampler["finished"], eos.clamp(min=0), ids)
     seen = (
@@ -123,9 +127,12 @@ def init_sampler(
     eos_id: int | None,
     seed: int,
     vocab_limit: int | None = None,
+    prompt_offset: int = 0,
 ) -> tuple[dict, SamplingFlags]:
     """The sampler state for left-padded prompts tokens [B, T] and its static flags.
-    vocab_limit: sample only ids below it (None: any of the vocab_size ids)."""
+    vocab_limit: sample only ids below it (None: any of the vocab_size ids).
+    Row b samples with the key fold_in(seed, prompt_offset + b): a prompt's sample depends on
+    the seed and its index in the whole list, not on how the list was cut into batches."""
     device = tokens.device
     scalar = lambda value, dtype: torch.tensor(value, dtype=dtype, device=device)  # noqa: E731
     flags = SamplingFlags(
@@ -135,18 +142,20 @@ def init_sampler(
         repetition_penalty=repetition_penalty != 1.0,
         vocab_limit=vocab_limit is not None and vocab_limit < vocab_size,
     )
+    rows = torch.arange(tokens.shape[0], device=device)
     seen = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=device)
     if flags.repetition_penalty:
         real = slot_mask(pad_lengths, tokens.shape[1])
         seen = torch.zeros_like(seen, dtype=torch.long).scatter_add(1, tokens, real.long()) > 0
     sampler = {
-        "key": scalar(seed, torch.long),
+        "key": fold_in(scalar(seed, torch.long), prompt_offset + rows),
         "temperature": scalar(max(temperature, 1e-6), torch.float32),
         "top_k": scalar(top_k or 0, torch.long),
         "top_p": scalar(1.0 if top_p is None else top_p, torch.float32),
         "repetition_penalty": scalar(repetition_penalty, torch.float32),
         "eos_id": scalar(-1 if eos_id is None else eos_id, torch.long),
         "vocab_limit": scalar(vocab_size if vocab_limit is None else vocab_limit, torch.long),
+        "first_new_slot": scalar(tokens.shape[1], torch.long),
         "seen": seen,
         "finished": torch.zeros(tokens.shape[0], dtype=torch.bool, device=device),
     }

@@ -394,8 +394,9 @@ def test_bad_options_and_prompts_are_clear_errors():
         (dict(temperature=1e39), r"temperature=1e\+39 is invalid"),  # inf as float32
         (dict(repetition_penalty=float("inf")), r"repetition_penalty=inf is invalid"),
         (dict(vocab_limit=0), "vocab_limit=0 is invalid"),
-        (dict(seed=-1), r"seed=-1 is invalid: expected an int in \[0, 4294967295\]"),
-        (dict(seed=2**32), "seed=4294967296 is invalid"),  # it would sample as seed 0
+        (dict(seed=-1), r"seed=-1 is invalid: expected an int in \[0, 2\*\*63\)"),
+        (dict(seed=2**63), "seed=9223372036854775808 is invalid"),  # not an int64
+        (dict(prompt_offset=-1), r"prompt_offset=-1 is invalid: expected an int in \[0, 2\*\*31\)"),
         (dict(seed=1.5), "seed=1.5 is invalid"),
     ]
     for options, message in cases:
@@ -637,23 +638,27 @@ def test_cli_prompt_file_batches_and_stop_strings(checkpoint, capsys, tmp_path):
         assert f"=== {number}: {prompt}\n{prompt}{text}\n" in out
 
 
-def test_cli_prompt_file_batches_sample_with_their_own_noise(checkpoint, capsys, tmp_path):
-    """Rows at the same place of different batches get different noise (the same prompt 4
-    times, batches of 2), reproducibly; the first batch samples as generate(seed=seed)."""
+def test_cli_prompt_file_samples_a_prompt_the_same_whatever_the_batch_size(
+    checkpoint, capsys, tmp_path
+):
+    """Each prompt has its own noise, keyed by (seed, its index in the file): the same prompt 4
+    times gives 4 samples, the output does not depend on --batch-size, and prompt i samples as
+    generate(..., seed=seed, prompt_offset=i)."""
     path, cfg, params, tokenizer = checkpoint
-    (tmp_path / "same.txt").write_text("the\n" * 4)
-    argv = [str(path), "--prompt-file", str(tmp_path / "same.txt"), "--batch-size", "2"]
+    prompts = ["the", "the", "a fox", "the", "the quick brown", "the"]
+    (tmp_path / "prompts.txt").write_text("".join(f"{p}\n" for p in prompts))
+    argv = [str(path), "--prompt-file", str(tmp_path / "prompts.txt")]
     argv += ["--max-new-tokens", "12", "--temperature", "1.0", "--seed", "1"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    texts = [block.split("\n", 1)[1] for block in out.split("=== ")[1:]]
-    assert len(set(texts)) == 4  # batch 2 does not repeat batch 1
-    assert main(argv) == 0
-    assert capsys.readouterr().out == out
-    first = generate_text(
-        params, cfg, tokenizer, ["the"] * 2, max_new_tokens=12, temperature=1.0, top_k=50, seed=1
-    )
-    assert texts[:2] == [f"the{text}\n\n" for text in first]
+    outputs = []
+    for batch_size in ("1", "2", "4"):
+        assert main([*argv, "--batch-size", batch_size]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    texts = [block.split("\n", 1)[1] for block in outputs[0].split("=== ")[1:]]
+    assert len({texts[i] for i in (0, 1, 3, 5)}) == 4  # the same prompt, other noise
+    options = dict(max_new_tokens=12, temperature=1.0, top_k=50, seed=1)
+    alone = generate_text(params, cfg, tokenizer, ["a fox"], prompt_offset=2, **options)
+    assert texts[2] == f"a fox{alone[0]}\n\n"
 
 
 def test_text_of_a_padded_vocabulary_uses_only_ids_the_tokenizer_decodes(
@@ -706,8 +711,7 @@ def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys)
     assert main([path, "--prompt", "the", "--seed", "99999999999999999999"]) == 2
     assert capsys.readouterr() == (
         "",
-        "error: generate: seed=99999999999999999999 is invalid: expected an int in "
-        "[0, 4294967295]\n",
+        "error: generate: seed=99999999999999999999 is invalid: expected an int in [0, 2**63)\n",
     )
 
 

@@ -15,7 +15,7 @@ from tensordict import TensorDict
 
 from llmfn.cached_decode import decode_weights
 from llmfn.layers.attention import attention_bias
-from llmfn.layers.dropout import dropout
+from llmfn.layers.dropout import dropout, fold_in, uniform
 from llmfn.layers.linear import linear
 from llmfn.layers.mlp import mlp
 from llmfn.layers.moe import expert_capacity, moe, route
@@ -519,6 +519,25 @@ def test_dropout_rate_and_scale():
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / 0.7))
     assert out.mean().item() == pytest.approx(1.0, abs=0.02)  # inverted dropout keeps the mean
     assert torch.equal(dropout(x, 0.3, None), x)
+
+
+def test_the_streams_of_two_keys_are_unrelated():
+    """Keys 0 and the inverse of the old key multiplier (mod 2**32) once gave the same stream
+    shifted by one element; seeds that differ above bit 32 once gave the same stream."""
+    n = 1 << 16
+    inverse = pow(0x632BE5AB, -1, 1 << 32)
+    first, second = uniform(torch.tensor(0), (n,)), uniform(torch.tensor(inverse), (n,))
+    for shift in range(4):
+        assert (first[shift:] == second[: n - shift]).float().mean() < 0.01
+    high = uniform(torch.tensor(3 + 2**32), (n,))
+    assert (uniform(torch.tensor(3), (n,)) == high).float().mean() < 0.01
+
+
+def test_a_key_per_row_gives_each_row_the_stream_of_its_own_key():
+    keys = fold_in(torch.tensor(9), torch.arange(3))
+    rows = uniform(keys, (3, 50))
+    for row, key in zip(rows, keys, strict=True):
+        assert torch.equal(row, uniform(key, (50,)))
 
 
 def test_training_with_dropout_needs_a_key():

@@ -1,8 +1,12 @@
 """Dropout from an explicit integer key, JAX style.
 
-The mask is a hash of (key, salt, element index), so it is a pure function of its inputs: the
-same under eager, `torch.compile`, `vmap` and after a resume, with no global RNG state.
+The mask is a hash of (key, element index), so it is a pure function of its inputs: the same
+under eager, `torch.compile`, `vmap` and after a resume, with no global RNG state. The key
+enters between two rounds of the hash, so the streams of two keys are unrelated (a key added
+to the index would make every stream a shifted copy of the others).
 """
+
+import math
 
 import torch
 
@@ -17,19 +21,28 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _key32(key: torch.Tensor) -> torch.Tensor:
+    """A 32-bit hash of int64 keys that reads all 64 bits (seeds s and s + 2³² differ)."""
+    return _hash32(key ^ _hash32(key >> 32))
+
+
 def fold_in(key: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
-    """A new 0-d int64 key derived from `key` and `salt` (like `jax.random.fold_in`)."""
-    return _hash32(_hash32(key) + salt * 0x9E3779B1)
+    """A new int64 key derived from `key` and `salt` (like `jax.random.fold_in`); elementwise
+    over tensors of keys and salts."""
+    return _hash32(_key32(key) + salt * 0x9E3779B1)
 
 
 def uniform(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Floats in [0, 1) of `shape`, a pure function of the 0-d int64 `key`."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    index = torch.arange(numel, device=key.device, dtype=torch.int64)
-    bits = _hash32(_hash32(index + key * 0x632BE5AB))
-    return (bits >> 8).float().mul(1.0 / (1 << 24)).view(shape)
+    """Floats in [0, 1) of `shape`, a pure function of the int64 `key`.
+
+    key: 0-d (one stream for the whole tensor) or of shape `shape[:k]`: one stream per leading
+    index, each the floats a 0-d key would give for `shape[k:]`.
+    """
+    inner = shape[key.ndim :]
+    index = torch.arange(math.prod(inner), device=key.device, dtype=torch.int64).view(inner)
+    stream = _key32(key).view(*key.shape, *(1 for _ in inner))
+    bits = _hash32(_hash32(index) ^ stream)
+    return (bits >> 8).float().mul(1.0 / (1 << 24))
 
 
 def dropout(x: torch.Tensor, p: float, key: torch.Tensor | None) -> torch.Tensor:

@@ -14,6 +14,17 @@ NORM_TYPES = ("rmsnorm", "layernorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 ROPE_SCALINGS = (None, "linear", "dynamic", "llama3")
+ROPE_SCALING_FIELDS = {  # the fields each rope_scaling reads
+    None: (),
+    "linear": ("rope_scaling_factor",),
+    "dynamic": ("rope_scaling_factor", "rope_original_max_seq_len"),
+    "llama3": (
+        "rope_scaling_factor",
+        "rope_original_max_seq_len",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+    ),
+}
 BOOL_FIELDS = (
     "use_glu",
     "mlp_bias",
@@ -142,9 +153,8 @@ class ModelConfig:
             _fail("rope_theta", self.rope_theta, "a finite positive float")
         if self.rope_original_max_seq_len is not None:
             _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
-        if self.rope_scaling is None:
-            self._check_no_rope_scaling_fields()
-        elif not (_finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0):
+        self._check_unused_rope_fields()
+        if self.rope_scaling is not None and not (_finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0):
             _fail(
                 "rope_scaling_factor",
                 self.rope_scaling_factor,
@@ -160,15 +170,23 @@ class ModelConfig:
         if self.rope_scaling == "llama3":
             self._check_llama3()
 
-    def _check_no_rope_scaling_fields(self) -> None:
-        """Without rope_scaling the scaling fields have no effect: one set anyway is a mistake
-        (a forgotten rope_scaling), not something to ignore."""
-        for name in ("rope_scaling_factor", "rope_original_max_seq_len"):
+    def _check_unused_rope_fields(self) -> None:
+        """A scaling field the chosen rope_scaling does not read has no effect: one set anyway is
+        a mistake (a forgotten or other rope_scaling), not something to ignore."""
+        used = ROPE_SCALING_FIELDS[self.rope_scaling]
+        for name in ROPE_SCALING_FIELDS["llama3"]:
             default = ModelConfig.__dataclass_fields__[name].default
-            if getattr(self, name) != default:
-                shown = "null" if default is None else default
-                expected = f"{shown} (the default) while rope_scaling is null; set rope_scaling"
-                _fail(name, getattr(self, name), f"{expected} (linear, dynamic, llama3) to use it")
+            if name in used or getattr(self, name) == default:
+                continue
+            users = [kind for kind, fields in ROPE_SCALING_FIELDS.items() if name in fields]
+            shown = "null" if default is None else default
+            scaling = "null" if self.rope_scaling is None else self.rope_scaling
+            _fail(
+                name,
+                getattr(self, name),
+                f"{shown} (the default) while rope_scaling is {scaling}; it is read by "
+                f"rope_scaling={' or '.join(users)}",
+            )
 
     def _check_llama3(self) -> None:
         """Llama 3's band limits: 0 < low_freq_factor < high_freq_factor, both finite (the

@@ -48,7 +48,18 @@ INVALID = [
     (
         {"rope_original_max_seq_len": 16},
         "rope_original_max_seq_len",
-        "null (the default) while rope_scaling is null; set rope_scaling",
+        "null (the default) while rope_scaling is null; it is read by rope_scaling=dynamic or llama3",
+    ),
+    # ... and so would fields the chosen scaling does not read
+    (
+        {"rope_scaling": "linear", "rope_scaling_factor": 2.0, "rope_original_max_seq_len": 16},
+        "rope_original_max_seq_len",
+        "while rope_scaling is linear; it is read by rope_scaling=dynamic or llama3",
+    ),
+    (
+        {"rope_scaling": "dynamic", "rope_scaling_factor": 2.0, "rope_low_freq_factor": 2.0},
+        "rope_low_freq_factor",
+        "1.0 (the default) while rope_scaling is dynamic; it is read by rope_scaling=llama3",
     ),
     (
         {"rope_scaling": "llama3", "rope_scaling_factor": 8.0, "rope_low_freq_factor": 4.0},

@@ -154,7 +154,9 @@ class ModelConfig:
         if self.rope_original_max_seq_len is not None:
             _check_positive_int("rope_original_max_seq_len", self.rope_original_max_seq_len)
         self._check_unused_rope_fields()
-        if self.rope_scaling is not None and not (_finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0):
+        if self.rope_scaling is not None and not (
+            _finite(self.rope_scaling_factor) and self.rope_scaling_factor >= 1.0
+        ):
             _fail(
                 "rope_scaling_factor",
                 self.rope_scaling_factor,

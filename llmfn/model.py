@@ -289,6 +289,20 @@ def check_inputs(
         check_learned_positions(tokens, cfg, positions=positions, cache_start=cache_start)
 
 
+def check_rng(rng: torch.Tensor | None, batch_size: int) -> None:
+    """The dropout key of forward(training=True): an int64 tensor, 0-d or [B]."""
+    if rng is None:
+        raise ValueError(
+            "forward(training=True) with model.dropout > 0 needs rng= (an int64 key tensor: 0-d, "
+            "or one key per row [B])"
+        )
+    if rng.dtype != torch.int64 or rng.shape not in ((), (batch_size,)):
+        raise ValueError(
+            f"rng must be an int64 key, 0-d or one per row [B={batch_size}], got "
+            f"{list(rng.shape)} {rng.dtype}"
+        )
+
+
 def check_range(values: torch.Tensor, end: int, expected: str) -> None:
     """ValueError `expected` (with the values' range) when an integer tensor holds values
     outside [0, end); only where its values can be read without a sync (`can_read_values`)."""
@@ -347,7 +361,8 @@ def decoder(
     positions: [B, T] (default: see `default_positions`). attention_mask: 1 for real tokens,
     0 for padding; [B, T], or [B, max_len] over the cache slots when a cache is given.
     cache / cache_start: a tree from `init_cache` and the first slot this call writes (0-d long).
-    training + rng (0-d int64 key): dropout, as a pure function of the key.
+    training + rng (an int64 key: 0-d, or one per row [B] for masks that do not depend on the
+    rest of the batch): dropout, as a pure function of the key.
     Misfit inputs or params raise a ValueError naming them (`check_inputs`).
     """
     check_inputs(
@@ -359,10 +374,8 @@ def decoder(
         positions=positions,
         cache_start=cache_start,
     )
-    if training and cfg.dropout > 0 and rng is None:
-        raise ValueError(
-            "forward(training=True) with model.dropout > 0 needs rng= (a 0-d int64 key tensor)"
-        )
+    if training and cfg.dropout > 0:
+        check_rng(rng, tokens.shape[0])
     if positions is None:
         positions = default_positions(tokens, attention_mask, cache_start)
     dropout_key = rng if training and cfg.dropout > 0 else None

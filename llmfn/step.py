@@ -154,11 +154,16 @@ def make_train_step(
     *,
     device_type: str = "cpu",
     all_reduce: GradientAllReduce | None = None,
+    rank: int = 0,
     compile: bool = False,
     donate: bool = False,
 ) -> Callable[[TensorDict, dict], tuple[TensorDict, dict[str, torch.Tensor]]]:
     """Build the pure step. `batch` holds [A, B, ...] tensors: A micro-batches of gradient
-    accumulation. `all_reduce` (multi-process) sums a list of tensors over ranks. The gradients
+    accumulation. `all_reduce` (multi-process) sums a list of tensors over ranks; `rank`: this
+    process's. Row b of micro-batch a on rank r is row (a·N + r)·B + b of the step's global
+    batch on N ranks (as `llmfn.data.sampling` lays rows out), and its dropout key is that
+    row's: however a global batch is split over ranks and micro-batches, each row drops the
+    same units. The gradients
     are those of the mean loss over every loss token of the global batch (micro-batches and ranks
     with fewer tokens weigh less), as one process with the whole batch in one piece computes.
 
@@ -174,6 +179,7 @@ def make_train_step(
     step (3x the params' size; on CPU also their page faults). Values are the same either way.
     """
     precision = config.train.precision
+    world_size = 1 if all_reduce is None else all_reduce.world_size
     max_norm = config.optim.grad_clip
     nonfinite_limit = 1 if config.train.nonfinite == "halt" else config.train.max_nonfinite
 
@@ -189,14 +195,17 @@ def make_train_step(
     grad_and_value = torch.func.grad_and_value(loss_of, has_aux=True)
 
     def gradients(paths, treedef, params, batch, step_key, scale):
-        """The gradients of the mean loss over all the loss tokens of the batch's A micro-batches
-        (each with its own dropout key), each micro-batch weighing by its count of tokens (as
-        the task counts them) -> (grads [leaves], loss, tokens, the task's other metrics)."""
-        num_micro = next(iter(batch.values())).shape[0]
+        """The gradients of the mean loss over all the loss tokens of the batch's A micro-batches,
+        each micro-batch weighing by its count of tokens (as the task counts them) -> (grads
+        [leaves], loss, tokens, the task's other metrics). Each row's dropout key is (step, its
+        row in the step's global batch)."""
+        num_micro, rows = next(iter(batch.values())).shape[:2]
+        local_rows = torch.arange(rows, device=step_key.device)
         grads, losses, task_metrics, weights = None, [], [], []
         for i in range(num_micro):
+            row_keys = fold_in(step_key, (i * world_size + rank) * rows + local_rows)
             g, (_, (value, metrics)) = grad_and_value(
-                params, paths, treedef, micro_batch(batch, i), fold_in(step_key, i), scale
+                params, paths, treedef, micro_batch(batch, i), row_keys, scale
             )
             count = metrics["tokens"].float()
             if i == 0:  # weights relative to the first count: equal counts weigh exactly 1.0

@@ -480,6 +480,7 @@ def build_train_step(config: Config, task, optimizer, max_steps: int, proc: Proc
         lr_schedule_from_config(config.optim, max_steps),
         device_type=device.type,
         all_reduce=GradientAllReduce(proc.world_size) if proc.world_size > 1 else None,
+        rank=proc.rank,
         compile=config.train.compile,
         # In place: 3x the params' memory less at the update (the peak on GPU when activations
         # are checkpointed). On CPU only with glibc keeping freed memory: otherwise it then

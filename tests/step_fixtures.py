@@ -17,10 +17,11 @@ from llmfn.step import init_train_state, make_train_step
 from llmfn.tasks import get_task
 
 
-def small_config(**train):
+def small_config(dropout: float = 0.0, **train):
     return from_dict(
         {
             "model": {
+                "dropout": dropout,
                 "vocab_size": 64,
                 "hidden_size": 32,
                 "num_layers": 2,
@@ -49,7 +50,7 @@ def global_batch(config, index: int, *, rows: int, accum: int = 1, prompts: bool
     return {"inputs": tokens[..., :-1], "targets": targets}
 
 
-def state_and_step(config, all_reduce=None, compile=False, donate=False):
+def state_and_step(config, all_reduce=None, rank=0, compile=False, donate=False):
     task = get_task(config.train.task)
     params = init_params(config.model, seed=0)
     optimizer = build_optimizer(config.optim, params)
@@ -60,6 +61,7 @@ def state_and_step(config, all_reduce=None, compile=False, donate=False):
         optimizer,
         lr_schedule_from_config(config.optim, config.train.max_steps),
         all_reduce=all_reduce,
+        rank=rank,
         compile=compile,
         donate=donate,
     )

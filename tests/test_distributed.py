@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) under torchrun: params identical on both ranks after N steps, and
 equal to one process stepping on the same global batch (whose ranks' halves hold different
-numbers of loss tokens: each token weighs the same)."""
+numbers of loss tokens: each token weighs the same; each row drops what it drops in one
+process)."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.ddp_worker import DROPOUT
 from tests.step_fixtures import ROOT, global_batch, run_torchrun, small_config, state_and_step
 
 STEPS = 3
@@ -23,7 +25,7 @@ def run_two_ranks(out: Path, compiled: bool) -> None:
 
 
 def single_process_params():
-    config = small_config()
+    config = small_config(dropout=DROPOUT)
     state, step = state_and_step(config)
     for i in range(STEPS):
         batch = global_batch(config, i, rows=2 * config.data.batch_size, prompts=True)

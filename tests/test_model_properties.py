@@ -60,7 +60,7 @@ def model_configs(draw, *, moe=None, sliding_window=None, position=None) -> Mode
         position=position,
         rope_scaling=rope_scaling,
         rope_scaling_factor=2.0 if rope_scaling else 1.0,
-        rope_original_max_seq_len=8 if rope_scaling else None,
+        rope_original_max_seq_len=8 if rope_scaling == "llama3" else None,
         attention_bias=draw(st.booleans()),
         mlp_bias=draw(st.booleans()),
         sliding_window=sliding_window or None,
@@ -544,6 +544,22 @@ def test_training_with_dropout_needs_a_key():
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, dropout=0.1)
     with pytest.raises(ValueError, match="rng="):
         forward(init_params(cfg), random_tokens((1, 4), 0), cfg, training=True)
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor(1.0), torch.tensor([[1], [2]])):
+        with pytest.raises(
+            ValueError, match=r"rng must be an int64 key, 0-d or one per row \[B=2\]"
+        ):
+            forward(init_params(cfg), random_tokens((2, 4), 0), cfg, training=True, rng=bad)
+
+
+def test_a_key_per_row_drops_each_row_as_alone():
+    """Row keys [B]: a row's dropout masks do not depend on the rest of the batch."""
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, dropout=0.3)
+    params, tokens = init_params(cfg), random_tokens((3, 6), 1)
+    keys = fold_in(torch.tensor(4), torch.arange(3))
+    together = forward(params, tokens, cfg, training=True, rng=keys)
+    for row in range(3):
+        alone = forward(params, tokens[row : row + 1], cfg, training=True, rng=keys[row : row + 1])
+        torch.testing.assert_close(alone[0], together[row])
 
 
 # --- config validation ----------------------------------------------------------------------

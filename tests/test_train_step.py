@@ -127,12 +127,13 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_accumulation_weighs_every_loss_token_alike():
     """Micro-batches with different numbers of loss tokens (masked prompts) step as the whole
-    batch in one piece: the mean over all its tokens, not the mean of the micro-batches' means.
-    SGD without momentum or clipping, so the params move by exactly lr x gradient."""
+    batch in one piece: the mean over all its tokens, not the mean of the micro-batches' means;
+    each row drops the same units either way. SGD without momentum or clipping, so the params
+    move by exactly lr x gradient."""
     sgd = {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0, "grad_clip": None}
     whole, split = (
         config.replace(optim=dataclasses.replace(config.optim, **sgd))
-        for config in (small_config(), small_config(grad_accum_steps=2))
+        for config in (small_config(0.2), small_config(0.2, grad_accum_steps=2))
     )
     big = global_batch(whole, 0, rows=4, prompts=True)
     halves = {k: v.view(2, 2, -1) for k, v in big.items()}

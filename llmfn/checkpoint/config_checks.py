@@ -11,9 +11,18 @@ import yaml
 from llmfn.checkpoint.layout import CONFIG_FILE, CheckpointError
 from llmfn.model_config import ModelConfig
 
-# Model fields that change how a run trains, not what its parameters mean: they may differ on resume.
+# Model fields that change how a run trains, not what its parameters mean: they may differ on
+# resume (the MoE loss weights and expert capacity shape the training loss and routing only).
 RUNTIME_ONLY_MODEL_FIELDS = frozenset(
-    {"dropout", "activation_checkpointing", "loss_chunk_size", "init_std"}
+    {
+        "dropout",
+        "activation_checkpointing",
+        "loss_chunk_size",
+        "init_std",
+        "moe_aux_loss_coef",
+        "router_z_loss_coef",
+        "moe_capacity_factor",
+    }
 )
 
 

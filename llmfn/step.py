@@ -280,7 +280,8 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": tokens,
-            "nonfinite": (~finite).float(),
+            "nonfinite": failed.float(),  # counts toward train.max_nonfinite
+            "skipped": (~take_update).float(),  # no update applied (also an fp16 overflow)
             **extra,
         }
         if precision == "fp16":

@@ -178,7 +178,8 @@ def test_metrics_are_tensors_with_lr_from_schedule():
     config = small_config()
     state, step = state_and_step(config)
     _, metrics = step(state, global_batch(config, 0, rows=2))
-    assert {"loss", "grad_norm", "lr", "tokens", "nonfinite", "ce_loss"} <= set(metrics)
+    assert {"loss", "grad_norm", "lr", "tokens", "nonfinite", "skipped", "ce_loss"} <= set(metrics)
+    assert (float(metrics["nonfinite"]), float(metrics["skipped"])) == (0.0, 0.0)
     assert all(isinstance(v, torch.Tensor) for v in metrics.values())
     assert 0 < float(metrics["lr"]) < config.optim.lr  # still warming up at step 0
 
@@ -233,6 +234,7 @@ def test_an_fp16_overflow_backs_off_the_scale_without_counting_as_a_failure():
     assert float(after["loss_scale"]) == 2.0**39
     assert int(after["nonfinite_streak"]) == 0  # the state is not frozen: training goes on
     assert (int(after["step"]), int(after["updates"])) == (1, 0)
+    assert (float(metrics["nonfinite"]), float(metrics["skipped"])) == (0.0, 1.0)
     assert_trees_close(after["params"], state["params"], rtol=0, atol=0)
     after["loss_scale"] = torch.tensor(2.0**10)
     trained, metrics = step(after, batch)

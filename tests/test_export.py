@@ -98,6 +98,40 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path, capsys):
     assert tokenizer("w3 w7 w19")["input_ids"] == [5, 9, 21] and tokenizer.eos_token == "<eos>"
 
 
+def test_import_hf_brings_an_hf_folder_back_as_llmfn_weights(tmp_path, capsys):
+    """export --format hf, then import_hf: the same params and config, the tokenizer with them;
+    the folder loads for generation and as a run's initial weights."""
+    from llmfn.checkpoint.initial_params import load_initial_params
+    from llmfn.import_hf import main as import_main
+
+    params = sharpened_params(LLAMA)
+    write_checkpoint(
+        tmp_path / "run", LLAMA, params, tokenizer_dir=hf_tokenizer_dir(tmp_path / "t")
+    )
+    assert main([str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    out = tmp_path / "weights"
+    assert import_main([str(tmp_path / "hf"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"imported {tmp_path / 'hf'} to {out}\n")
+    cfg, imported, tokenizer = load_for_inference(out)
+    assert cfg.replace(intermediate_size=None) == LLAMA and cfg.ffn_size == LLAMA.ffn_size
+    for key, value in params.items(include_nested=True, leaves_only=True):
+        assert torch.equal(imported[key], value), key
+    assert tokenizer.encode("w3 w7 w19") == [5, 9, 21]
+    running = LLAMA.replace(max_seq_len=64, dropout=0.1)
+    start, _ = load_initial_params(out, running, init_params(running))
+    assert torch.equal(start["embed", "weight"], params["embed", "weight"])
+
+
+def test_import_hf_errors_name_the_folder(tmp_path, capsys):
+    from llmfn.import_hf import main as import_main
+
+    assert import_main([str(tmp_path), "--out", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot import {tmp_path}: {tmp_path} has no config.json: expected a folder "
+        "written by save_pretrained\n"
+    )
+
+
 def bpe_tokenizer_dir(path: Path) -> Path:
     """llmfn's default BPE (eos <|endoftext|> = 0, pad <|pad|> = 1, no bos), 260 ids."""
     from llmfn.data.bpe_tokenizer import BPETokenizer

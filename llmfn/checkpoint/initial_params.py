@@ -44,7 +44,9 @@ def check_same_params(folder: Path, stored: ModelConfig, running: ModelConfig) -
     """CheckpointError listing every model field that differs between the checkpoint and the
     running model and would change what its params are (see `changeable_fields`)."""
     free = changeable_fields(running)
-    stored_fields, running_fields = stored.to_dict(), running.to_dict()
+    stored_fields, running_fields = (  # intermediate_size null means the derived ffn_size
+        cfg.replace(intermediate_size=cfg.ffn_size).to_dict() for cfg in (stored, running)
+    )
     differences = [
         f"model.{name}: checkpoint has {stored_fields[name]!r}, this run has {value!r}"
         for name, value in running_fields.items()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from llmfn.data.tokenizer import MIN_VOCAB_SIZES
 from llmfn.model_config import ModelConfig
 
 ENV_PREFIX = "LLMFN_"
+NULLS = ("null", "Null", "NULL", "~")  # how a text key given on the command line is set to None
+INT64_LIMIT = 2**63  # int keys become int64 tensors or Python ints torch and math must take
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,12 @@ def _field_types(cls) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _options(tp) -> tuple:
+    """The types an annotation allows: (int, NoneType) for `int | None`, (str,) for `str`."""
+    union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return typing.get_args(tp) if union else (tp,)
+
+
 def _type_name(tp) -> str:
     args = typing.get_args(tp)
     if args:
@@ -168,12 +175,7 @@ def _whole_number(value) -> int | None:
 def _coerce(key: str, value, tp):
     """Check `value` against the annotation `tp` (int widens to float, a whole number narrows
     to int); raise ConfigError."""
-    options = (
-        typing.get_args(tp)
-        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
-        else (tp,)
-    )
-    for option in options:
+    for option in _options(tp):
         if option is type(None) and value is None:
             return None
         if option is bool and isinstance(value, bool):
@@ -221,6 +223,13 @@ def _dotted(key: str, source: str) -> ConfigError:
     )
 
 
+def _not_a_section(section: str, values, source: str = "") -> ConfigError:
+    return ConfigError(
+        f"config section '{section}'{source} must be a mapping of keys to values "
+        f"(or empty), got {values!r}"
+    )
+
+
 def _check_keys(tree: dict, source) -> None:
     """Unknown sections and keys of one layer of the config, named with `source(key)` (where
     the key was written), before the layers are merged and that is lost."""
@@ -231,8 +240,10 @@ def _check_keys(tree: dict, source) -> None:
             raise _dotted(section, source(section))
         if section not in sections:
             raise _unknown(section, section, list(sections), source(section))
+        if values is not None and not isinstance(values, dict):
+            raise _not_a_section(section, values, source(section))
         known = _field_types(sections[section])
-        for name in values if isinstance(values, dict) else ():
+        for name in values or ():
             name = str(name)
             if name not in known:
                 key = f"{section}.{name}"
@@ -262,9 +273,7 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
 
 def _build_section(section: str, cls, values: dict):
     if not isinstance(values, dict):
-        raise ConfigError(
-            f"config section '{section}' must be a mapping of keys to values, got {values!r}"
-        )
+        raise _not_a_section(section, values)
     types_ = _field_types(cls)
     kwargs = {}
     for name, value in values.items():
@@ -334,6 +343,7 @@ RANGES = (
 )
 NEEDS_PATH = ("text", "token_bin", "sft")  # data modules that read data.path
 TOKENIZED = ("stdlib", "text", "sft")  # data modules that train data.tokenizer char or bpe
+HOLDS_OUT = ("stdlib", "text", "sft", "synthetic", "regression")  # read data.val_fraction
 TASK_MODULES = {"regression": "regression", "sft": "sft"}  # train.task -> the data.module it needs
 
 
@@ -343,12 +353,12 @@ def _value(cfg: Config, key: str):
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Each key on its own: positive, finite, within its range."""
+    """Each key on its own: positive, finite, within its range, within int64."""
     for key in POSITIVE_KEYS:
         value = _value(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}={value!r} is invalid: expected a positive number")
-    for key, value in _float_values(cfg):
+    for key, value in _values_of(cfg, float):
         if not math.isfinite(value):
             raise ConfigError(f"{key}={value} is invalid: expected a finite number")
     for keys, in_range, expected in RANGES:
@@ -356,6 +366,9 @@ def _check_ranges(cfg: Config) -> None:
             value = _value(cfg, key)
             if not in_range(value):
                 raise ConfigError(f"{key}={value} is invalid: expected {expected}")
+    for key, value in _values_of(cfg, int):
+        if not -INT64_LIMIT <= value < INT64_LIMIT:
+            raise ConfigError(f"{key}={value} is invalid: expected an integer below 2**63")
 
 
 def _check_combinations(cfg: Config) -> None:
@@ -384,10 +397,24 @@ def _check_combinations(cfg: Config) -> None:
     if module is not None and cfg.data.module != module:
         raise ConfigError(f"train.task={cfg.train.task!r} needs data.module={module!r}")
     _check_tokenizer_vocab(cfg.data)
+    _check_validation_data(cfg)
+
+
+def _check_validation_data(cfg: Config) -> None:
+    """Early stopping watches val_loss: a module that holds out data.val_fraction=0 has none."""
+    patience = cfg.train.early_stopping_patience
+    if patience is not None and cfg.data.module in HOLDS_OUT and cfg.data.val_fraction == 0:
+        raise ConfigError(
+            f"train.early_stopping_patience={patience} needs validation data, but "
+            "data.val_fraction=0 holds none out: raise data.val_fraction (or unset "
+            "train.early_stopping_patience)"
+        )
 
 
 def _check_tokenizer_vocab(data: DataConfig) -> None:
     """A char or bpe tokenizer that the data module trains has room for its special tokens."""
+    from llmfn.data.tokenizer import MIN_VOCAB_SIZES  # imports torch: not for --help
+
     minimum, why = MIN_VOCAB_SIZES.get(data.tokenizer, (0, ""))
     if data.module in TOKENIZED and data.tokenizer_vocab_size < minimum:
         raise ConfigError(
@@ -396,13 +423,14 @@ def _check_tokenizer_vocab(data: DataConfig) -> None:
         )
 
 
-def _float_values(cfg: Config):
-    """(dotted key, value) for every float-valued field of every section."""
+def _values_of(cfg: Config, kind: type):
+    """(dotted key, value) for every field of every section whose value is a `kind` (bools are
+    not ints here)."""
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for key in dataclasses.fields(values):
             value = getattr(values, key.name)
-            if isinstance(value, float):
+            if isinstance(value, kind) and not isinstance(value, bool):
                 yield f"{section.name}.{key.name}", value
 
 
@@ -415,7 +443,7 @@ def from_dict(tree: dict) -> Config:
     for name, values in tree.items():
         if name not in sections:
             raise _unknown(name, name, list(sections))
-        built[name] = _build_section(name, sections[name], values or {})
+        built[name] = _build_section(name, sections[name], {} if values is None else values)
     cfg = Config(**built)
     _check_ranges(cfg)
     _check_combinations(cfg)
@@ -471,7 +499,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except DuplicateKeyError as err:
         raise ConfigError(f"config file '{path}' {err}: write each key once") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(_yaml_error(path, err)) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -481,16 +509,43 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return tree
 
 
-def parse_value(text: str):
-    """A CLI/env value as YAML would read it: 3 -> int, 0.1 -> float, true -> bool, null (or
-    None) -> None, anything else a string. YAML 1.1 leaves 3e-4 a string: float fields accept
-    such strings (`_coerce`), string fields keep them as written (train.run_name=1e3)."""
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: FILE:LINE:COL: problem (context)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return f"config file '{path}' is not valid YAML: {' '.join(str(err).split())}"
+    context = getattr(err, "context", None)
+    where = f" ({context})" if context and len(context) <= 60 else ""
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{where}"
+
+
+def _is_text(tp) -> bool:
+    """A `str` or `str | None` key: its command-line value is taken as written."""
+    options = _options(tp)
+    return str in options and set(options) <= {str, type(None)}
+
+
+def parse_value(text: str, tp=None):
+    """A CLI/env value for a key annotated `tp`. A text key (`str`, `str | None`) keeps the text
+    as written (train.run_name=2024, train.sample_prompt='Q: '), but for null or ~ where None is
+    allowed. Any other key (or `tp` None) reads it as YAML would: 3 -> int, 0.1 -> float, true ->
+    bool, null (or None) -> None. YAML 1.1 leaves 3e-4 a string: float keys accept such strings
+    (`_coerce`)."""
+    if tp is not None and _is_text(tp):
+        return None if text in NULLS and type(None) in _options(tp) else text
     if text in ("None", "none"):
         return None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def _key_type(dotted: str):
+    """The annotation of a dotted key (optim.lr -> float); None for an unknown key."""
+    section, _, name = dotted.partition(".")
+    cls = _field_types(Config).get(section)
+    return _field_types(cls).get(name) if cls is not None else None
 
 
 def env_variable(key: str) -> str:
@@ -510,7 +565,7 @@ def env_overrides(environ: typing.Mapping[str, str]) -> dict:
     for name, text in environ.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _set_dotted(tree, dotted, parse_value(text))
+            _set_dotted(tree, dotted, parse_value(text, _key_type(dotted)))
     return tree
 
 
@@ -534,7 +589,7 @@ def cli_overrides(args: list[str]) -> dict:
         dotted, text = arg.split("=", 1)
         if "." not in dotted:
             raise ConfigError(f"override '{arg}' {_section_hint(dotted, text)}")
-        _set_dotted(tree, dotted, parse_value(text))
+        _set_dotted(tree, dotted, parse_value(text, _key_type(dotted)))
     return tree
 
 
@@ -556,3 +611,24 @@ def load_config(
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def key_rows() -> list[tuple[str, str, str]]:
+    """(section.key, type, default as YAML writes it) for every config key, in section order."""
+    defaults = Config().to_dict()
+    return [
+        (f"{section}.{name}", _type_name(tp), _yaml_scalar(defaults[section][name]))
+        for section, cls in _field_types(Config).items()
+        for name, tp in _field_types(cls).items()
+    ]
+
+
+def _yaml_scalar(value) -> str:
+    return yaml.safe_dump(value).removesuffix("...\n").strip()
+
+
+def describe_keys() -> str:
+    """Every config key with its type and default, one per line (`--list-keys`)."""
+    rows = [("key", "type", "default"), *key_rows()]
+    widths = [max(len(row[i]) for row in rows) for i in (0, 1)]
+    return "\n".join(f"{k:<{widths[0]}}  {t:<{widths[1]}}  {d}" for k, t, d in rows)

@@ -13,18 +13,23 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from llmfn.config import Config, ConfigError, load_config, to_yaml
-from llmfn.distributed import prints_for_every_rank
+from llmfn.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from llmfn.warning_format import use_one_line_warnings
 
 SECTIONS = frozenset(field.name for field in dataclasses.fields(Config))
 YAML = (".yaml", ".yml")
 
 USAGE = """usage: python -m llmfn.train [CONFIG.yaml] [section.key=value ...] [--print-config]
+       python -m llmfn.train --list-keys
 
 Trains a model. Sections: model, data, optim, train, checkpoint, logging, distributed
 (see docs/configuration.md). Precedence, lowest first: defaults < CONFIG.yaml <
 environment LLMFN_SECTION__KEY=value < command-line section.key=value.
+Text keys (str) take the value as written; null or ~ sets an optional one to None.
+
+options:
+  --print-config  print the resolved config as YAML and exit
+  --list-keys     list every key with its type and default and exit
 
 examples:
   python -m llmfn.train configs/tiny.yaml
@@ -47,6 +52,16 @@ def looks_like_path(arg: str) -> bool:
     return arg.endswith(YAML) and ("/" in before or "." not in before)
 
 
+def check_no_late_file(overrides: list[str]) -> None:
+    """A config file written after an override would read as a malformed override."""
+    for arg in overrides:
+        if "=" not in arg and (arg.endswith(YAML) or Path(arg).exists()):
+            raise ConfigError(
+                f"'{arg}' looks like a config file: the config file must come first "
+                "(python -m llmfn.train CONFIG.yaml section.key=value ...)"
+            )
+
+
 def parse_args(argv: list[str]) -> tuple[Config, bool]:
     """(config, print_only) from the command line; raises ConfigError on bad input."""
     print_only = "--print-config" in argv
@@ -58,6 +73,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
         )
     path = args[0] if args and looks_like_path(args[0]) else None
     overrides = args[1:] if path is not None else args
+    check_no_late_file(overrides)
     return load_config(path, overrides), print_only
 
 
@@ -67,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    if "--list-keys" in argv:
+        print(describe_keys())
+        return 0
     try:
         config, print_only = parse_args(argv)
     except ConfigError as err:  # every rank reads the same command line
+        from llmfn.distributed import prints_for_every_rank  # imports torch: not for --help
+
         if prints_for_every_rank():
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llmfn.config import ConfigError, load_config, read_yaml, to_yaml
+from llmfn.config import ConfigError, from_dict, key_rows, load_config, read_yaml, to_yaml
 from llmfn.train import main, parse_args
 
 
@@ -190,11 +190,13 @@ def test_a_dotted_key_in_a_yaml_file_says_to_nest_it(tmp_path):
 def test_missing_and_malformed_yaml_never_fall_back_to_defaults(tmp_path):
     with pytest.raises(ConfigError, match=r"config file '.*nope.yaml' does not exist"):
         load_config(tmp_path / "nope.yaml")
-    with pytest.raises(ConfigError, match=r"is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
         read_yaml(write(tmp_path, "model: [unclosed\n"))
     with pytest.raises(ConfigError, match=r"must hold a mapping of sections"):
         read_yaml(write(tmp_path, "- just\n- a list\n"))
-    with pytest.raises(ConfigError, match=r"config section 'model' must be a mapping"):
+    with pytest.raises(
+        ConfigError, match=r"config section 'model' in .*run.yaml must be a mapping"
+    ):
         load_config(write(tmp_path, "model: 3\n"), [], {})
 
 
@@ -287,3 +289,107 @@ def test_a_first_argument_named_like_a_key_is_an_override_missing_its_value(tmp_
         parse_args(["model.yml"])  # a YAML name stays a file
     with pytest.raises(ConfigError, match=r"config file 'nothere' does not exist"):
         parse_args(["nothere"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("train.sample_prompt=the ", "sample_prompt", "the "),
+        ("train.sample_prompt=Q: hi", "sample_prompt", "Q: hi"),
+        ("train.sample_prompt=#include", "sample_prompt", "#include"),
+        ("train.sample_prompt=[INST]", "sample_prompt", "[INST]"),
+        ("train.sample_prompt={x}", "sample_prompt", "{x}"),
+        ("train.sample_prompt=", "sample_prompt", ""),
+        ("train.sample_prompt=null", "sample_prompt", "null"),  # None is no str
+        ("train.run_name=2024", "run_name", "2024"),
+        ("train.run_name=yes", "run_name", "yes"),
+        ("train.run_name=None", "run_name", "None"),
+        ("train.run_name=null", "run_name", None),
+        ("train.run_name=~", "run_name", None),
+    ],
+)
+def test_text_keys_take_the_value_as_written(override, key, expected):
+    assert getattr(load_config(None, [override], {}).train, key) == expected
+    dotted, text = override.split("=", 1)
+    env = {"LLMFN_" + dotted.upper().replace(".", "__"): text}
+    assert getattr(load_config(None, [], env).train, key) == expected
+
+
+def test_non_text_keys_are_still_read_as_yaml():
+    cfg = load_config(None, ["model.attention_bias=true", "train.deterministic=null"], {})
+    assert cfg.model.attention_bias is True and cfg.train.deterministic is None
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.max_steps=1e30", "train.max_steps=9223372036854775808", "model.vocab_size=1e19"],
+)
+def test_int_keys_are_bounded_by_int64(override):
+    key = override.split("=")[0]
+    with pytest.raises(
+        ConfigError, match=rf"^{key}=\d+ is invalid: expected an integer below 2\*\*63$"
+    ):
+        load_config(None, [override], {})
+    assert (
+        load_config(None, ["train.max_steps=9223372036854775807"], {}).train.max_steps == 2**63 - 1
+    )
+
+
+@pytest.mark.parametrize("text", ["optim: []\n", "train: 0\n", "train: false\n", "optim: ''\n"])
+def test_a_section_that_is_not_a_mapping_is_an_error(tmp_path, text):
+    section = text.split(":")[0]
+    with pytest.raises(
+        ConfigError,
+        match=rf"config section '{section}' in .*run.yaml must be a mapping of keys to values",
+    ):
+        load_config(write(tmp_path, text), ["optim.lr=1e-3"], {})
+    with pytest.raises(ConfigError, match=rf"config section '{section}' must be a mapping"):
+        from_dict(read_yaml(write(tmp_path, text)))
+
+
+def test_an_empty_section_keeps_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "optim:\ntrain: {}\n"), [], {}).optim.lr == 3e-4
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = write(tmp_path, "model:\n  hidden_size: 64\n num_layers: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        read_yaml(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:3:2: not valid YAML: expected <block end>")
+    with pytest.raises(ConfigError, match=r"run.yaml:2:1: not valid YAML: expected ',' or ']'"):
+        read_yaml(write(tmp_path, "model: [unclosed\n"))
+
+
+def test_a_config_file_after_an_override_says_it_must_come_first(tmp_path):
+    for late in ["configs/tiny.yaml", "nothere.yml", str(tmp_path)]:
+        with pytest.raises(
+            ConfigError,
+            match=rf"^'{late}' looks like a config file: the config file must come first",
+        ):
+            parse_args(["optim.lr=1", late])
+    with pytest.raises(ConfigError, match=r"override 'optim.lr' is not of the form"):
+        parse_args(["train.max_steps=3", "optim.lr"])
+
+
+def test_list_keys_prints_every_key_with_its_type_and_default(capsys):
+    assert main(["--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = key_rows()
+    assert len(lines) == len(rows) + 1 and lines[0].split() == ["key", "type", "default"]
+    assert ("optim.lr", "float", "0.0003") in rows
+    assert ("train.run_name", "str or null", "null") in rows
+    assert any(line.split() == ["train.sample_prompt", "str", "''"] for line in lines)
+
+
+def test_early_stopping_without_validation_data_is_an_error():
+    with pytest.raises(
+        ConfigError,
+        match=r"train.early_stopping_patience=3 needs validation data, but data.val_fraction=0 "
+        r"holds none out",
+    ):
+        load_config(None, ["data.val_fraction=0", "train.early_stopping_patience=3"], {})
+    assert load_config(None, ["data.val_fraction=0"], {}).data.val_fraction == 0
+    token_bin = ["data.module=token_bin", "data.path=bins", "data.val_fraction=0"]
+    load_config(None, [*token_bin, "train.early_stopping_patience=3"], {})  # its own split

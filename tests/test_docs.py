@@ -15,6 +15,7 @@ from llmfn.config import Config, parse_value
 REPO = Path(__file__).resolve().parents[1]
 CONFIGURATION = REPO / "docs" / "configuration.md"
 OWN_DOCS = ["tutorial.md", "configuration.md", "troubleshooting.md", "architecture.md"]
+RUNNABLE_DOCS = ["callbacks.md", "data.md"]  # their Python blocks run as written, in order
 # A reference table row: | `section.key` | `default` | meaning |
 ROW = re.compile(r"^\| `(\w+)\.(\w+)` \| `([^`]*)` \|", re.MULTILINE)
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -120,6 +121,14 @@ def test_tutorial_python_blocks_run_in_order():
     blocks = python_blocks(REPO / "docs" / "tutorial.md")
     assert len(blocks) > 10
     result = run_python("\n\n".join(blocks), timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+
+@pytest.mark.parametrize("name", RUNNABLE_DOCS)
+def test_the_python_blocks_of_a_page_run(name):
+    blocks = python_blocks(REPO / "docs" / name)
+    assert blocks
+    result = run_python("\n\n".join(blocks), timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
 
 

@@ -30,6 +30,7 @@ bench: init
 	$(UV) run python bench/decode_throughput.py
 	$(UV) run python bench/decode_kernels.py
 	$(UV) run python bench/data_throughput.py
+	$(UV) run python bench/optim_update.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache runs .cache

@@ -94,6 +94,9 @@ class CheckpointConfig:
     keep_last_n: int = 3
     save_best: bool = True  # keep the checkpoint with the lowest validation loss as best/
     save_at_end: bool = True
+    # a fresh run's initial params: a checkpoint, run folder or weights folder (export,
+    # import_hf); a fresh optimizer, step and schedule. None = init_params(seed)
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,13 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"train.task={cfg.train.task!r} needs data.module={module!r}")
     _check_tokenizer_vocab(cfg.data)
     _check_validation_data(cfg)
+    if cfg.checkpoint.init_from is not None and cfg.train.task == "regression":
+        raise ConfigError(
+            "checkpoint.init_from starts a language model from saved weights: it applies to "
+            "train.task lm or sft, not regression"
+        )
+    if cfg.checkpoint.init_from == "":
+        raise ConfigError("checkpoint.init_from='' is invalid: expected a folder path or null")
 
 
 def _check_validation_data(cfg: Config) -> None:

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tensordict import TensorDict
 
 from llmfn import checkpoint as ckpt
 from llmfn.allocator import keep_freed_memory
 from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
 from llmfn.callbacks.early_stopping import stopped_early
+from llmfn.callbacks.tensorboard_logger import check_tensorboard_installed
+from llmfn.checkpoint.initial_params import load_initial_params
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
@@ -67,6 +70,10 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 class TrainingHalted(RuntimeError):
     """Training stopped on purpose (non-finite values); the message says why and where."""
+
+
+class CheckpointNotShared(ValueError):
+    """A rank cannot read the checkpoint rank 0 resumes; every rank raises it alike."""
 
 
 @dataclass
@@ -248,10 +255,12 @@ def make_sample_fn(config: Config, data, current_params):
 
 class StopSignal:
     """SIGTERM / SIGINT set a flag; the loop saves and exits at the next step boundary. A second
-    SIGINT (Ctrl-C twice) interrupts at once."""
+    SIGINT (Ctrl-C twice) interrupts at once, and so does any once `interrupt_at_once` is set
+    (after the loop: nothing is left to save)."""
 
     def __init__(self):
         self.received: str | None = None
+        self.interrupt_at_once = False
         self._previous = {}
 
     def __enter__(self):
@@ -260,9 +269,10 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        if self.received == "SIGINT" and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        second_ctrl_c = self.received == "SIGINT" and signum == signal.SIGINT
         self.received = signal.Signals(signum).name
+        if second_ctrl_c or self.interrupt_at_once:
+            raise KeyboardInterrupt  # stop now (a second Ctrl-C: without the checkpoint)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -325,6 +335,8 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     set_determinism(config.train.deterministic, proc.device)
     task = get_task(config.train.task)  # an unknown name fails before the data is prepared
     check_output_folders(config)
+    if config.logging.tensorboard:
+        check_tensorboard_installed()  # before the data is prepared or any file is written
     warning = slow_precision_warning(config.train.precision, proc.device)
     if warning:
         log(proc, warning)
@@ -348,6 +360,8 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     state, train_state, resume_from = resumed_state(
         config, state, proc, getattr(data, "tokenizer", None)
     )
+    if resume_from is None and config.checkpoint.init_from is not None:
+        start_from_weights(config, state, proc, getattr(data, "tokenizer", None))
     if resume_from is not None and (
         done := nothing_to_train(config, resume_from, state, train_state, max_steps)
     ):
@@ -361,8 +375,13 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         log(proc, f"note: train.run_name={config.train.run_name!r} unused: continuing {run_dir}")
     config = naming_the_run_folder(config, run_dir)
     tokenizer = getattr(data, "tokenizer", None)
-    if proc.is_main:
-        write_run_files(config, tokenizer, run_dir)
+    continues_in_place = resume_from is not None and owning_run(resume_from) == run_dir
+    resumed_at = int(state["step"]) if continues_in_place else None
+    on_rank_zero_first(
+        lambda: write_run_files(config, tokenizer, run_dir, resumed_at),
+        proc,
+        "writing the run's config",
+    )
 
     training = Training(
         config=config,
@@ -377,9 +396,12 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
         run=run_info(config, task, proc, run_dir, max_steps, start_step=int(state["step"])),
         callbacks=default_callbacks(config, is_main=proc.is_main),
         tokenizer_dir=run_dir / "tokenizer" if tokenizer is not None else None,
-        tokens_seen=torch.tensor(float(train_state.get("tokens_seen", 0)), device=proc.device),
+        tokens_seen=torch.tensor(
+            int(train_state.get("tokens_seen", 0)), dtype=torch.int64, device=proc.device
+        ),
         best_val=train_state.get("best_val_loss"),
     )
+    training.run.tokens_seen = training.tokens_seen  # the same tensor, updated in place
     if task.generates_text:
         training.run.sample_fn = make_sample_fn(config, data, lambda: training.state["params"])
     for callback in extra_callbacks:
@@ -394,7 +416,7 @@ def resumed_state(
     """(state, the checkpoint's train_state.json, its folder) for `train.resume`; the fresh
     state, {} and None when there is nothing to resume. tokenizer: the data module's, which
     must be the one the checkpoint trained with (ValueError otherwise)."""
-    resume_from = resume_checkpoint(config)
+    resume_from = shared_resume_checkpoint(config, proc)
     if resume_from is None:
         if config.train.resume == "auto":
             log(proc, "train.resume=auto: no checkpoint found, starting fresh")
@@ -418,6 +440,45 @@ def resumed_state(
     return state, train_state, resume_from
 
 
+def shared_resume_checkpoint(config: Config, proc: ProcessInfo) -> Path | None:
+    """The checkpoint `train.resume` names, as rank 0 finds it, once every rank has checked it
+    can read it. Ranks that each looked on their own could differ (a node-local runs/: rank 0
+    resumes, rank 1 starts fresh) and then wait in different collectives until
+    distributed.timeout_s."""
+    if proc.world_size == 1:
+        return resume_checkpoint(config)
+    found: list[Path | None] = [None]
+
+    def find() -> None:
+        found[0] = resume_checkpoint(config)
+
+    on_rank_zero_first(find, proc, "finding the checkpoint to resume (train.resume)")
+    dist.broadcast_object_list(found, src=0)
+    if found[0] is not None:
+        check_every_rank_reads(found[0], proc)
+    return found[0]
+
+
+def can_read_checkpoint(checkpoint: Path) -> bool:
+    """Whether this process sees `checkpoint` whole: its manifest and the files it lists."""
+    try:
+        ckpt.verify_checkpoint(checkpoint, check_hashes=False)
+    except (ckpt.CheckpointError, OSError):
+        return False
+    return True
+
+
+def check_every_rank_reads(checkpoint: Path, proc: ProcessInfo) -> None:
+    """CheckpointNotShared on every rank when any rank cannot read `checkpoint`."""
+    unreadable = -1.0 if can_read_checkpoint(checkpoint) else float(proc.rank)
+    rank = int(max_over_ranks([unreadable], proc.device)[0])
+    if rank >= 0:
+        raise CheckpointNotShared(
+            f"rank {rank} cannot read {checkpoint}: checkpoints must be on a filesystem every "
+            "rank sees (train.run_dir, train.resume)"
+        )
+
+
 def saved_tokenizer_json(tokenizer) -> dict:
     """The tokenizer.json that `tokenizer.save` writes, parsed."""
     with tempfile.TemporaryDirectory() as folder:
@@ -425,25 +486,48 @@ def saved_tokenizer_json(tokenizer) -> dict:
         return json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
 
 
-def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
-    """ValueError when the checkpoint's tokenizer (its tokenizer/tokenizer.json) differs from
-    the data module's: the data was prepared again (changed text, another data.tokenizer) and
-    its token ids now mean other tokens, which model.vocab_size cannot catch. Nothing to compare
-    (no tokenizer on either side) passes."""
+def other_tokenizer(checkpoint: Path, tokenizer) -> Path | None:
+    """The checkpoint's tokenizer folder when its tokenizer.json differs from the data module's
+    `tokenizer` (token ids that mean other tokens, which model.vocab_size cannot catch); None
+    when they agree or there is nothing to compare (no tokenizer on either side)."""
     saved = checkpoint / ckpt.TOKENIZER_DIR / "tokenizer.json"
     if tokenizer is None or not saved.is_file():
-        return
+        return None
     if json.loads(saved.read_text(encoding="utf-8")) == saved_tokenizer_json(tokenizer):
+        return None
+    return saved.parent
+
+
+def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
+    """ValueError when a resumed checkpoint's tokenizer differs from the data module's: the data
+    was prepared again (changed text, another data.tokenizer)."""
+    saved = other_tokenizer(checkpoint, tokenizer)
+    if saved is None:
         return
     data = config.data
     raise ValueError(
-        f"train.resume: checkpoint {checkpoint} trained with the tokenizer in {saved.parent}, "
+        f"train.resume: checkpoint {checkpoint} trained with the tokenizer in {saved}, "
         f"but the data of data.path={data.path!r} (data.module={data.module!r}, "
         f"data.tokenizer={data.tokenizer!r}) now has another one: its token ids would mean other "
         "tokens. Start a fresh run (another train.run_name, train.resume=null), or train on the "
         "data the checkpoint used (the same text and data.tokenizer, or data.module=token_bin "
         "with data.path set to the folder prepared for it under data.cache_dir)"
     )
+
+
+def start_from_weights(config: Config, state: TensorDict, proc: ProcessInfo, tokenizer) -> None:
+    """Fill the fresh state's params, in place, from the weights `checkpoint.init_from` names;
+    ValueError when their tokenizer is not the data's."""
+    folder = ckpt.resolve_checkpoint(config.checkpoint.init_from)
+    if (saved := other_tokenizer(folder, tokenizer)) is not None:
+        data = config.data
+        raise ValueError(
+            f"checkpoint.init_from: {folder} trained with the tokenizer in {saved}, but the data "
+            f"(data.module={data.module!r}, data.tokenizer={data.tokenizer!r}) has another one: "
+            f"its token ids would mean other tokens. Tokenize with it: data.tokenizer={str(saved)!r}"
+        )
+    load_initial_params(folder, config.model, state["params"])
+    log(proc, f"initial params from {folder} (checkpoint.init_from; a fresh optimizer and step)")
 
 
 def nothing_to_train(
@@ -549,7 +633,7 @@ class Training:
     run: RunInfo
     callbacks: CallbackList
     tokenizer_dir: Path | None
-    tokens_seen: torch.Tensor  # 0-d float on the device: no host sync per step
+    tokens_seen: torch.Tensor  # 0-d int64 on the device (exact): no host sync per step
     best_val: float | None
     step: int = 0
     saved: dict[int, Path | None] = field(default_factory=dict)
@@ -569,16 +653,35 @@ class Training:
         self.step = self.run.start_step
         self.signal_check = SignalCheck(last_step=self.step)  # its clock starts with the loop
         # The handlers go in before the callbacks start, so a signal that comes once they have
-        # made the run's files (metrics.jsonl...) is a clean stop, never a kill.
+        # made the run's files (metrics.jsonl...) is a clean stop, never a kill; and they stay
+        # until the callbacks have ended.
         with StopSignal() as stop:
-            self.callbacks.on_train_start(self.run)
             try:
+                self.callbacks.on_train_start(self.run)
                 stopped_by, val = self.loop(stop)
             except BaseException as error:
                 self.callbacks.on_exception(self.run, self.step, error)
                 raise
-        self.callbacks.on_train_end(self.run, self.step)
+            stopped_by = self.end_callbacks(stop, stopped_by)
         return TrainResult(self.run.run_dir, self.step, val.get("val_loss"), stopped_by)
+
+    def end_callbacks(self, stop: StopSignal, stopped_by: str) -> str:
+        """on_train_end for every callback. Training is over and saved, so a stop signal now
+        cuts the callback it comes in short (the final sample) and the rest still end; the run
+        then counts as stopped by that signal. -> stopped_by."""
+        stop.interrupt_at_once = True
+        try:
+            self.callbacks.on_train_end(self.run, self.step)
+        except KeyboardInterrupt:
+            if stop.received is None:
+                raise
+            log(
+                self.proc,
+                f"received {stop.received} after training ended at step {self.step} (saved as "
+                "checkpoint.save_at_end says): the end-of-run callbacks were cut short",
+            )
+            return stop.received
+        return stopped_by
 
     def loop(self, stop: StopSignal) -> tuple[str, dict[str, float]]:
         """Steps to max_steps or a stop; then the final eval and save. -> (stopped_by, val)."""
@@ -591,8 +694,10 @@ class Training:
         for step in range(self.run.start_step + 1, max_steps + 1):
             self.step = step
             self.state, metrics = self.step_fn(self.state, self.batch(step))
-            self.tokens_seen += metrics["tokens"]
+            self.tokens_seen += metrics["tokens"].to(torch.int64)
             self.callbacks.on_step_end(self.run, step, metrics)
+            if step == max_steps:
+                self.callbacks.on_last_step_end(self.run, step, metrics)
             if step % self.config.logging.log_every == 0 or step == max_steps:
                 self.check_nonfinite(step)
             if step % train.eval_every == 0 and step < max_steps:
@@ -601,10 +706,13 @@ class Training:
                 self.save(step)
             if self.stopped_by_signal(step, stop):
                 stopped_by = self.run.stop_signal
-                break
-            if self.run.stop_requested:  # EarlyStopping runs on every rank and agrees
+            elif self.run.stop_requested:  # EarlyStopping runs on every rank and agrees
                 stopped_by = "early_stopping"
-                break
+            else:
+                continue
+            if step < max_steps:  # (max_steps reached the skipped callbacks above)
+                self.callbacks.on_last_step_end(self.run, step, metrics)
+            break
         if not self.run.stop_signal:
             if evaluated_at != self.step:  # (early stopping stops right after an eval)
                 val = self.evaluate(self.step) or val
@@ -639,16 +747,30 @@ class Training:
             return self.saved[step]
         if name is None:
             self.halt_if_frozen(step)
-        path = None
-        if self.proc.is_main:
-            info = {
-                "step": step,
-                "tokens_seen": float(self.tokens_seen),
-                "callbacks": self.callbacks.state_dict(),
-                "best_val_loss": self.best_val,
-                **batch_layout(self.config, self.proc.world_size),
-            }
-            path = ckpt.save_checkpoint(
+        written: list[Path | None] = [None]
+
+        def write() -> None:
+            written[0] = self.write_checkpoint(step, name)
+            self.callbacks.on_checkpoint(self.run, step, written[0])
+
+        # A failure on rank 0 (a full disk) makes the other ranks raise RankZeroFailed naming
+        # the step, rather than fail in the transport when rank 0 exits.
+        on_rank_zero_first(write, self.proc, f"saving checkpoint step {step}")
+        if name is None:
+            self.saved[step] = written[0]
+        return written[0]
+
+    def write_checkpoint(self, step: int, name: str | None) -> Path:
+        """Rank 0's save; an OSError (ENOSPC...) becomes a CheckpointError naming the folder."""
+        info = {
+            "step": step,
+            "tokens_seen": int(self.tokens_seen),
+            "callbacks": self.callbacks.state_dict(),
+            "best_val_loss": self.best_val,
+            **batch_layout(self.config, self.proc.world_size),
+        }
+        try:
+            return ckpt.save_checkpoint(
                 self.checkpoint_root,
                 step,
                 self.state,
@@ -658,11 +780,9 @@ class Training:
                 keep_last_n=self.config.checkpoint.keep_last_n,
                 name=name,
             )
-            self.callbacks.on_checkpoint(self.run, step, path)
-        barrier()
-        if name is None:
-            self.saved[step] = path
-        return path
+        except OSError as err:
+            folder = self.checkpoint_root / (name or ckpt.step_dir_name(step))
+            raise ckpt.CheckpointError(f"saving checkpoint {folder}: {err}") from err
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Validation metrics (none without val data); a new best is saved and marked."""
@@ -737,7 +857,8 @@ def main_entry(config: Config) -> int:
         if prints_for_every_rank():
             print(f"error: {err}", file=sys.stderr)
         return 3
-    except RankZeroFailed as err:  # rank 0 prints its own error
+    # RankZeroFailed: rank 0 prints its own error; CheckpointNotShared: every rank alike
+    except (RankZeroFailed, CheckpointNotShared) as err:
         if prints_for_every_rank():
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,37 @@ def test_on_exception_reaches_every_callback_even_if_one_fails(tmp_path, capsys)
     CallbackList([Broken(), recorder]).on_exception(make_run(tmp_path), 7, KeyboardInterrupt())
     assert recorder.calls == [("exception", 7)]
     assert "Broken.on_exception failed" in capsys.readouterr().err
+
+
+def test_on_train_end_ends_every_callback_then_raises_the_first_failure(tmp_path, capsys):
+    class Broken(Callback):
+        def on_train_end(self, run, step):
+            raise RuntimeError("broken end")
+
+    class Interrupted(Callback):
+        def on_train_end(self, run, step):
+            raise KeyboardInterrupt
+
+    recorder = Recorder()
+    callbacks = CallbackList([Broken(), Interrupted(), recorder])
+    with pytest.raises(RuntimeError, match="broken end"):
+        callbacks.on_train_end(make_run(tmp_path), 7)
+    assert recorder.calls == [("end", 7)]
+    err = capsys.readouterr().err
+    assert "Broken.on_train_end failed: RuntimeError('broken end')" in err
+    assert "Interrupted.on_train_end interrupted" in err
+
+
+def test_the_last_step_reaches_only_the_callbacks_every_skipped(tmp_path):
+    every_1, every_4, every_5 = Recorder(1), Recorder(4), Recorder(5)
+    callbacks = CallbackList([every_1, every_4, every_5])
+    run = make_run(tmp_path)
+    for step in (4, 5):
+        callbacks.on_step_end(run, step, step_metrics(step))
+    callbacks.on_last_step_end(run, 5, step_metrics(5))
+    assert every_1.calls == [("step", 4), ("step", 5)]  # never twice
+    assert every_4.calls == [("step", 4), ("step", 5)]
+    assert every_5.calls == [("step", 5)]
 
 
 # --- scalars and throughput --------------------------------------------------------------------
@@ -379,6 +411,20 @@ def test_jsonl_logger_drops_records_of_the_interrupted_run_on_resume(tmp_path):
     assert records[5]["val_loss"] == 2.8
 
 
+def test_jsonl_rows_hold_the_exact_tokens_seen_and_the_time_and_elapsed_goes_on(tmp_path):
+    seen = torch.tensor(2**53 + 1, dtype=torch.int64)  # not a float64
+    before = time.time()
+    drive(JsonlLogger(every=10), make_run(tmp_path, max_steps=20, tokens_seen=seen), {20: 3.0})
+    first = read_jsonl(tmp_path / "metrics.jsonl")
+    assert {r["tokens_seen"] for r in first} == {2**53 + 1}
+    assert all(before <= r["time"] <= time.time() for r in first)
+    lines = [json.dumps({**r, "elapsed_s": 1000.0}) + "\n" for r in first]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))  # as if the run trained 1000 s
+    drive(JsonlLogger(every=10), make_run(tmp_path, max_steps=30, start_step=20))
+    resumed = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert resumed["step"] == 30 and 1000 < resumed["elapsed_s"] < 1100
+
+
 def test_jsonl_logger_writes_nothing_off_rank_zero(tmp_path):
     drive(JsonlLogger(every=1), make_run(tmp_path, is_main=False), evals={3: 1.0})
     assert list(tmp_path.iterdir()) == []
@@ -421,6 +467,15 @@ def test_tensorboard_logger_says_how_to_install_when_missing(monkeypatch):
         ImportError, match=r"pip install 'llmfn\[tensorboard\]'.*logging.tensorboard=false"
     ):
         TensorBoardLogger()
+
+
+def test_a_missing_tensorboard_is_a_value_error_naming_the_option(monkeypatch):
+    from llmfn.callbacks.tensorboard_logger import check_tensorboard_installed
+
+    for module in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=r"logging.tensorboard=true needs .*pip install"):
+        check_tensorboard_installed()
 
 
 # --- LRMonitor ---------------------------------------------------------------------------------

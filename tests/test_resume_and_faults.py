@@ -424,3 +424,114 @@ def test_a_regular_checkpoint_never_holds_a_frozen_state(tmp_path):
     first = int(re.search(r"from step (\d+)", str(info.value))[1])
     folders = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert folders == [f"nonfinite_step_{first:06d}"]  # no step_000005, no `latest`
+
+
+def run_two_ranks_with_a_fault(tmp_path: Path, mode: str, *extra: str) -> list[str]:
+    """tests/ddp_resume_worker.py on TINY under 2 processes -> what each rank stopped with."""
+    worker = str(ROOT / "tests" / "ddp_resume_worker.py")
+    timeout = "distributed.timeout_s=30"  # a deadlock fails the test, not after 1800 s
+    run_torchrun(worker, str(tmp_path), mode, *TINY, "train.device=cpu", timeout, *extra)
+    return [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+
+
+@pytest.mark.slow  # ~70 s on two busy cores
+def test_ranks_that_cannot_all_read_the_checkpoint_stop_with_one_clear_error(tmp_path):
+    train(tiny_config(tmp_path / "node0" / "runs", "train.max_steps=2", "train.run_name=r"))
+    outcome = run_two_ranks_with_a_fault(
+        tmp_path, "node_local", "train.run_dir=runs", "train.run_name=r",
+        "train.resume=auto", "train.max_steps=3",
+    )  # fmt: skip
+    message = (
+        "CheckpointNotShared: rank 1 cannot read runs/r/checkpoints/step_000002: checkpoints "
+        "must be on a filesystem every rank sees"
+    )
+    assert all(text.startswith(message) for text in outcome), outcome
+
+
+@pytest.mark.slow  # ~70 s on two busy cores
+def test_a_save_failing_on_rank_0_names_the_folder_there_and_the_step_elsewhere(tmp_path):
+    outcome = run_two_ranks_with_a_fault(
+        tmp_path, "disk_full", f"train.run_dir={tmp_path}", "train.run_name=d", "train.max_steps=2"
+    )
+    folder = tmp_path / "d" / "checkpoints" / "step_000002"
+    assert outcome == [
+        f"CheckpointError: saving checkpoint {folder}: [Errno 28] No space left on device",
+        "RankZeroFailed: rank 0 failed saving checkpoint step 2: its error is in rank 0's output",
+    ]
+
+
+def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(tmp_path, monkeypatch):
+    """The agreement of the two-process test above, with the all-reduce faked: rank 1 (this
+    rank 0 can read it) reports it cannot."""
+    from llmfn import trainer
+
+    first = train(tiny_config(tmp_path, "train.max_steps=1", "train.run_name=r"))
+    step = first.run_dir / "checkpoints" / "step_000001"
+    proc = trainer.ProcessInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(trainer, "max_over_ranks", lambda values, device: [max(values[0], 1.0)])
+    with pytest.raises(trainer.CheckpointNotShared, match=rf"rank 1 cannot read {step}: "):
+        trainer.check_every_rank_reads(step, proc)
+    monkeypatch.setattr(trainer, "max_over_ranks", lambda values, device: values)
+    trainer.check_every_rank_reads(step, proc)  # every rank reads it
+    assert not trainer.can_read_checkpoint(tmp_path / "elsewhere" / "step_000001")
+
+
+def test_a_failed_save_names_the_checkpoint_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    from llmfn.trainer import main_entry
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
+    assert main_entry(tiny_config(tmp_path, "train.max_steps=1", "train.run_name=f")) == 2
+    folder = tmp_path / "f" / "checkpoints" / "step_000001"
+    err = capsys.readouterr().err
+    assert f"error: saving checkpoint {folder}: [Errno 28] No space left on device\n" in err
+
+
+def test_resume_auto_without_a_run_name_never_continues_another_experiment(tmp_path):
+    unnamed = [*TINY, f"train.run_dir={tmp_path}", "train.max_steps=2", "train.resume=auto"]
+    mine = train(load_config(None, unnamed, {}))
+    other_data = [*unnamed, "data.synthetic_size=256"]
+    with pytest.warns(
+        UserWarning, match=rf"not continuing {mine.run_dir.name} \(data.synthetic_size\)"
+    ):
+        other = train(load_config(None, other_data, {}))
+    assert other.run_dir != mine.run_dir and other.step == 2
+    assert not (mine.run_dir / "checkpoints" / "step_000003").exists()
+    os.utime(mine.run_dir)  # mine is the newest again: still not the other's
+    resumed = train(load_config(None, [*other_data, "train.max_steps=3"], {}))
+    assert resumed.run_dir == other.run_dir and resumed.step == 3
+
+
+def test_runs_started_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20250101-120000")
+    unnamed = [*TINY, f"train.run_dir={tmp_path}", "train.max_steps=1"]
+    runs = [train(load_config(None, unnamed, {})).run_dir.name for _ in range(3)]
+    assert runs == ["20250101-120000", "20250101-120000-1", "20250101-120000-2"]
+
+
+def test_a_run_name_taken_by_a_run_started_at_once_is_never_overwritten(tmp_path, monkeypatch):
+    """The other run writes its config.yaml after this one checked the folder (was empty)."""
+    from llmfn import trainer
+
+    naming = trainer.naming_the_run_folder
+
+    def other_run_takes_it(config, run_dir):
+        (run_dir / "config.yaml").write_text("the other run's\n")
+        return naming(config, run_dir)
+
+    monkeypatch.setattr(trainer, "naming_the_run_folder", other_run_takes_it)
+    (tmp_path / "same").mkdir()
+    with pytest.raises(ValueError, match=r"same: another run started at the same time"):
+        train(tiny_config(tmp_path, "train.max_steps=1", "train.run_name=same"))
+    assert (tmp_path / "same" / "config.yaml").read_text() == "the other run's\n"
+
+
+def test_resuming_keeps_the_runs_config_and_saves_the_resumed_one_beside_it(tmp_path):
+    first = train(tiny_config(tmp_path, "train.max_steps=2", "train.run_name=k"))
+    original = (first.run_dir / "config.yaml").read_text()
+    train(tiny_config(tmp_path, "train.max_steps=3", "train.run_name=k", "train.resume=auto"))
+    assert (first.run_dir / "config.yaml").read_text() == original
+    resumed = (first.run_dir / "config-resume-2.yaml").read_text()
+    assert "max_steps: 3" in resumed and "max_steps: 2" in original

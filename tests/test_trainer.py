@@ -2,11 +2,16 @@
 
 import json
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
 
+from llmfn import checkpoint as ckpt
 from llmfn import model
+from llmfn.callbacks import Callback
 from llmfn.config import load_config
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
@@ -343,3 +348,159 @@ def test_the_largest_seed_trains(tmp_path):
         )
     )
     assert result.step == 1
+
+
+TINY_LM = [
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.max_seq_len=16",
+    "data.module=synthetic",
+    "data.synthetic_vocab_size=64",
+    "data.batch_size=4",
+    "data.synthetic_size=512",
+    "train.eval_every=1000",
+]
+
+
+def train_steps(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r.get("kind") == "train"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "logged", "stopped_by"),
+    [
+        (["train.max_steps=3", "logging.log_every=10"], [3], "max_steps"),
+        ([*NEVER_IMPROVES, "train.max_steps=40", "logging.log_every=4"], [4, 6], "early_stopping"),
+    ],
+)
+def test_the_step_a_run_ends_at_is_logged_once(tmp_path, overrides, logged, stopped_by):
+    result = train(config(tmp_path, *TINY_LM, *overrides))
+    assert result.stopped_by == stopped_by
+    assert train_steps(result.run_dir) == logged
+
+
+def test_a_missing_tensorboard_fails_before_the_data_and_the_run_folder(tmp_path, monkeypatch):
+    import sys
+
+    for module in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=r"logging.tensorboard=true needs .*pip install"):
+        train(
+            config(
+                tmp_path / "runs",
+                *TINY_LM,
+                "logging.tensorboard=true",
+                "data.cache_dir=" + str(tmp_path / "cache"),
+            )
+        )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+class Ends(Callback):
+    """Records its on_train_end and on_exception; `start_error` fails its on_train_start."""
+
+    def __init__(self, start_error=None):
+        self.start_error, self.calls = start_error, []
+
+    def on_train_start(self, run):
+        if self.start_error:
+            raise self.start_error
+
+    def on_train_end(self, run, step):
+        self.calls.append("end")
+
+    def on_exception(self, run, step, error):
+        self.calls.append("exception")
+
+
+class CtrlCDuringTheEnd(Callback):
+    """Ctrl-C while its on_train_end works (as during the final sample)."""
+
+    def on_train_end(self, run, step):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # interrupted at once, or the test takes 30 s and fails
+
+
+def test_ctrl_c_during_the_end_of_run_callbacks_is_a_clean_stop_that_ends_the_rest(tmp_path):
+    later = Ends()
+    result = train(
+        config(tmp_path, *TINY_LM, "train.max_steps=2"), callbacks=[CtrlCDuringTheEnd(), later]
+    )
+    assert (result.step, result.stopped_by) == (2, "SIGINT")
+    assert later.calls == ["end"]
+    assert (result.run_dir / "checkpoints" / "step_000002").is_dir()
+
+
+def test_a_failing_on_train_start_still_reaches_on_exception(tmp_path):
+    earlier = Ends()
+    with pytest.raises(OSError, match="disk gone"):
+        train(
+            config(tmp_path, *TINY_LM, "train.max_steps=2"),
+            callbacks=[earlier, Ends(OSError("disk gone"))],
+        )
+    assert earlier.calls == ["exception"]
+
+
+def test_tokens_seen_counts_exactly_past_float32s_range(tmp_path, monkeypatch):
+    """2**24 + 1 tokens is no float32: counted in one, resuming there loses a token."""
+    first = train(config(tmp_path, *TINY_LM, "train.max_steps=1"))
+    load = ckpt.load_checkpoint
+
+    def load_with_many_tokens(*args, **kwargs):
+        state, train_state = load(*args, **kwargs)
+        return state, {**train_state, "tokens_seen": 2**24 + 1}
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", load_with_many_tokens)
+    train(
+        config(
+            tmp_path,
+            *TINY_LM,
+            "train.max_steps=2",
+            "train.resume=auto",
+        )
+    )
+    saved = json.loads(
+        (first.run_dir / "checkpoints" / "step_000002" / "train_state.json").read_text()
+    )
+    per_step = 4 * 16  # rows x max_seq_len, every target counted
+    assert saved["tokens_seen"] == 2**24 + 1 + per_step
+    rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["tokens_seen"] == 2**24 + 1 + per_step
+
+
+def test_a_run_starts_from_another_runs_weights_with_a_fresh_step(tmp_path, capsys):
+    """checkpoint.init_from: the params of the first run's last checkpoint, a fresh optimizer and
+    step (an lr of 1e-12 keeps them as loaded); dropout may change; another tokenizer is
+    refused."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world\n" * 200)
+    lm = [
+        "data.module=text",
+        f"data.path={text}",
+        "data.tokenizer=char",
+        "model.vocab_size=64",
+        "model.hidden_size=16",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.max_seq_len=16",
+        "data.batch_size=2",
+    ]
+    first = train(config(tmp_path, *lm, f"data.cache_dir={tmp_path / 'a'}", "train.max_steps=3"))
+    _, trained, _ = ckpt.load_for_inference(first.run_dir)
+    start = [f"checkpoint.init_from={first.run_dir}", "train.run_name=second", "model.dropout=0.1"]
+    still = ["optim.lr=1e-12", "optim.min_lr=0", "train.max_steps=1"]
+    second = train(config(tmp_path, *lm, f"data.cache_dir={tmp_path / 'a'}", *start, *still))
+    assert second.step == 1 and second.run_dir.name == "second"
+    assert f"initial params from {first.run_dir / 'checkpoints' / 'step_000003'}" in (
+        capsys.readouterr().out
+    )
+    _, started, _ = ckpt.load_for_inference(second.run_dir)
+    for key, value in trained.items(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(started[key], value, rtol=0, atol=1e-9, msg=key)
+    text.write_text("hello world\n" * 200 + "z" * 5000 + "\n")  # a char tokenizer ranks again
+    with pytest.raises(ValueError, match="checkpoint.init_from: .* has another one"):
+        train(config(tmp_path, *lm, f"data.cache_dir={tmp_path / 'b'}", *start, *still))

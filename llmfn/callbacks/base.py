@@ -8,6 +8,8 @@ The driver builds one `RunInfo` and one `CallbackList`, then calls the hooks in 
         after a save:         on_checkpoint(run, step, path)
     on_train_end(run, step)   # or on_exception(run, step, error) if training raised
 
+The step a run ends at (max_steps, early stopping, a stop signal) also reaches the callbacks its
+`every` skipped (`CallbackList.on_last_step_end`), so the last step is always logged, once.
 `metrics` in `on_step_end` are tensors straight out of the compiled step; `.item()` is the host
 sync, so call it only there, which runs only every `every` steps.
 """
@@ -43,6 +45,9 @@ class RunInfo:
     device: torch.device | None = None  # where the step runs (cuda: peak memory is reported)
     stop_requested: bool = False  # a callback sets this to end training (early stopping)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run
+    # The driver's running count of tokens trained on (a 0-d int64 tensor on the device, updated
+    # in place each step; reading it is a host sync, so read it only when logging).
+    tokens_seen: torch.Tensor | None = None
 
 
 class Callback:
@@ -107,6 +112,12 @@ def _check_every(callback: Callback) -> None:
         raise ValueError(f"{callback.name}.every={every!r} is invalid: expected a positive int")
 
 
+def _failed(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"failed: {error!r}"
+
+
 def _unique_names(callbacks: list[Callback]) -> list[str]:
     """Class names, with `_1`, `_2`, ... appended to repeats, in list order."""
     seen: dict[str, int] = {}
@@ -150,6 +161,13 @@ class CallbackList(Callback):
             if step % callback.every == 0:
                 callback.on_step_end(run, step, metrics)
 
+    def on_last_step_end(self, run: RunInfo, step: int, metrics: dict[str, torch.Tensor]) -> None:
+        """on_step_end for the callbacks whose `every` skipped `step`: the driver calls it on
+        the step the run ends at, so that step is logged, and no step twice."""
+        for callback in self.callbacks:
+            if step % callback.every != 0:
+                callback.on_step_end(run, step, metrics)
+
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
         for callback in self.callbacks:
             callback.on_eval(run, step, metrics)
@@ -159,8 +177,17 @@ class CallbackList(Callback):
             callback.on_checkpoint(run, step, path)
 
     def on_train_end(self, run: RunInfo, step: int) -> None:
+        """Every callback ends, even after one failed or was interrupted (Ctrl-C during the
+        final sample): each failure is reported on stderr, then the first is raised."""
+        failures = []
         for callback in self.callbacks:
-            callback.on_train_end(run, step)
+            try:
+                callback.on_train_end(run, step)
+            except BaseException as error:  # raised again below, once the rest have ended
+                print(f"{callback.name}.on_train_end {_failed(error)}", file=sys.stderr)
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def on_exception(self, run: RunInfo, step: int, error: BaseException) -> None:
         """Every callback gets the error; one that fails here must not hide it, so its own

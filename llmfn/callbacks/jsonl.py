@@ -1,12 +1,17 @@
 """JsonlLogger: `run_dir/metrics.jsonl`, one JSON object per logged step and per eval; rank 0.
 
     {"kind": "train", "step": 10, "loss": 3.41, "grad_norm": 0.8, "lr": 0.0003, "tokens": 16384.0,
-     "step_time_s": 0.21, "tok_per_s": 78019.0, "elapsed_s": 2.1}
-    {"kind": "eval", "step": 100, "val_loss": 3.2, "val_ppl": 24.5, "elapsed_s": 21.0}
+     "step_time_s": 0.21, "tok_per_s": 78019.0, "tokens_seen": 163840, "time": 1717171717.2,
+     "elapsed_s": 2.1}
+    {"kind": "eval", "step": 100, "val_loss": 3.2, "val_ppl": 24.5, "tokens_seen": 1638400,
+     "time": 1717171736.1, "elapsed_s": 21.0}
 
-Values are floats; NaN and inf are written as null (strict JSON). Each line is flushed as it is
-written. On resume the lines after `start_step` (from the interrupted run) are dropped first, so
-the file reads as one uninterrupted run.
+Values are floats, but `tokens_seen` (the tokens trained on so far, an exact int; absent when
+the driver does not count them) and `step`; `time` is the wall clock (unix seconds) and
+`elapsed_s` the seconds since the run started, summed over its resumes. NaN and inf are written
+as null (strict JSON). Each line is flushed as it is written. On resume the lines after
+`start_step` (from the interrupted run) are dropped first, so the file reads as one
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ def keep_records_up_to(path: Path, last_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+def last_elapsed(path: Path) -> float:
+    """The `elapsed_s` of the last record of `path` (0.0 when there is none)."""
+    elapsed = [r["elapsed_s"] for r in read_jsonl(path) if isinstance(r.get("elapsed_s"), float)]
+    return elapsed[-1] if elapsed else 0.0
+
+
 def record(kind: str, step: int, *parts: dict[str, float]) -> dict:
     """{"kind", "step", **parts}; `kind` and the int `step` win over same-named metrics."""
     out: dict = {"kind": kind, "step": step}
@@ -70,15 +81,19 @@ class JsonlLogger(TimedCallback, FileCallback):
 
     def open_file(self, run: RunInfo) -> None:
         """Open run_dir/<file_name>: appended to on resume (after dropping the records past
-        `start_step`), truncated otherwise."""
+        `start_step`; `elapsed_s` goes on from the last one kept), truncated otherwise."""
         path = Path(run.run_dir) / self.file_name
         if run.start_step > 0 and path.exists():
             keep_records_up_to(path, run.start_step)
+            self.start_time -= last_elapsed(path)
         self.file = path.open("a" if run.start_step > 0 else "w", encoding="utf-8")
 
-    def write(self, record: dict) -> None:
+    def write(self, run: RunInfo, record: dict) -> None:
         if self.file is None:
             return
+        if run.tokens_seen is not None:
+            record["tokens_seen"] = int(run.tokens_seen)
+        record["time"] = time.time()
         record["elapsed_s"] = time.perf_counter() - self.start_time
         cleaned = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in record.items()}
         self.file.write(json.dumps(cleaned) + "\n")
@@ -89,8 +104,8 @@ class JsonlLogger(TimedCallback, FileCallback):
             return
         values = to_floats(metrics)
         rates = self.throughput.measure(run, step)
-        self.write(record("train", step, values, rates))
+        self.write(run, record("train", step, values, rates))
 
     def on_eval(self, run: RunInfo, step: int, metrics: dict[str, float]) -> None:
-        self.write(record("eval", step, to_floats(metrics)))
+        self.write(run, record("eval", step, to_floats(metrics)))
         super().on_eval(run, step, metrics)

@@ -30,6 +30,15 @@ def summary_writer_class():
     return SummaryWriter
 
 
+def check_tensorboard_installed() -> None:
+    """ValueError with the install command when tensorboard cannot be imported: the driver
+    calls it for logging.tensorboard=true before it prepares data or writes any file."""
+    try:
+        summary_writer_class()
+    except ImportError as err:
+        raise ValueError(MISSING_MESSAGE) from err
+
+
 def val_tag(name: str) -> str:
     """`val_loss` -> `val/loss`; other eval metrics go under `val/` as they are."""
     return "val/" + name.removeprefix("val_")

@@ -18,7 +18,12 @@ from llmfn.callbacks.scalars import to_floats
 from llmfn.callbacks.throughput import TimedCallback
 
 MAIN_METRICS = ("loss", "grad_norm", "lr")
-NOT_PRINTED = ("tokens", "step", "nonfinite", "skipped")  # bookkeeping; the driver reports non-finite steps
+NOT_PRINTED = (
+    "tokens",
+    "step",
+    "nonfinite",
+    "skipped",
+)  # bookkeeping; the driver reports non-finite steps
 
 
 def format_value(name: str, value: float) -> str:

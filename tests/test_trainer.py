@@ -303,15 +303,11 @@ def test_early_stopping_does_not_stop_a_run_that_reached_max_steps(tmp_path, cap
     assert (more.step, more.stopped_by) == (8, "early_stopping")
 
 
-def test_resuming_after_the_data_got_another_tokenizer_fails_naming_both(tmp_path):
-    """A char tokenizer ranks the corpus's characters: one more line of a new character
-    prepares the data again with other ids. Resuming then stops before loading anything."""
-    text = tmp_path / "corpus.txt"
-    text.write_text("hello world\n" * 200)
-    lm = [
+def char_lm(text) -> list[str]:
+    """A tiny language model on the text file `text` with a char tokenizer."""
+    return [
         "data.module=text",
         f"data.path={text}",
-        f"data.cache_dir={tmp_path / 'cache'}",
         "data.tokenizer=char",
         "model.vocab_size=64",
         "model.hidden_size=16",
@@ -320,6 +316,14 @@ def test_resuming_after_the_data_got_another_tokenizer_fails_naming_both(tmp_pat
         "model.max_seq_len=16",
         "data.batch_size=2",
     ]
+
+
+def test_resuming_after_the_data_got_another_tokenizer_fails_naming_both(tmp_path):
+    """A char tokenizer ranks the corpus's characters: one more line of a new character
+    prepares the data again with other ids. Resuming then stops before loading anything."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world\n" * 200)
+    lm = [*char_lm(text), f"data.cache_dir={tmp_path / 'cache'}"]
     first = train(config(tmp_path, *lm, "train.max_steps=2"))
     same = train(config(tmp_path, *lm, "train.max_steps=3", "train.resume=auto"))
     assert same.step == 3  # the same data resumes
@@ -478,17 +482,7 @@ def test_a_run_starts_from_another_runs_weights_with_a_fresh_step(tmp_path, caps
     refused."""
     text = tmp_path / "corpus.txt"
     text.write_text("hello world\n" * 200)
-    lm = [
-        "data.module=text",
-        f"data.path={text}",
-        "data.tokenizer=char",
-        "model.vocab_size=64",
-        "model.hidden_size=16",
-        "model.num_layers=1",
-        "model.num_heads=2",
-        "model.max_seq_len=16",
-        "data.batch_size=2",
-    ]
+    lm = char_lm(text)
     first = train(config(tmp_path, *lm, f"data.cache_dir={tmp_path / 'a'}", "train.max_steps=3"))
     _, trained, _ = ckpt.load_for_inference(first.run_dir)
     start = [f"checkpoint.init_from={first.run_dir}", "train.run_name=second", "model.dropout=0.1"]

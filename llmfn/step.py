@@ -163,9 +163,9 @@ def make_train_step(
     process's. Row b of micro-batch a on rank r is row (a·N + r)·B + b of the step's global
     batch on N ranks (as `llmfn.data.sampling` lays rows out), and its dropout key is that
     row's: however a global batch is split over ranks and micro-batches, each row drops the
-    same units. The gradients
-    are those of the mean loss over every loss token of the global batch (micro-batches and ranks
-    with fewer tokens weigh less), as one process with the whole batch in one piece computes.
+    same units. The gradients are those of the mean loss over every loss token of the global
+    batch (micro-batches and ranks with fewer tokens weigh less), as one process with the whole
+    batch in one piece computes.
 
     compile: run the step's arithmetic, the all-reduce included, as one `torch.compile`d graph
     (`fullgraph=True`). The state tree is split into lists of leaves before that function and joined after

@@ -151,6 +151,37 @@ def test_compiled_forward_under_vmap_of_an_ensemble():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [
+        ("aot_eager", {}),
+        ("aot_eager", {"activation_checkpointing": True, "loss_chunk_size": 8}),
+        pytest.param("inductor", {}, marks=pytest.mark.slow),
+    ],
+)
+def test_compiled_per_example_grads_equal_eager(backend, options):
+    """torch.compile(vmap(grad(loss))) of the default (pre-norm) model: dynamo cannot vmap an
+    autograd.Function ("You tried to vmap over ApplyTemplate", pytorch#129845), so where it
+    traces a vmap the normed projections take the plain linear (`own_backward_ok`). The error
+    was dynamo's: aot_eager shows it without inductor's ~90 s of codegen. New param values
+    reuse the one graph. Likewise activation recompute and the chunked loss."""
+    cfg = DENSE.replace(**options)
+    batch = make_batch(cfg)
+    rows = (batch["inputs"], batch["targets"], batch["attention_mask"])
+
+    def example_loss(params, inputs, targets, mask):
+        one = {"inputs": inputs[None], "targets": targets[None], "attention_mask": mask[None]}
+        return loss(params, one, cfg)[0]
+
+    per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0, 0))
+    compiled = torch.compile(per_example, backend=backend, fullgraph=True)
+    first, second = init_params(cfg, seed=5), init_params(cfg, seed=6)
+    assert_trees_close(compiled(first, *rows), per_example(first, *rows))
+    # the first call may recompile vmap's wrapper (compiled for another backend before); not so
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert_trees_close(compiled(second, *rows), per_example(second, *rows))
+
+
 def test_compiled_cpu_grad_computes_rope_cos_and_sin_once():
     """Every layer's RoPE kernels read one cos/sin table instead of recomputing cos and sin per
     element of q and k (llmfn.layers.positions.cos_sin), forward and backward."""

@@ -8,12 +8,16 @@ derivative nor a derivative of its backward (docs/troubleshooting.md)."""
 
 import pytest
 import torch
-from torch.func import grad, hessian, jacrev, jvp
+from torch.func import grad, hessian, jacrev, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import llmfn
 from llmfn.layers.norm import rms_norm
-from llmfn.layers.recomputed_input import first_order_only, recomputed_input_linear
+from llmfn.layers.recomputed_input import (
+    first_order_only,
+    own_backward_ok,
+    recomputed_input_linear,
+)
 from llmfn.layers.remat import remat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,6 +101,50 @@ def test_first_order_only_reads_the_transform_stack():
         "jvp": False,
         "hessian": False,
     }
+
+
+def test_own_backward_ok_reads_the_stack_dynamo_traces():
+    """Under torch.compile the transform stack is read at trace time, a constant of the graph
+    (no graph break, no recompile): vmap(grad) and grad(grad) take the plain path there."""
+
+    def f(x):  # the answer as a factor of the output: a side effect would add a guard
+        return (x**3).sum() * (2.0 if own_backward_ok() else 3.0)
+
+    def with_factor(factor):
+        return lambda x: (x**3).sum() * factor
+
+    cases = {  # transform, input, the factor own_backward_ok gives under it
+        "none": (lambda g: g, torch.ones(3), 2.0),
+        "grad": (grad, torch.ones(3), 2.0),
+        "vmap(grad)": (lambda g: vmap(grad(g)), torch.ones(3, 1), 3.0),
+        "jacrev(grad)": (lambda g: jacrev(grad(g)), torch.ones(3), 3.0),
+    }
+    for name, (transform, x, factor) in cases.items():
+        compiled = torch.compile(transform(f), backend="eager", fullgraph=True)
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = compiled(2 * x)  # new values reuse the graph
+        torch.testing.assert_close(got, transform(with_factor(factor))(2 * x), msg=name)
+
+
+def test_plain_autograd_second_derivatives_under_the_math_sdpa_backend():
+    """torch.autograd.grad(create_graph=True) and torch.autograd.functional.hvp cannot be seen
+    from the forward, which takes SDPA's fused kernel (no derivative of its backward): they run
+    with the forward and the gradient calls under sdpa_kernel(SDPBackend.MATH), as
+    docs/troubleshooting.md says, with remat too (its backward recomputes the attention)."""
+    tangent = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    for name in ("default", "remat"):
+        loss, weight = loss_of_leaf(name)
+        expected = jvp(grad(loss), (weight,), (tangent,))[1]
+        with pytest.raises(RuntimeError, match="_scaled_dot_product_flash_attention_for_cpu_back"):
+            torch.autograd.functional.hvp(loss, weight, tangent)  # the documented message
+        with sdpa_kernel(SDPBackend.MATH):
+            _, hvp = torch.autograd.functional.hvp(loss, weight, tangent)
+            leaf = weight.clone().requires_grad_()
+            (gradient,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+            (double,) = torch.autograd.grad(gradient @ tangent, leaf)
+        torch.testing.assert_close(hvp, expected, msg=name)
+        torch.testing.assert_close(double, expected, msg=name)
 
 
 def test_recomputed_input_linear_and_remat_under_forward_mode():

@@ -4,6 +4,7 @@ break or recompile under torch.compile and do not get in the way of vmap / grad.
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import grad, vmap
 
 from llmfn import decode_weights, decoder, forward, init_params, loss
@@ -16,10 +17,21 @@ PARAMS = init_params(DENSE)
 TOKENS = torch.randint(0, DENSE.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
 LEARNED = DENSE.replace(position="learned")
 LEARNED_PARAMS = init_params(LEARNED)
+MHA = DENSE.replace(num_kv_heads=4)  # q, k and v of 4 heads
+MHA_PARAMS = init_params(MHA)
+ALIBI = DENSE.replace(position="alibi")
+ALIBI_PARAMS = init_params(ALIBI)
 
 
 def batch(tokens: torch.Tensor = TOKENS) -> dict:
     return {"inputs": tokens, "targets": tokens.roll(-1, 1)}
+
+
+def additive_mask() -> torch.Tensor:
+    """[3, 8] HF-internal style: 0 where a key is kept, -inf at row 0's two padded slots."""
+    mask = torch.zeros(3, 8)
+    mask[0, :2] = float("-inf")
+    return mask
 
 
 def stacked_ensemble():
@@ -38,6 +50,14 @@ BAD_INPUTS = {
     "float tokens": (
         lambda: forward(PARAMS, TOKENS.float(), DENSE),
         r"tokens must be \[B, T\] int64 \(or int32\) ids, got \[3, 8\] torch.float32$",
+    ),
+    "token ids to loss": (
+        lambda: loss(PARAMS, TOKENS, DENSE),
+        r'loss takes a batch \{"inputs": \[B, T\], "targets": \[B, T\]\}, got Tensor',
+    ),
+    "a batch without targets to loss": (
+        lambda: loss(PARAMS, {"inputs": TOKENS}, DENSE),
+        r"got \['inputs'\] \(forward takes the token ids\)",
     ),
     "3-D tokens to loss": (
         lambda: loss(PARAMS, batch(TOKENS[None]), DENSE),
@@ -89,6 +109,61 @@ BAD_INPUTS = {
         ),
         r"attention_mask \[3, 8\] does not fit tokens \[3, 8\]: expected \[B, max_len\] of the "
         r"cache, \[3, 12\]",
+    ),
+    "positions [T] with T == num_heads (RoPE was silently wrong)": (
+        lambda: forward(MHA_PARAMS, TOKENS[:, :4], MHA, positions=torch.arange(4)),
+        r"positions must be \[B, T\] \(or \[1, T\]\) like tokens \[3, 4\], got \[4\]: pass "
+        r"positions\[None\]",
+    ),
+    "positions [T], ALiBi (was an IndexError)": (
+        lambda: forward(ALIBI_PARAMS, TOKENS, ALIBI, positions=torch.arange(8)),
+        r"positions must be \[B, T\] \(or \[1, T\]\) like tokens \[3, 8\], got \[8\]",
+    ),
+    "positions [B, T + 1]": (
+        lambda: forward(PARAMS, TOKENS, DENSE, positions=torch.arange(9).expand(3, 9)),
+        r"positions must be .* like tokens \[3, 8\], got \[3, 9\]$",
+    ),
+    "positions [2, T] for 3 rows": (
+        lambda: forward(PARAMS, TOKENS, DENSE, positions=torch.arange(8).expand(2, 8)),
+        r"positions must be .* like tokens \[3, 8\], got \[2, 8\]$",
+    ),
+    "additive float attention_mask (0 keep, -inf masked)": (
+        lambda: forward(PARAMS, TOKENS, DENSE, attention_mask=additive_mask()),
+        r"attention_mask must be bool or integer, 1 = real token, 0 = padding, got "
+        r"torch.float32: an additive float mask \(0 = keep, -inf = masked\) means the opposite",
+    ),
+    "float 0/1 attention_mask to loss": (
+        lambda: loss(PARAMS, {**batch(), "attention_mask": torch.ones(3, 8)}, DENSE),
+        r"attention_mask must be bool or integer, .* mask.long\(\) for a float 0/1 mask",
+    ),
+    "integer attention_mask of 2s": (
+        lambda: forward(PARAMS, TOKENS, DENSE, attention_mask=torch.full((3, 8), 2)),
+        r"attention_mask must hold 1 \(real token\) or 0 \(padding\), got 2 \.\. 2",
+    ),
+    "cache_start + T past the cache's slots": (
+        lambda: forward_cached(PARAMS, TOKENS, DENSE, init_cache(DENSE, 3, 12), torch.tensor(6)),
+        r"cache_start=6 \+ T=8 tokens do not fit the cache's max_len=12 slots: "
+        r"init_cache\(cfg, batch_size, max_len\) with max_len >= 14",
+    ),
+    "cache of another batch size": (
+        lambda: forward_cached(PARAMS, TOKENS, DENSE, init_cache(DENSE, 2, 12), torch.tensor(0)),
+        r"cache has batch size 2 but tokens are \[3, 8\]: build it with "
+        r"init_cache\(cfg, batch_size=3, max_len\)",
+    ),
+    "nested dict params": (
+        lambda: forward(PARAMS.to_dict(), TOKENS, DENSE),
+        r"params must be a nested TensorDict as init_params returns, got dict: wrap a nested "
+        r"dict as TensorDict\(params, batch_size=\[\]\)",
+    ),
+    "flattened params (flatten_keys)": (
+        lambda: forward(PARAMS.flatten_keys("."), TOKENS, DENSE),
+        r"params has dotted keys \['embed.weight', .*: a flat tree .* "
+        r"params.unflatten_keys\('.'\)",
+    ),
+    "a batch dict to forward": (
+        lambda: forward(PARAMS, batch(), DENSE),
+        r"tokens must be a \[B, T\] tensor of ids, got dict: forward takes the ids "
+        r"\(batch\['inputs'\]\); loss takes the batch dict",
     ),
     "targets of another shape": (
         lambda: loss(PARAMS, {"inputs": TOKENS, "targets": TOKENS[:, 1:]}, DENSE),
@@ -168,7 +243,7 @@ def test_good_uses_still_run():
         DENSE,
         init_cache(DENSE, 3, 12),
         torch.tensor(0),
-        attention_mask=torch.ones(3, 12),
+        attention_mask=torch.ones(3, 12, dtype=torch.long),
     )
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     forward(LEARNED_PARAMS, torch.zeros(1, 16, dtype=torch.long), LEARNED)
@@ -188,6 +263,36 @@ def test_good_uses_still_run():
     )
     expected = forward(LEARNED_PARAMS, tokens, LEARNED, positions=positions)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_style_positions_masks_and_full_caches_still_run():
+    """positions [B, T] or [1, T] (HF's position_ids); bool, int64 and int32 0/1 masks alike;
+    a cache filled to its last slot, from a Python int cache_start."""
+    expected = forward(PARAMS, TOKENS, DENSE)
+    steps = torch.arange(8)
+    for positions in (steps[None], steps.expand(3, 8)):
+        torch.testing.assert_close(forward(PARAMS, TOKENS, DENSE, positions=positions), expected)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :2] = 0
+    padded = forward(PARAMS, TOKENS, DENSE, attention_mask=mask)
+    assert not torch.allclose(padded[0], expected[0], atol=1e-3)
+    for other in (mask.bool(), mask.int()):
+        torch.testing.assert_close(forward(PARAMS, TOKENS, DENSE, attention_mask=other), padded)
+    first, cache = forward_cached(PARAMS, TOKENS[:, :5], DENSE, init_cache(DENSE, 3, 8), 0)
+    last, _ = forward_cached(PARAMS, TOKENS[:, 5:], DENSE, cache, torch.tensor(5))
+    torch.testing.assert_close(torch.cat([first, last], 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_loss_under_fake_tensor_mode():
+    """Shape propagation under FakeTensorMode: the value checks skip fake tensors
+    (`can_read_values`) rather than raise DataDependentOutputException."""
+    with FakeTensorMode() as mode:
+        params, tokens = LEARNED_PARAMS.apply(mode.from_tensor), mode.from_tensor(TOKENS)
+        mask = mode.from_tensor(torch.ones(3, 8, dtype=torch.long))
+        positions = mode.from_tensor(torch.arange(8)[None])
+        logits = forward(params, tokens, LEARNED, attention_mask=mask, positions=positions)
+        value, _ = loss(params, batch(tokens), LEARNED)
+    assert logits.shape == (3, 8, 64) and value.shape == ()
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -227,15 +332,18 @@ def fresh_dynamo_afterwards():
 
 def test_checks_add_no_graph_break_or_recompile_under_compile():
     """fullgraph=True fails on a graph break; error_on_recompile on a guard the checks add. New
-    token values and new param values of the same shapes reuse the one graph."""
+    token values and new param values of the same shapes reuse the one graph (with a mask and
+    positions: their dtype and shape checks are static)."""
     other = init_params(DENSE, seed=2)
-    compiled_forward = torch.compile(lambda p, t: forward(p, t, DENSE), fullgraph=True)
+    mask, positions = torch.ones(3, 8, dtype=torch.bool), torch.arange(8)[None]
+    options = {"attention_mask": mask, "positions": positions}  # their static checks too
+    compiled_forward = torch.compile(lambda p, t: forward(p, t, DENSE, **options), fullgraph=True)
     compiled_grad = torch.compile(grad(lambda p, b: loss(p, b, DENSE)[0]), fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for params, tokens in ((PARAMS, TOKENS), (other, TOKENS.flip(0))):
             torch.testing.assert_close(
                 compiled_forward(params, tokens),
-                forward(params, tokens, DENSE),
+                forward(params, tokens, DENSE, **options),
                 rtol=1e-5,
                 atol=1e-5,
             )

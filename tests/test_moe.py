@@ -102,7 +102,7 @@ def test_an_all_ones_mask_gives_the_unmasked_numbers():
     tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
     logits, losses = forward_with_aux(params, tokens, cfg)
     masked_logits, masked_losses = forward_with_aux(
-        params, tokens, cfg, attention_mask=torch.ones(3, 8)
+        params, tokens, cfg, attention_mask=torch.ones(3, 8, dtype=torch.long)
     )
     torch.testing.assert_close(masked_logits, logits, rtol=1e-5, atol=1e-6)
     for name, value in losses.items():

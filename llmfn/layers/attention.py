@@ -160,7 +160,10 @@ def attend(
 
     The CPU decode kernel (`llmfn.layers.decode_attention`) for cached steps it serves, SDPA
     (causal when bias is None) everywhere else: on its math backend under `hessian`,
-    `jacrev(grad)` or `jvp`, as the fused kernels have no second or forward-mode derivative."""
+    `jacrev(grad)` or `jvp`, as the fused kernels have no second or forward-mode derivative.
+    Plain autograd's second derivatives (`torch.autograd.grad(..., create_graph=True)`,
+    `torch.autograd.functional.hvp`) cannot be seen from the forward: run them (forward and
+    gradient calls) under `sdpa_kernel(SDPBackend.MATH)`, or take them with torch.func."""
     if cached and kernel_serves(q, bias):
         return decode_attention(q, k, v, bias)
     backends = contextlib.nullcontext() if first_order_only() else sdpa_kernel(SDPBackend.MATH)

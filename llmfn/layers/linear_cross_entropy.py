@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmfn.layers.linear import linear
-from llmfn.layers.recomputed_input import any_requires_grad, first_order_only
+from llmfn.layers.recomputed_input import any_requires_grad, first_order_only, own_backward_ok
 
 IGNORE_INDEX = -100
 
@@ -89,7 +89,7 @@ def linear_cross_entropy(
             "only: for a gradient of a gradient (hessian, jacrev(grad(...))) or forward-mode AD "
             "(jvp) use model.loss_chunk_size=0"
         )
-    if not any_requires_grad(h, weight):
+    if not any_requires_grad(h, weight) or not own_backward_ok():  # (compiled vmap: plain)
         logits = linear(h, weight).flatten(0, -2)
         return F.cross_entropy(
             logits.to(torch.promote_types(logits.dtype, torch.float32)),

@@ -14,7 +14,8 @@ recomputes `pre` from them under the forward's autocast state.
 
 Works under plain autograd, `torch.func.grad`, `vmap(grad)` and `torch.compile`; where no
 gradient is taken (generation, evaluation), or a higher-order or forward-mode one is
-(`first_order_only`: `hessian`, `jacrev(grad)`, `jvp`), it is `linear(pre(*inputs), weight,
+(`first_order_only`: `hessian`, `jacrev(grad)`, `jvp`), or torch.compile traces a vmap
+(`own_backward_ok`: `torch.compile(vmap(grad(loss)))`), it is `linear(pre(*inputs), weight,
 bias)`.
 """
 
@@ -23,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from llmfn.layers.linear import linear
@@ -81,7 +81,7 @@ def recomputed_input_linear(
         _plain_depth
         or weight.dim() != 2
         or not any_requires_grad(*inputs, *tail)
-        or not first_order_only()
+        or not own_backward_ok()
     ):
         return linear(pre(*inputs), weight, bias)
     return _RecomputedInputLinear.apply((pre, len(inputs)), *inputs, *tail)
@@ -101,12 +101,37 @@ def first_order_only() -> bool:
     gradient and no forward-mode one (vmap is fine). Only then do the autograd.Functions that
     do their own backward (here, `llmfn.layers.remat`, `llmfn.layers.linear_cross_entropy`)
     run: they have no jvp, so under `hessian`, `jacrev(grad)` or `jvp` their callers compute
-    plainly (or raise). Always True under torch.compile, whose dynamo cannot trace the read of
-    the transform stack (torch 2.13): compiled code keeps its first-order path."""
+    plainly (or raise). Always True under torch.compile: compiled code keeps its first-order
+    path (the stack inside a remat backward under grad can hold two grads, which would send
+    its recomputation to SDPA's math backend); `own_backward_ok` reads the stack there."""
     if torch.compiler.is_compiling():
         return True
-    keys = [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
-    return keys.count(TransformType.Grad) <= 1 and TransformType.Jvp not in keys
+    keys = transform_stack()
+    return keys.count("Grad") <= 1 and "Jvp" not in keys
+
+
+def own_backward_ok() -> bool:
+    """Whether `_RecomputedInputLinear` may run here: `first_order_only()` in eager; under
+    torch.compile, no vmap, no jvp and at most one grad around the call. Dynamo cannot vmap an
+    autograd.Function ("You tried to vmap over ApplyTemplate", pytorch#129845), so
+    `torch.compile(vmap(grad(loss)))` (per-example gradients, ensembles) takes the plain
+    linear, with the same values."""
+    if not torch.compiler.is_compiling():
+        return first_order_only()
+    keys = transform_stack()
+    return "Vmap" not in keys and keys.count("Grad") <= 1 and "Jvp" not in keys
+
+
+@torch.compiler.assume_constant_result
+def transform_stack() -> tuple[str, ...]:
+    """The torch.func transforms around this call, outermost first: ("Vmap", "Grad") inside
+    vmap(grad(f)); names of `TransformType` ("Grad", "Jvp", "Vmap", "Functionalize").
+
+    Under torch.compile dynamo pushes the levels of the transforms it traces, so this reads
+    the stack at trace time, as a constant of the graph (no graph break, no guard: the
+    compiled frame's own code fixes the levels it adds, and dynamo guards on the ones it was
+    called under)."""
+    return tuple(interpreter.key().name for interpreter in retrieve_all_functorch_interpreters())
 
 
 @contextlib.contextmanager

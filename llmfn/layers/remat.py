@@ -5,8 +5,9 @@
 `remat(fn, differentiable, constants)` is an `autograd.Function` instead: its forward keeps no
 intermediates, only the inputs, and its backward re-runs `fn` under `torch.func.vjp`. It works
 under plain autograd, `torch.func.grad`, `vmap(grad)` and `torch.compile`. Under a higher-order
-or forward-mode transform (`hessian`, `jacrev(grad)`, `jvp`: not `first_order_only`) `fn`
-runs plainly, its intermediates kept.
+or forward-mode transform (`hessian`, `jacrev(grad)`, `jvp`), or where torch.compile traces a
+vmap (dynamo cannot vmap an autograd.Function; `own_backward_ok`), `fn` runs plainly, its
+intermediates kept.
 
 Every tensor `fn` reads must be passed in: a tensor captured by a closure from inside a
 transformed function breaks `vmap` of the backward.
@@ -18,7 +19,7 @@ differentiates with create_graph=True and so keeps every recomputed layer alive 
 
 import torch
 
-from llmfn.layers.recomputed_input import any_requires_grad, first_order_only, plain_linears
+from llmfn.layers.recomputed_input import any_requires_grad, own_backward_ok, plain_linears
 
 
 class _Remat(torch.autograd.Function):
@@ -54,6 +55,6 @@ def remat(
     differentiable: float tensors that get gradients; constants: any other tensors (positions,
     masks, keys) that get none.
     """
-    if not any_requires_grad(*differentiable) or not first_order_only():  # see the helpers
+    if not any_requires_grad(*differentiable) or not own_backward_ok():  # see the helpers
         return fn(*differentiable, *constants)
     return _Remat.apply(fn, len(differentiable), *differentiable, *constants)

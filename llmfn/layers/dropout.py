@@ -4,6 +4,11 @@ The mask is a hash of (key, element index), so it is a pure function of its inpu
 under eager, `torch.compile`, `vmap` and after a resume, with no global RNG state. The key
 enters between two rounds of the hash, so the streams of two keys are unrelated (a key added
 to the index would make every stream a shifted copy of the others).
+
+Every op here is inlined into each kernel that reads a mask (torch.compile recomputes masks
+rather than storing them), so keys are derived with as few rounds as will do: one round per
+`fold_in`, and a multiply, not a hash, to fold a key's upper 32 bits in. Nested hashes here
+cost minutes of inductor codegen per compile.
 """
 
 import math
@@ -13,8 +18,9 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """An avalanche hash of int64 values in [0, 2³²); constants < 2³¹ so products fit in int64."""
+def _hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """An avalanche hash of int64 values (tensors or ints) read as 32 bits; constants < 2³¹
+    so products fit in int64."""
     x = x & _MASK32
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ (x >> 15)) * 0x346CA68B) & _MASK32
@@ -22,14 +28,15 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _key32(key: torch.Tensor) -> torch.Tensor:
-    """A 32-bit hash of int64 keys that reads all 64 bits (seeds s and s + 2³² differ)."""
-    return _hash32(key ^ _hash32(key >> 32))
+    """32 bits of int64 keys that depend on all 64 (seeds s and s + 2³² differ)."""
+    return (key ^ ((key >> 32) * 0x9E3779B1)) & _MASK32
 
 
 def fold_in(key: torch.Tensor, salt: int | torch.Tensor) -> torch.Tensor:
     """A new int64 key derived from `key` and `salt` (like `jax.random.fold_in`); elementwise
-    over tensors of keys and salts."""
-    return _hash32(_key32(key) + salt * 0x9E3779B1)
+    over tensors of keys and salts. One key's children are distinct for distinct salts in
+    [0, 2³²)."""
+    return _hash32(_key32(key) ^ _hash32(salt))
 
 
 def uniform(key: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -117,6 +117,12 @@ def on_rank_zero_first(work: Callable[[], object], proc: ProcessInfo, what: str)
         raise RankZeroFailed(f"rank 0 failed {what}: its error is in rank 0's output")
 
 
+def log(proc: ProcessInfo, message: str) -> None:
+    """Print `message` on the main process only."""
+    if proc.is_main:
+        print(message, flush=True)
+
+
 def prints_for_every_rank() -> bool:
     """Whether this process reports errors that every rank meets alike (a bad config, a halt):
     one process, or the first of each machine under torchrun (LOCAL_RANK 0), so that such an

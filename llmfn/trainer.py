@@ -6,27 +6,20 @@ checkpoints into one loop that runs on one process or many (torchrun).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tensordict import TensorDict
 
 from llmfn import checkpoint as ckpt
 from llmfn.allocator import keep_freed_memory
 from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
-from llmfn.callbacks.early_stopping import stopped_early
 from llmfn.callbacks.tensorboard_logger import check_tensorboard_installed
-from llmfn.checkpoint.initial_params import load_initial_params
 from llmfn.config import Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
@@ -37,43 +30,36 @@ from llmfn.distributed import (
     RankZeroFailed,
     barrier,
     init_process,
-    max_over_ranks,
+    log,
     on_rank_zero_first,
     prints_for_every_rank,
     shutdown,
-    sum_over_ranks,
 )
+from llmfn.evaluation import batch_to, evaluate, make_sample_fn
 from llmfn.memory_estimate import cpu_memory_warning
 from llmfn.model import count_params, flops_per_token
-from llmfn.optim import build_optimizer, global_norm
+from llmfn.optim import build_optimizer
+from llmfn.resume import (
+    CheckpointNotShared,
+    batch_layout,
+    nothing_to_train,
+    resumed_state,
+    start_from_weights,
+)
 from llmfn.run_folders import (
     check_output_folders,
     naming_the_run_folder,
     owning_run,
-    resume_checkpoint,
     run_folder,
     write_run_files,
 )
 from llmfn.schedule import lr_schedule_from_config
-from llmfn.step import (
-    KEYS_ADDED_SINCE,
-    init_train_state,
-    make_eval_step,
-    make_train_step,
-    with_fresh_loss_scale,
-)
+from llmfn.step import init_train_state, make_eval_step, make_train_step
+from llmfn.stopping import SignalCheck, StopSignal, TrainingHalted, nonfinite_report
 from llmfn.tasks import get_task
 from llmfn.tasks.base import Task
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
-
-
-class TrainingHalted(RuntimeError):
-    """Training stopped on purpose (non-finite values); the message says why and where."""
-
-
-class CheckpointNotShared(ValueError):
-    """A rank cannot read the checkpoint rank 0 resumes; every rank raises it alike."""
 
 
 @dataclass
@@ -89,11 +75,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def log(proc: ProcessInfo, message: str) -> None:
-    if proc.is_main:
-        print(message, flush=True)
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -123,35 +104,6 @@ def slow_precision_warning(precision: str, device: torch.device) -> str | None:
         f"warning: train.precision={precision} on a CPU without {precision} matmul support "
         f"({torch.backends.cpu.get_cpu_capability()}): steps will be many times slower than "
         "train.precision=fp32"
-    )
-
-
-def batch_layout(config: Config, world_size: int) -> dict[str, int]:
-    """What makes up the global batch: rows per micro-batch, micro-batches, processes."""
-    return {
-        "batch_size": config.data.batch_size,
-        "grad_accum_steps": config.train.grad_accum_steps,
-        "world_size": world_size,
-    }
-
-
-def batch_change_warning(train_state: dict, config: Config, world_size: int) -> str | None:
-    """A warning when a checkpoint is resumed with another global batch (rows per step): step s
-    then reads other rows of the data order than the original run would have (data skipped or
-    seen again) and each step holds another number of tokens. The same global batch split
-    otherwise (8 rows x 1 process against 4 x 2) reads the same rows (up to where epochs end).
-    train_state: the checkpoint's (older ones hold only world_size: the rest counts as unchanged).
-    """
-    now = batch_layout(config, world_size)
-    saved = {key: train_state.get(key, value) for key, value in now.items()}
-    if math.prod(saved.values()) == math.prod(now.values()):
-        return None
-    spell = lambda layout: " x ".join(str(v) for v in layout.values())  # noqa: E731
-    return (
-        f"warning: the checkpoint trained with a global batch of {math.prod(saved.values())} rows "
-        f"(data.batch_size x train.grad_accum_steps x processes = {spell(saved)}) and this run "
-        f"has {math.prod(now.values())} ({spell(now)}): from here on each step reads other rows "
-        "of the data order than the original run would have (rows skipped or seen again)"
     )
 
 
@@ -186,136 +138,10 @@ def check_batch_keys(task, batch: dict) -> None:
         )
 
 
-def batch_to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def stacked_train_batch(data, step: int, accum: int, device: torch.device) -> dict:
     """The micro-batches of `step`, stacked as [A, B, ...]."""
     micro = [data.train_batch(step * accum + i) for i in range(accum)]
     return batch_to({k: torch.stack([m[k] for m in micro]) for k in micro[0]}, device)
-
-
-def evaluate(
-    eval_step, params: TensorDict, data, proc: ProcessInfo, *, perplexity: bool
-) -> dict[str, float]:
-    """Token-weighted validation loss over the data module's val batches, and its perplexity
-    where the loss is a token negative log-likelihood (`Task.perplexity`). With several
-    processes each evaluates every world_size-th batch and the sums are added up, so the
-    result does not depend on the number of processes."""
-    total, count = 0.0, 0.0
-    for index, batch in enumerate(data.val_batches()):
-        if index % proc.world_size != proc.rank:
-            continue
-        out = eval_step(params, batch_to(batch, proc.device))
-        tokens = float(out["tokens"])
-        total += float(out["loss"]) * tokens
-        count += tokens
-    total, count = sum_over_ranks([total, count], proc.device)
-    if count == 0:
-        return {}
-    val_loss = total / count
-    if not perplexity:
-        return {"val_loss": val_loss}
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-
-
-def make_sample_fn(config: Config, data, current_params):
-    """(prompt, max_new_tokens) -> text from the latest params (`current_params()`), or None."""
-    tokenizer = getattr(data, "tokenizer", None)
-    if tokenizer is None:
-        return None
-    from llmfn.generate import generate
-
-    def sample(prompt: str, max_new_tokens: int) -> str:
-        ids = (
-            tokenizer.encode(prompt)
-            if prompt
-            else [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
-        )
-        ids = (
-            ids[-(config.model.max_seq_len - max_new_tokens) :]
-            if max_new_tokens < config.model.max_seq_len
-            else ids[-1:]
-        )
-        new = generate(
-            current_params(),
-            config.model,
-            [ids],
-            max_new_tokens=min(max_new_tokens, config.model.max_seq_len - len(ids)),
-            temperature=0.8,
-            top_k=40,
-            seed=config.train.seed,
-            vocab_limit=tokenizer.vocab_size,  # never a padded vocabulary's extra rows
-        )
-        return prompt + tokenizer.decode(new[0])
-
-    return sample
-
-
-class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop saves and exits at the next step boundary. A second
-    SIGINT (Ctrl-C twice) interrupts at once, and so does any once `interrupt_at_once` is set
-    (after the loop: nothing is left to save)."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self.interrupt_at_once = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        second_ctrl_c = self.received == "SIGINT" and signum == signal.SIGINT
-        self.received = signal.Signals(signum).name
-        if second_ctrl_c or self.interrupt_at_once:
-            raise KeyboardInterrupt  # stop now (a second Ctrl-C: without the checkpoint)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def nonfinite_report(task, config: Config, state: TensorDict, batch: dict) -> str:
-    """Names of parameters or gradients that are not finite, recomputed eagerly on `batch`; when
-    all are finite but their global norm is not (its float32 sum of squares overflowed), that."""
-    params = state["params"]
-    bad = [
-        ".".join(k)
-        for k, v in params.items(include_nested=True, leaves_only=True)
-        if not torch.isfinite(v).all()
-    ]
-    first = {k: v[0] for k, v in batch.items()}
-    grads = torch.func.grad(lambda p: task.loss(p, first, config, training=False)[0])(params)
-    bad += [
-        "grad:" + ".".join(k)
-        for k, v in grads.items(include_nested=True, leaves_only=True)
-        if not torch.isfinite(v).all()
-    ]
-    if bad:
-        return ", ".join(bad[:20]) + (" ..." if len(bad) > 20 else "")
-    if not torch.isfinite(global_norm(grads)):
-        return gradient_norm_overflow(grads)
-    return "loss only (all parameters and gradients finite)"
-
-
-def gradient_norm_overflow(grads: TensorDict) -> str:
-    """What to say when every gradient is finite but their global norm overflows float32."""
-    name, largest = max(
-        (
-            (".".join(k), v.abs().max())
-            for k, v in grads.items(include_nested=True, leaves_only=True)
-        ),
-        key=lambda item: float(item[1]),
-    )
-    return (
-        "gradient norm overflow: every gradient is finite but their global norm is not (its "
-        f"float32 sum of squares overflows; the largest |gradient| is {float(largest):.3g}, in "
-        f"grad:{name}): usually a diverging loss (lower optim.lr)"
-    )
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -410,150 +236,6 @@ def _train(config: Config, proc: ProcessInfo, extra_callbacks: list) -> TrainRes
     return training.run_to_end()
 
 
-def resumed_state(
-    config: Config, state: TensorDict, proc: ProcessInfo, tokenizer=None
-) -> tuple[TensorDict, dict, Path | None]:
-    """(state, the checkpoint's train_state.json, its folder) for `train.resume`; the fresh
-    state, {} and None when there is nothing to resume. tokenizer: the data module's, which
-    must be the one the checkpoint trained with (ValueError otherwise)."""
-    resume_from = shared_resume_checkpoint(config, proc)
-    if resume_from is None:
-        if config.train.resume == "auto":
-            log(proc, "train.resume=auto: no checkpoint found, starting fresh")
-        return state, {}, None
-    check_same_tokenizer(config, resume_from, tokenizer)
-    state, train_state = ckpt.load_checkpoint(
-        resume_from, state, expected_model=config.model.to_dict(), missing_from=KEYS_ADDED_SINCE
-    )
-    log(proc, f"resumed from {resume_from} at step {int(state['step'])}")
-    if warning := batch_change_warning(train_state, config, proc.world_size):
-        log(proc, warning)
-    saved_precision = ckpt.read_run_config(resume_from).get("train", {}).get("precision")
-    if saved_precision not in (None, config.train.precision):
-        state = with_fresh_loss_scale(state, config.train.precision)
-        log(
-            proc,
-            f"note: the checkpoint trained with train.precision={saved_precision}, this run uses "
-            f"{config.train.precision}: the loss scale starts afresh at "
-            f"{float(state['loss_scale']):g}",
-        )
-    return state, train_state, resume_from
-
-
-def shared_resume_checkpoint(config: Config, proc: ProcessInfo) -> Path | None:
-    """The checkpoint `train.resume` names, as rank 0 finds it, once every rank has checked it
-    can read it. Ranks that each looked on their own could differ (a node-local runs/: rank 0
-    resumes, rank 1 starts fresh) and then wait in different collectives until
-    distributed.timeout_s."""
-    if proc.world_size == 1:
-        return resume_checkpoint(config)
-    found: list[Path | None] = [None]
-
-    def find() -> None:
-        found[0] = resume_checkpoint(config)
-
-    on_rank_zero_first(find, proc, "finding the checkpoint to resume (train.resume)")
-    dist.broadcast_object_list(found, src=0)
-    if found[0] is not None:
-        check_every_rank_reads(found[0], proc)
-    return found[0]
-
-
-def can_read_checkpoint(checkpoint: Path) -> bool:
-    """Whether this process sees `checkpoint` whole: its manifest and the files it lists."""
-    try:
-        ckpt.verify_checkpoint(checkpoint, check_hashes=False)
-    except (ckpt.CheckpointError, OSError):
-        return False
-    return True
-
-
-def check_every_rank_reads(checkpoint: Path, proc: ProcessInfo) -> None:
-    """CheckpointNotShared on every rank when any rank cannot read `checkpoint`."""
-    unreadable = -1.0 if can_read_checkpoint(checkpoint) else float(proc.rank)
-    rank = int(max_over_ranks([unreadable], proc.device)[0])
-    if rank >= 0:
-        raise CheckpointNotShared(
-            f"rank {rank} cannot read {checkpoint}: checkpoints must be on a filesystem every "
-            "rank sees (train.run_dir, train.resume)"
-        )
-
-
-def saved_tokenizer_json(tokenizer) -> dict:
-    """The tokenizer.json that `tokenizer.save` writes, parsed."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save(folder)
-        return json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8"))
-
-
-def other_tokenizer(checkpoint: Path, tokenizer) -> Path | None:
-    """The checkpoint's tokenizer folder when its tokenizer.json differs from the data module's
-    `tokenizer` (token ids that mean other tokens, which model.vocab_size cannot catch); None
-    when they agree or there is nothing to compare (no tokenizer on either side)."""
-    saved = checkpoint / ckpt.TOKENIZER_DIR / "tokenizer.json"
-    if tokenizer is None or not saved.is_file():
-        return None
-    if json.loads(saved.read_text(encoding="utf-8")) == saved_tokenizer_json(tokenizer):
-        return None
-    return saved.parent
-
-
-def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
-    """ValueError when a resumed checkpoint's tokenizer differs from the data module's: the data
-    was prepared again (changed text, another data.tokenizer)."""
-    saved = other_tokenizer(checkpoint, tokenizer)
-    if saved is None:
-        return
-    data = config.data
-    raise ValueError(
-        f"train.resume: checkpoint {checkpoint} trained with the tokenizer in {saved}, "
-        f"but the data of data.path={data.path!r} (data.module={data.module!r}, "
-        f"data.tokenizer={data.tokenizer!r}) now has another one: its token ids would mean other "
-        "tokens. Start a fresh run (another train.run_name, train.resume=null), or train on the "
-        "data the checkpoint used (the same text and data.tokenizer, or data.module=token_bin "
-        "with data.path set to the folder prepared for it under data.cache_dir)"
-    )
-
-
-def start_from_weights(config: Config, state: TensorDict, proc: ProcessInfo, tokenizer) -> None:
-    """Fill the fresh state's params, in place, from the weights `checkpoint.init_from` names;
-    ValueError when their tokenizer is not the data's."""
-    folder = ckpt.resolve_checkpoint(config.checkpoint.init_from)
-    if (saved := other_tokenizer(folder, tokenizer)) is not None:
-        data = config.data
-        raise ValueError(
-            f"checkpoint.init_from: {folder} trained with the tokenizer in {saved}, but the data "
-            f"(data.module={data.module!r}, data.tokenizer={data.tokenizer!r}) has another one: "
-            f"its token ids would mean other tokens. Tokenize with it: data.tokenizer={str(saved)!r}"
-        )
-    load_initial_params(folder, config.model, state["params"])
-    log(proc, f"initial params from {folder} (checkpoint.init_from; a fresh optimizer and step)")
-
-
-def nothing_to_train(
-    config: Config, resume_from: Path, state: TensorDict, train_state: dict, max_steps: int
-) -> tuple[str, str] | None:
-    """(what to say, TrainResult.stopped_by) when the resumed run is already over: at its last
-    step, or stopped by early stopping that would stop it again at this patience; else None.
-    Nothing is written then (a requeued job exits cleanly)."""
-    step, patience = int(state["step"]), config.train.early_stopping_patience
-    if step >= max_steps:
-        key = "train.max_steps" if config.train.epochs is None else "train.epochs"
-        return (
-            f"nothing to train: {resume_from} is at step {step} and the run ends at step "
-            f"{max_steps} ({key}); raise {key} to train on. No file was written.",
-            "max_steps",
-        )
-    if stopped_early(train_state.get("callbacks", {}), patience):
-        return (
-            f"nothing to train: the run of {resume_from} stopped early at step {step} "
-            f"(train.early_stopping_patience={patience}); to train on, raise the patience or "
-            "set it to null",
-            "early_stopping",
-        )
-    return None
-
-
 def build_train_step(config: Config, task, optimizer, max_steps: int, proc: ProcessInfo):
     """The driver's train step: compiled per `train.compile`, all-reduced over ranks, donating."""
     device = proc.device
@@ -594,28 +276,6 @@ def run_info(
         device=proc.device,
         sample_fn=None,
     )
-
-
-@dataclass
-class SignalCheck:
-    """When the processes of a run next agree on whether any of them received a stop signal:
-    at steps about `seconds` apart by the slowest rank's step time, learned at each check (one
-    all-reduce of the flag and that time). torchrun kills its workers 30 s after forwarding a
-    signal, so a check every few seconds leaves the rest of that time to save; agreeing every
-    step would sync the host with the device at every step."""
-
-    seconds: float = 5.0
-    next_step: int = 0
-    last_step: int = 0
-    last_time: float = field(default_factory=time.monotonic)
-
-    def agree(self, step: int, received: bool, device: torch.device) -> bool:
-        now = time.monotonic()
-        step_time = (now - self.last_time) / max(step - self.last_step, 1)
-        any_received, slowest = max_over_ranks([float(received), step_time], device)
-        self.last_step, self.last_time = step, now
-        self.next_step = step + max(1, int(self.seconds / max(slowest, 1e-9)))
-        return any_received > 0
 
 
 @dataclass

@@ -83,12 +83,12 @@ def run_torchrun(*args: str) -> None:
 
 
 def validation_metrics(proc) -> tuple[dict[str, float], int]:
-    """The driver's validation pass (`llmfn.trainer.evaluate`) of small_config's model at init
+    """The driver's validation pass (`llmfn.evaluation.evaluate`) of small_config's model at init
     over 3 synthetic val batches, on this process's share of them -> (metrics, the number of
     batches this process evaluated)."""
     from llmfn.data import build_data_module
+    from llmfn.evaluation import evaluate
     from llmfn.step import make_eval_step
-    from llmfn.trainer import evaluate
 
     config = small_config()
     data_config = dataclasses.replace(config.data, val_batches=3, synthetic_vocab_size=64)

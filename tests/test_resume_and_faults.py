@@ -18,7 +18,8 @@ from tensordict import TensorDict
 
 from llmfn import checkpoint as ckpt
 from llmfn.config import load_config
-from llmfn.trainer import SignalCheck, StopSignal, TrainingHalted, train
+from llmfn.stopping import SignalCheck, StopSignal, TrainingHalted
+from llmfn.trainer import train
 from tests.step_fixtures import run_torchrun
 
 ROOT = Path(__file__).parent.parent
@@ -463,17 +464,17 @@ def test_a_save_failing_on_rank_0_names_the_folder_there_and_the_step_elsewhere(
 def test_a_rank_that_cannot_read_the_checkpoint_stops_every_rank(tmp_path, monkeypatch):
     """The agreement of the two-process test above, with the all-reduce faked: rank 1 (this
     rank 0 can read it) reports it cannot."""
-    from llmfn import trainer
+    from llmfn import resume
 
     first = train(tiny_config(tmp_path, "train.max_steps=1", "train.run_name=r"))
     step = first.run_dir / "checkpoints" / "step_000001"
-    proc = trainer.ProcessInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    monkeypatch.setattr(trainer, "max_over_ranks", lambda values, device: [max(values[0], 1.0)])
-    with pytest.raises(trainer.CheckpointNotShared, match=rf"rank 1 cannot read {step}: "):
-        trainer.check_every_rank_reads(step, proc)
-    monkeypatch.setattr(trainer, "max_over_ranks", lambda values, device: values)
-    trainer.check_every_rank_reads(step, proc)  # every rank reads it
-    assert not trainer.can_read_checkpoint(tmp_path / "elsewhere" / "step_000001")
+    proc = resume.ProcessInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(resume, "max_over_ranks", lambda values, device: [max(values[0], 1.0)])
+    with pytest.raises(resume.CheckpointNotShared, match=rf"rank 1 cannot read {step}: "):
+        resume.check_every_rank_reads(step, proc)
+    monkeypatch.setattr(resume, "max_over_ranks", lambda values, device: values)
+    resume.check_every_rank_reads(step, proc)  # every rank reads it
+    assert not resume.can_read_checkpoint(tmp_path / "elsewhere" / "step_000001")
 
 
 def test_a_failed_save_names_the_checkpoint_folder_in_one_line(tmp_path, monkeypatch, capsys):

@@ -13,9 +13,10 @@ from llmfn import checkpoint as ckpt
 from llmfn import model
 from llmfn.callbacks import Callback
 from llmfn.config import load_config
+from llmfn.resume import batch_change_warning, batch_layout
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
-from llmfn.trainer import batch_change_warning, batch_layout, slow_precision_warning, train
+from llmfn.trainer import slow_precision_warning, train
 
 TINY_MOE = [
     "model.vocab_size=64",

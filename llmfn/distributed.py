@@ -123,13 +123,6 @@ def log(proc: ProcessInfo, message: str) -> None:
         print(message, flush=True)
 
 
-def prints_for_every_rank() -> bool:
-    """Whether this process reports errors that every rank meets alike (a bad config, a halt):
-    one process, or the first of each machine under torchrun (LOCAL_RANK 0), so that such an
-    error is printed once per machine rather than once per rank."""
-    return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")
-
-
 def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
     """Each value's maximum over all ranks: one all-reduce, and a host sync (call at step
     boundaries). One process: the values themselves."""

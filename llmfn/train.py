@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from llmfn.config import Config, ConfigError, describe_keys, load_config, to_yaml
-from llmfn.warning_format import use_one_line_warnings
+from llmfn.warning_format import prints_for_every_rank, use_one_line_warnings
 
 SECTIONS = frozenset(field.name for field in dataclasses.fields(Config))
 YAML = (".yaml", ".yml")
@@ -89,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, print_only = parse_args(argv)
     except ConfigError as err:  # every rank reads the same command line
-        from llmfn.distributed import prints_for_every_rank  # imports torch: not for --help
-
         if prints_for_every_rank():
             print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,6 @@ from llmfn.distributed import (
     init_process,
     log,
     on_rank_zero_first,
-    prints_for_every_rank,
     shutdown,
 )
 from llmfn.evaluation import batch_to, evaluate, make_sample_fn
@@ -58,6 +57,7 @@ from llmfn.step import init_train_state, make_eval_step, make_train_step
 from llmfn.stopping import SignalCheck, StopSignal, TrainingHalted, nonfinite_report
 from llmfn.tasks import get_task
 from llmfn.tasks.base import Task
+from llmfn.warning_format import prints_for_every_rank
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 

@@ -1,4 +1,5 @@
-"""How the command-line tools print warnings: llmfn's own as one `warning: ...` line.
+"""How the command-line tools print: llmfn's own warnings as one `warning: ...` line, and an
+error that every rank meets alike once per machine (`prints_for_every_rank`).
 
 llmfn's warnings name the file, folder or key that matters, so Python's default second line
 (the source line that called `warnings.warn`) only adds noise for a user of the CLIs. Other
@@ -11,6 +12,7 @@ so every CLI may use it.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -45,3 +47,10 @@ class DropMessage(logging.Filter):
 
 CUDA_HOME_NOTICE_LOGGER = "torch.utils.cpp_extension"
 DROP_CUDA_HOME_NOTICE = DropMessage("No CUDA runtime is found")
+
+
+def prints_for_every_rank() -> bool:
+    """Whether this process reports errors that every rank meets alike (a bad config, a halt):
+    one process, or the first of each machine under torchrun (LOCAL_RANK 0), so that such an
+    error is printed once per machine rather than once per rank."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("0", "")

@@ -229,6 +229,34 @@ def test_cli_help_states_precedence():
     assert "defaults < CONFIG.yaml" in out.stdout and "LLMFN_SECTION__KEY" in out.stdout
 
 
+def test_cli_help_and_a_bad_key_answer_without_importing_torch():
+    """`llmfn` loads its exports on first use: torch and tensordict take seconds to import."""
+    probe = (
+        "import sys; from llmfn.train import main; "
+        "codes = main(['--help']), main(['optim.lrr=1']), main(['--list-keys']); "
+        "print(codes, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "(0, 2, 0) False"
+    assert "unknown config key 'optim.lrr'" in out.stderr
+
+
+def test_the_package_exports_load_on_use_and_llmfn_generate_stays_the_function():
+    probe = (
+        "import llmfn, llmfn.generate, importlib; "
+        "module = importlib.import_module('llmfn.generate'); "
+        "from llmfn import generate, model; "
+        "print(llmfn.generate is module.generate is generate, model.forward is llmfn.forward, "
+        "sorted(llmfn.__all__) == sorted(llmfn._EXPORTS), 'forward' in dir(llmfn))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "True True True True", out.stderr
+    with pytest.raises(AttributeError, match="module 'llmfn' has no attribute 'forwrd'"):
+        import llmfn
+
+        llmfn.forwrd  # noqa: B018
+
+
 def test_cli_missing_file_exits_nonzero_without_traceback():
     out = subprocess.run(
         [sys.executable, "-m", "llmfn.train", "configs/does-not-exist.yaml"],

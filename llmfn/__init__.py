@@ -9,10 +9,11 @@ without importing torch and tensordict (seconds).
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING
+
+from llmfn.lazy_exports import lazy_exports
 
 _EXPORTS = {  # name -> the module that defines it
     "decode_weights": "llmfn.cached_decode",
@@ -77,16 +78,7 @@ if TYPE_CHECKING:
     from llmfn.module import as_module
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llmfn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 class _Package(types.ModuleType):

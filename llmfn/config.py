@@ -423,7 +423,7 @@ def _check_validation_data(cfg: Config) -> None:
 
 def _check_tokenizer_vocab(data: DataConfig) -> None:
     """A char or bpe tokenizer that the data module trains has room for its special tokens."""
-    from llmfn.data.tokenizer import MIN_VOCAB_SIZES  # imports torch: not for --help
+    from llmfn.data.tokenizer import MIN_VOCAB_SIZES
 
     minimum, why = MIN_VOCAB_SIZES.get(data.tokenizer, (0, ""))
     if data.module in TOKENIZED and data.tokenizer_vocab_size < minimum:

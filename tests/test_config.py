@@ -229,16 +229,19 @@ def test_cli_help_states_precedence():
     assert "defaults < CONFIG.yaml" in out.stdout and "LLMFN_SECTION__KEY" in out.stdout
 
 
-def test_cli_help_and_a_bad_key_answer_without_importing_torch():
-    """`llmfn` loads its exports on first use: torch and tensordict take seconds to import."""
+def test_cli_help_config_errors_and_print_config_answer_without_importing_torch():
+    """`llmfn` and `llmfn.data` load their exports on first use: torch and tensordict take
+    seconds to import."""
     probe = (
         "import sys; from llmfn.train import main; "
-        "codes = main(['--help']), main(['optim.lrr=1']), main(['--list-keys']); "
+        "codes = main(['--help']), main(['optim.lrr=1']), main(['--list-keys']), "
+        "main(['data.tokenizer_vocab_size=3']), main(['--print-config']); "
         "print(codes, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert out.stdout.strip().splitlines()[-1] == "(0, 2, 0) False"
+    assert out.stdout.strip().splitlines()[-1] == "(0, 2, 0, 2, 0) False"
     assert "unknown config key 'optim.lrr'" in out.stderr
+    assert "data.tokenizer_vocab_size=3 is invalid" in out.stderr
 
 
 def test_the_package_exports_load_on_use_and_llmfn_generate_stays_the_function():

@@ -250,10 +250,12 @@ def test_the_package_exports_load_on_use_and_llmfn_generate_stays_the_function()
         "module = importlib.import_module('llmfn.generate'); "
         "from llmfn import generate, model; "
         "print(llmfn.generate is module.generate is generate, model.forward is llmfn.forward, "
-        "sorted(llmfn.__all__) == sorted(llmfn._EXPORTS), 'forward' in dir(llmfn))"
+        "sorted(llmfn.__all__) == sorted(llmfn._EXPORTS), 'forward' in dir(llmfn), "
+        "llmfn.checkpoint.load_checkpoint.__module__)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert out.stdout.strip().splitlines()[-1] == "True True True True", out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last == "True True True True llmfn.checkpoint.loading", out.stderr
     with pytest.raises(AttributeError, match="module 'llmfn' has no attribute 'forwrd'"):
         import llmfn
 

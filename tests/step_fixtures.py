@@ -16,6 +16,19 @@ from llmfn.schedule import lr_schedule_from_config
 from llmfn.step import init_train_state, make_train_step
 from llmfn.tasks import get_task
 
+TINY_SYNTHETIC_LM = [  # CLI overrides: a 2-layer, 32-wide lm on synthetic tokens
+    "model.vocab_size=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.max_seq_len=16",
+    "data.module=synthetic",
+    "data.synthetic_vocab_size=64",
+    "data.batch_size=4",
+    "data.synthetic_size=512",
+]
+
 
 def small_config(dropout: float = 0.0, **train):
     return from_dict(

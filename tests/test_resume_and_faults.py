@@ -20,21 +20,12 @@ from llmfn import checkpoint as ckpt
 from llmfn.config import load_config
 from llmfn.stopping import SignalCheck, StopSignal, TrainingHalted
 from llmfn.trainer import train
-from tests.step_fixtures import run_torchrun
+from tests.step_fixtures import TINY_SYNTHETIC_LM, run_torchrun
 
 ROOT = Path(__file__).parent.parent
 TINY = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.max_seq_len=16",
+    *TINY_SYNTHETIC_LM,
     "model.dropout=0.1",
-    "data.module=synthetic",
-    "data.synthetic_vocab_size=64",
-    "data.batch_size=4",
-    "data.synthetic_size=512",
     "optim.warmup_steps=2",
     "train.compile=false",
     "train.eval_every=1000",

@@ -17,6 +17,7 @@ from llmfn.resume import batch_change_warning, batch_layout
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
 from llmfn.trainer import slow_precision_warning, train
+from tests.step_fixtures import TINY_SYNTHETIC_LM
 
 TINY_MOE = [
     "model.vocab_size=64",
@@ -355,19 +356,7 @@ def test_the_largest_seed_trains(tmp_path):
     assert result.step == 1
 
 
-TINY_LM = [
-    "model.vocab_size=64",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=4",
-    "model.num_kv_heads=2",
-    "model.max_seq_len=16",
-    "data.module=synthetic",
-    "data.synthetic_vocab_size=64",
-    "data.batch_size=4",
-    "data.synthetic_size=512",
-    "train.eval_every=1000",
-]
+TINY_LM = [*TINY_SYNTHETIC_LM, "train.eval_every=1000"]
 
 
 def train_steps(run_dir):

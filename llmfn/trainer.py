@@ -20,7 +20,7 @@ from llmfn import checkpoint as ckpt
 from llmfn.allocator import keep_freed_memory
 from llmfn.callbacks import CallbackList, RunInfo, default_callbacks
 from llmfn.callbacks.tensorboard_logger import check_tensorboard_installed
-from llmfn.config import Config, to_yaml
+from llmfn.config import HOLDS_OUT, Config, to_yaml
 from llmfn.data import build_data_module
 from llmfn.data.data_module import DataModule
 from llmfn.devices import is_out_of_memory, set_determinism
@@ -127,6 +127,19 @@ def resolve_max_steps(config: Config, data) -> int:
             f"train.epochs={config.train.epochs} needs a finite dataset; data.module={config.data.module!r} has no epochs (use train.max_steps)"
         )
     return max(1, config.train.epochs * per_epoch // config.train.grad_accum_steps)
+
+
+def no_validation_note(config: Config) -> str:
+    """Said once when an eval finds no val batches: why, and what the config then does not do."""
+    data = config.data
+    if data.module in HOLDS_OUT:
+        why = f"data.val_fraction={data.val_fraction}"
+    else:
+        why = f"data.module={data.module} yields none"
+    idle = "no val_loss is logged" + (
+        " and checkpoint.save_best keeps no best/" if config.checkpoint.save_best else ""
+    )
+    return f"note: no validation batches ({why}): {idle}"
 
 
 def check_batch_keys(task, batch: dict) -> None:
@@ -297,6 +310,7 @@ class Training:
     best_val: float | None
     step: int = 0
     saved: dict[int, Path | None] = field(default_factory=dict)
+    said_no_val: bool = False
     signal_check: SignalCheck = field(default_factory=SignalCheck)
 
     @property
@@ -454,6 +468,9 @@ class Training:
             perplexity=self.task.perplexity,
         )
         if not metrics:
+            if not self.said_no_val:
+                self.said_no_val = True
+                log(self.proc, no_validation_note(self.config))
             return metrics
         self.callbacks.on_eval(self.run, step, metrics)
         is_best = self.best_val is None or metrics["val_loss"] < self.best_val

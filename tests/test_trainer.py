@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from llmfn import checkpoint as ckpt
 from llmfn import model
 from llmfn.callbacks import Callback
 from llmfn.config import load_config
+from llmfn.data.binarize import prepare_bins
 from llmfn.resume import batch_change_warning, batch_layout
 from llmfn.step import make_eval_step
 from llmfn.tasks import get_task
@@ -488,3 +490,37 @@ def test_a_run_starts_from_another_runs_weights_with_a_fresh_step(tmp_path, caps
     text.write_text("hello world\n" * 200 + "z" * 5000 + "\n")  # a char tokenizer ranks again
     with pytest.raises(ValueError, match="checkpoint.init_from: .* has another one"):
         train(config(tmp_path, *lm, f"data.cache_dir={tmp_path / 'b'}", *start, *still))
+
+
+def no_val_split_bins(tmp_path) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    prepare_bins(corpus, tmp_path / "bins", tokenizer="char", val_fraction=0, progress=False)
+    return ["data.module=token_bin", f"data.path={tmp_path / 'bins'}", "data.val_fraction=0"]
+
+
+@pytest.mark.parametrize("module", ["synthetic", "token_bin"])
+def test_a_run_without_validation_data_says_so_once(tmp_path, capsys, module):
+    """Nothing to evaluate: one note naming the reason, and no eval rows nor best/ checkpoint."""
+    data, why = {
+        "synthetic": (["data.val_fraction=0"], "data.val_fraction=0"),
+        "token_bin": (no_val_split_bins(tmp_path), "data.module=token_bin yields none"),
+    }[module]
+    cfg = config(
+        tmp_path,
+        *TINY_SYNTHETIC_LM,
+        *data,
+        "train.max_steps=4",
+        "train.eval_every=1",
+        "checkpoint.save_best=true",
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(cfg)
+    if module == "token_bin":  # the data module says why first
+        assert any("val.bin holds 0 tokens" in str(w.message) for w in caught)
+    out = capsys.readouterr().out
+    assert out.count("note: no validation batches") == 1
+    assert why in out and "checkpoint.save_best keeps no best/" in out
+    assert evals(result.run_dir) == []
+    assert not (result.run_dir / "checkpoints" / "best").exists()

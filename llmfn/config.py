@@ -134,6 +134,14 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
+PATH_KEYS = {  # keys naming a file or folder (`~` expands) -> what the key expects
+    "data.path": "a file or folder path (or null)",
+    "data.tokenizer": "char, bpe or the path of a tokenizer.json",
+    "data.cache_dir": "a folder path",
+    "train.run_dir": "a folder path",
+    "train.resume": "auto, a checkpoint path or null",
+    "checkpoint.init_from": "a folder path or null",
+}
 CHOICES = {
     ("data", "module"): ("stdlib", "text", "token_bin", "sft", "synthetic", "regression"),
     ("optim", "name"): ("adamw", "sgd", "lion"),
@@ -175,9 +183,9 @@ def _whole_number(value) -> int | None:
     return int(value) if isinstance(value, float) and value.is_integer() else None
 
 
-def _coerce(key: str, value, tp):
+def _coerce(key: str, value, tp, source: str = ""):
     """Check `value` against the annotation `tp` (int widens to float, a whole number narrows
-    to int); raise ConfigError."""
+    to int); raise ConfigError, naming where the value was written (`source`)."""
     for option in _options(tp):
         if option is type(None) and value is None:
             return None
@@ -196,7 +204,7 @@ def _coerce(key: str, value, tp):
                 pass
         if option is str and isinstance(value, str):
             return value
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+    raise ConfigError(f"{key}={value!r}{source} has the wrong type: expected {_type_name(tp)}")
 
 
 def _sections_with(name: str) -> list[str]:
@@ -246,11 +254,24 @@ def _check_keys(tree: dict, source) -> None:
         if values is not None and not isinstance(values, dict):
             raise _not_a_section(section, values, source(section))
         known = _field_types(sections[section])
-        for name in values or ():
-            name = str(name)
+        for written_name, value in (values or {}).items():
+            name = str(written_name)
+            key = f"{section}.{name}"
             if name not in known:
-                key = f"{section}.{name}"
                 raise _unknown(key, name, list(known), source(key))
+            _check_value(section, name, _coerce(key, value, known[name], source(key)), source(key))
+
+
+def _check_value(section: str, name: str, value, source: str = "") -> None:
+    """A key's value that no type says is wrong: one of its CHOICES, a usable path."""
+    key = f"{section}.{name}"
+    allowed = CHOICES.get((section, name))
+    if allowed and value not in allowed:
+        raise ConfigError(
+            f"{key}={value!r}{source} is invalid: expected one of {', '.join(allowed)}"
+        )
+    if key in PATH_KEYS and value == "":
+        raise ConfigError(f"{key}=''{source} is invalid: expected {PATH_KEYS[key]}")
 
 
 # --- building ---------------------------------------------------------------------------------
@@ -264,14 +285,15 @@ def _merge(tree: dict, updates: dict) -> dict:
     return out
 
 
-def _set_dotted(tree: dict, dotted: str, value) -> None:
+def _set_dotted(tree: dict, dotted: str, value, source: str = "") -> None:
+    """tree[section][key] = value for dotted = 'section.key'."""
     parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = value
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(
+            f"config key '{dotted}'{source} is invalid: keys are section.key (e.g. optim.lr)"
+        )
+    section, key = parts
+    tree.setdefault(section, {})[key] = value
 
 
 def _build_section(section: str, cls, values: dict):
@@ -284,9 +306,9 @@ def _build_section(section: str, cls, values: dict):
         if name not in types_:
             raise _unknown(key, name, list(types_))
         value = _coerce(key, value, types_[name])
-        allowed = CHOICES.get((section, name))
-        if allowed and value not in allowed:
-            raise ConfigError(f"{key}={value!r} is invalid: expected one of {', '.join(allowed)}")
+        _check_value(section, name, value)
+        if key in PATH_KEYS and value is not None:
+            value = os.path.expanduser(value)  # a shell leaves `key=~/x` as written
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -406,8 +428,6 @@ def _check_combinations(cfg: Config) -> None:
             "checkpoint.init_from starts a language model from saved weights: it applies to "
             "train.task lm or sft, not regression"
         )
-    if cfg.checkpoint.init_from == "":
-        raise ConfigError("checkpoint.init_from='' is invalid: expected a folder path or null")
 
 
 def _check_validation_data(cfg: Config) -> None:
@@ -543,6 +563,8 @@ def parse_value(text: str, tp=None):
     (`_coerce`)."""
     if tp is not None and _is_text(tp):
         return None if text in NULLS and type(None) in _options(tp) else text
+    if text == "":  # `optim.lr=` (an unset shell variable): an error, not null
+        return text
     if text in ("None", "none"):
         return None
     try:
@@ -575,7 +597,8 @@ def env_overrides(environ: typing.Mapping[str, str]) -> dict:
     for name, text in environ.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _set_dotted(tree, dotted, parse_value(text, _key_type(dotted)))
+            source = f" in environment variable {name}"
+            _set_dotted(tree, dotted, parse_value(text, _key_type(dotted)), source)
     return tree
 
 
@@ -589,7 +612,8 @@ def _section_hint(name: str, text: str) -> str:
 
 
 def cli_overrides(args: list[str]) -> dict:
-    """{section: {key: value}} from arguments like optim.lr=3e-4."""
+    """{section: {key: value}} from arguments like optim.lr=3e-4; of a key given twice, the last
+    one (a script's base arguments, then the run's)."""
     tree: dict = {}
     for arg in args:
         if "=" not in arg or arg.startswith("="):

@@ -52,13 +52,18 @@ def looks_like_path(arg: str) -> bool:
     return arg.endswith(YAML) and ("/" in before or "." not in before)
 
 
-def check_no_late_file(overrides: list[str]) -> None:
-    """A config file written after an override would read as a malformed override."""
+def check_no_late_file(overrides: list[str], first_file: str | None) -> None:
+    """A config file written after an override would read as a malformed override; a second
+    one after the first, as a file that was merged."""
     for arg in overrides:
         if "=" not in arg and (arg.endswith(YAML) or Path(arg).exists()):
+            where = (
+                f"a second config file after {first_file!r}: give one"
+                if first_file is not None
+                else "a config file: the config file must come first"
+            )
             raise ConfigError(
-                f"'{arg}' looks like a config file: the config file must come first "
-                "(python -m llmfn.train CONFIG.yaml section.key=value ...)"
+                f"'{arg}' looks like {where} (python -m llmfn.train CONFIG.yaml section.key=value ...)"
             )
 
 
@@ -73,7 +78,7 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
         )
     path = args[0] if args and looks_like_path(args[0]) else None
     overrides = args[1:] if path is not None else args
-    check_no_late_file(overrides)
+    check_no_late_file(overrides, path)
     return load_config(path, overrides), print_only
 
 

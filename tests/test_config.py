@@ -126,6 +126,17 @@ def test_override_values_are_read_for_the_field_they_set():
         ),
         (["lr=1"], r"needs a section"),
         (["optim.lr"], r"not of the form section.key=value"),
+        (["optim.lr.x=1"], r"config key 'optim.lr.x' is invalid: keys are section.key"),
+        (["optim..lr=1"], r"config key 'optim..lr' is invalid: keys are section.key"),
+        (["optim.lr="], r"optim.lr='' has the wrong type: expected float"),
+        (
+            ["train.resume="],
+            r"train.resume='' is invalid: expected auto, a checkpoint path or null",
+        ),
+        (["train.run_dir="], r"train.run_dir='' is invalid: expected a folder path"),
+        (["data.cache_dir="], r"data.cache_dir='' is invalid: expected a folder path"),
+        (["checkpoint.init_from="], r"checkpoint.init_from='' is invalid: expected a folder path"),
+        (["data.tokenizer="], r"data.tokenizer='' is invalid: expected char, bpe or the path"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -151,6 +162,37 @@ def test_unknown_keys_name_the_variable_or_file_they_came_from(tmp_path):
         path.write_text(text)  # YAML keys that are not strings
         with pytest.raises(ConfigError, match=rf"unknown config key '{key}' in .*x.yaml"):
             load_config(path, [], {})
+
+
+def test_bad_values_name_the_variable_or_file_they_came_from(tmp_path):
+    for environ, message in [
+        ({"LLMFN_OPTIM__LR": "abc"}, r"optim.lr='abc' in environment variable LLMFN_OPTIM__LR has"),
+        ({"LLMFN_OPTIM__LR": ""}, r"optim.lr='' in environment variable LLMFN_OPTIM__LR has"),
+        ({"LLMFN_TRAIN__PRECISION": "fp8"}, r"'fp8' in environment variable LLMFN_TRAIN__PRE"),
+        ({"LLMFN_TRAIN__RESUME": ""}, r"train.resume='' in environment variable LLMFN_TRAIN__"),
+        ({"LLMFN_OPTIM__LR__X": "1"}, r"'optim.lr.x' in environment variable LLMFN_OPTIM__LR__X"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [], environ)
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  max_steps: many\n")
+    with pytest.raises(ConfigError, match=r"train.max_steps='many' in .*x.yaml has the wrong type"):
+        load_config(path, [], {})
+
+
+def test_of_a_key_given_twice_on_the_command_line_the_last_wins():
+    assert (
+        load_config(None, ["optim.lr=1e-3", "train.max_steps=3", "optim.lr=2e-3"], {}).optim.lr
+        == 2e-3
+    )
+
+
+def test_paths_expand_a_leading_tilde(monkeypatch, tmp_path):
+    """A shell expands ~ only at a word's start: `train.run_dir=~/runs` reaches us as written."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["train.run_dir=~/runs", "data.cache_dir=~/cache"], {})
+    assert (cfg.train.run_dir, cfg.data.cache_dir) == (f"{tmp_path}/runs", f"{tmp_path}/cache")
+    assert load_config(None, ["train.run_name=~x"], {}).train.run_name == "~x"  # not a path
 
 
 def test_a_tokenizer_vocab_size_is_checked_only_where_a_tokenizer_is_trained():
@@ -404,6 +446,12 @@ def test_a_config_file_after_an_override_says_it_must_come_first(tmp_path):
             parse_args(["optim.lr=1", late])
     with pytest.raises(ConfigError, match=r"override 'optim.lr' is not of the form"):
         parse_args(["train.max_steps=3", "optim.lr"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^'configs/moe.yaml' looks like a second config file after 'configs/tiny.yaml': "
+        "give one",
+    ):
+        parse_args(["configs/tiny.yaml", "configs/moe.yaml"])
 
 
 def test_list_keys_prints_every_key_with_its_type_and_default(capsys):

@@ -144,12 +144,27 @@ def other_tokenizer(checkpoint: Path, tokenizer) -> Path | None:
 
 
 def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
-    """ValueError when a resumed checkpoint's tokenizer differs from the data module's: the data
-    was prepared again (changed text, another data.tokenizer)."""
+    """ValueError when a resumed checkpoint's tokenizer differs from the data module's (the data
+    was prepared again: changed text, another data.tokenizer), or the data has none (other data:
+    its ids are no text the checkpoint read, and the run's later checkpoints would lose the
+    tokenizer that generation needs)."""
+    data = config.data
+    if tokenizer is None and (checkpoint / ckpt.TOKENIZER_DIR / "tokenizer.json").is_file():
+        fix = (
+            f"copy {checkpoint / ckpt.TOKENIZER_DIR / 'tokenizer.json'} into {data.path} if its "
+            "bins were made with it"
+            if data.module == "token_bin"
+            else "train on the data it used"
+        )
+        raise ValueError(
+            f"train.resume: checkpoint {checkpoint} trained on text with the tokenizer in "
+            f"{checkpoint / ckpt.TOKENIZER_DIR}, but data.module={data.module!r} has no "
+            f"tokenizer: its token ids are not that text's. Start a fresh run (another "
+            f"train.run_name, train.resume=null), or {fix}"
+        )
     saved = other_tokenizer(checkpoint, tokenizer)
     if saved is None:
         return
-    data = config.data
     raise ValueError(
         f"train.resume: checkpoint {checkpoint} trained with the tokenizer in {saved}, "
         f"but the data of data.path={data.path!r} (data.module={data.module!r}, "

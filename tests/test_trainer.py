@@ -341,6 +341,24 @@ def test_resuming_after_the_data_got_another_tokenizer_fails_naming_both(tmp_pat
     assert "data.tokenizer='char') now has another one" in str(error.value)
 
 
+def test_resuming_a_text_run_on_data_without_a_tokenizer_fails(tmp_path):
+    """Synthetic tokens after a text run: the data changed, and the run's next checkpoints would
+    have no tokenizer to generate with."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world\n" * 200)
+    lm = [*char_lm(text), f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"]
+    first = train(config(tmp_path, *lm))
+    synthetic = ["data.module=synthetic", "data.synthetic_vocab_size=64", "train.max_steps=3"]
+    with pytest.raises(ValueError) as error:
+        train(config(tmp_path, *lm, *synthetic, "train.resume=auto"))
+    saved = first.run_dir / "checkpoints" / "step_000002"
+    assert (
+        f"checkpoint {saved} trained on text with the tokenizer in {saved / 'tokenizer'}, "
+        "but data.module='synthetic' has no tokenizer" in str(error.value)
+    )
+    assert sorted(p.name for p in (first.run_dir / "checkpoints").glob("step_*")) == ["step_000002"]
+
+
 def test_the_largest_seed_trains(tmp_path):
     """train.seed's documented bound, 2**63 - 1, fits every seed it feeds: the params' and the
     data's generators and the state's int64 dropout key."""

@@ -33,7 +33,9 @@ from llmfn.callbacks import (
     read_jsonl,
     to_floats,
 )
+from llmfn.callbacks.lr_monitor import describe_schedule
 from llmfn.config import Config, ConfigError, from_dict
+from llmfn.schedule import lr_schedule_from_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -493,6 +495,19 @@ def test_lr_monitor_prints_the_schedule_and_writes_the_lr_that_ran(tmp_path, cap
     assert [(int(s), float(v)) for s, v in (r.split(",") for r in rows[1:])] == [
         (s, float(torch.tensor(s * 1e-5))) for s in (10, 20, 30, 40)
     ]
+
+
+def test_the_schedule_line_warns_when_the_run_ends_inside_the_warmup():
+    optim = from_dict({"optim": {"lr": 3e-4, "warmup_steps": 100}}).optim
+    assert "warning" not in describe_schedule(optim, max_steps=100 + 1)
+    first, warning = describe_schedule(optim, max_steps=2).splitlines()
+    assert first == describe_schedule(optim)
+    last_lr = float(lr_schedule_from_config(optim, 2)(torch.tensor(1)))  # the 2nd step's lr
+    assert warning == (
+        "warning: the run's 2 steps end inside optim.warmup_steps=100: the lr never exceeds "
+        f"{last_lr:.2e} (lower optim.warmup_steps)"
+    )
+    assert f"{last_lr:.2e}" == "5.94e-06"
 
 
 def test_lr_monitor_warns_once_without_an_lr_metric(tmp_path):

@@ -17,21 +17,31 @@ import torch
 from llmfn.callbacks.base import FileCallback, RunInfo
 from llmfn.callbacks.output import write_line
 from llmfn.callbacks.scalars import to_floats
+from llmfn.schedule import lr_schedule_from_config
 
 FILE_NAME = "lr.csv"
 HEADER = "step,lr\n"
 
 
-def describe_schedule(optim) -> str:
-    """One line for an OptimConfig: peak, warmup, shape and floor of the lr schedule."""
+def describe_schedule(optim, max_steps: int | None = None) -> str:
+    """One line for an OptimConfig: peak, warmup, shape and floor of the lr schedule; with the
+    run's `max_steps`, a warning when the run ends inside the warmup."""
     warmup = f"linear warmup over {optim.warmup_steps} steps to " if optim.warmup_steps > 0 else ""
     peak = f"{optim.lr:.2e}"
     if optim.schedule == "constant":
-        return f"lr schedule: {warmup}{peak}, then constant"
-    if optim.schedule == "wsd":
+        line = f"lr schedule: {warmup}{peak}, then constant"
+    elif optim.schedule == "wsd":
         tail = f"stable, then decay over the last {optim.decay_fraction:.0%} of steps to {optim.min_lr:.2e}"
-        return f"lr schedule: wsd, {warmup}{peak}, {tail}"
-    return f"lr schedule: {optim.schedule}, {warmup}{peak}, decaying to {optim.min_lr:.2e}"
+        line = f"lr schedule: wsd, {warmup}{peak}, {tail}"
+    else:
+        line = f"lr schedule: {optim.schedule}, {warmup}{peak}, decaying to {optim.min_lr:.2e}"
+    if max_steps is not None and optim.warmup_steps >= max_steps:
+        last = float(lr_schedule_from_config(optim, max_steps)(torch.tensor(max_steps - 1)))
+        line += (
+            f"\nwarning: the run's {max_steps} steps end inside optim.warmup_steps="
+            f"{optim.warmup_steps}: the lr never exceeds {last:.2e} (lower optim.warmup_steps)"
+        )
+    return line
 
 
 def keep_rows_up_to(path: Path, last_step: int) -> None:
@@ -65,7 +75,7 @@ class LRMonitor(FileCallback):
         if not run.is_main:
             return
         if self.print_schedule:
-            write_line(describe_schedule(run.config.optim), self.console)
+            write_line(describe_schedule(run.config.optim, run.max_steps), self.console)
         path = Path(run.run_dir) / self.file_name
         if run.start_step > 0 and path.exists():
             keep_rows_up_to(path, run.start_step)

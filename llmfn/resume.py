@@ -178,7 +178,12 @@ def check_same_tokenizer(config: Config, checkpoint: Path, tokenizer) -> None:
 def start_from_weights(config: Config, state: TensorDict, proc: ProcessInfo, tokenizer) -> None:
     """Fill the fresh state's params, in place, from the weights `checkpoint.init_from` names;
     ValueError when their tokenizer is not the data's."""
-    folder = ckpt.resolve_checkpoint(config.checkpoint.init_from)
+    try:
+        folder = ckpt.resolve_checkpoint(config.checkpoint.init_from)
+    except ckpt.CheckpointError as err:
+        raise ckpt.CheckpointError(
+            f"checkpoint.init_from={config.checkpoint.init_from}: {err}"
+        ) from None
     if (saved := other_tokenizer(folder, tokenizer)) is not None:
         data = config.data
         raise ValueError(

@@ -126,7 +126,12 @@ def resume_checkpoint(config: Config) -> Path | None:
     None for a fresh run."""
     if config.train.resume == "auto":
         return find_run_to_resume(config)
-    return ckpt.resolve_checkpoint(config.train.resume) if config.train.resume else None
+    if config.train.resume is None:
+        return None
+    try:
+        return ckpt.resolve_checkpoint(config.train.resume)
+    except ckpt.CheckpointError as err:
+        raise ckpt.CheckpointError(f"train.resume={config.train.resume}: {err}") from None
 
 
 def owning_run(step_folder: Path) -> Path | None:

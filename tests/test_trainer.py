@@ -542,3 +542,12 @@ def test_a_run_without_validation_data_says_so_once(tmp_path, capsys, module):
     assert why in out and "checkpoint.save_best keeps no best/" in out
     assert evals(result.run_dir) == []
     assert not (result.run_dir / "checkpoints" / "best").exists()
+
+
+@pytest.mark.parametrize("key", ["train.resume", "checkpoint.init_from"])
+def test_a_missing_checkpoint_path_names_the_key_that_gave_it(tmp_path, key):
+    missing = tmp_path / "nope"
+    with pytest.raises(
+        ckpt.CheckpointError, match=rf"^{key}={missing}: .*{missing} does not exist"
+    ):
+        train(config(tmp_path, *TINY_SYNTHETIC_LM, f"{key}={missing}", "train.max_steps=1"))

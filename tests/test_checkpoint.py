@@ -391,12 +391,17 @@ def save_forever(root: Path, first_step: int) -> None:
 
 
 def test_sigkill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill a saving child at random times, at least 20 times and until the kills have covered
+    more saves than trials and landed inside one (a busy machine saves fewer per kill)."""
     trials, killed_mid_save = 20, 0
     rng = random.Random(0)
     save_checkpoint(tmp_path, 0, small_state(0), config_yaml=CONFIG_YAML, train_state={"step": 0})
     context = multiprocessing.get_context("fork")  # the child starts instantly with torch loaded
-    step, start = 0, time.monotonic()
-    for _ in range(trials):
+    step, kills, deadline = 0, 0, time.monotonic() + 120
+    while kills < trials or (
+        (step <= trials or not killed_mid_save) and time.monotonic() < deadline
+    ):
+        kills += 1
         child = context.Process(target=save_forever, args=(tmp_path, step + 1), daemon=True)
         child.start()
         try:
@@ -424,7 +429,6 @@ def test_sigkill_during_save_always_leaves_a_loadable_checkpoint(tmp_path):
         assert latest is not None and verify_checkpoint(latest)["step"] == step_of(latest)
     assert killed_mid_save >= 1, "no kill landed inside a save: the test did not exercise anything"
     assert step > trials, "the child saved too few checkpoints to test anything"
-    assert time.monotonic() - start < 30
 
 
 def test_resolve_checkpoint_says_what_a_bad_path_is(tmp_path):

@@ -10,6 +10,7 @@ Multi-process: torchrun --nproc_per_node N -m llmfn.train CONFIG.yaml ...
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -82,15 +83,23 @@ def parse_args(argv: list[str]) -> tuple[Config, bool]:
     return load_config(path, overrides), print_only
 
 
+def print_answer(text: str) -> int:
+    """Print `text` and exit 0, also when the reader stops early (`--list-keys | head`): a
+    closed pipe ends the output quietly, as in other command-line tools."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     use_one_line_warnings()
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
+        return print_answer(USAGE)
     if "--list-keys" in argv:
-        print(describe_keys())
-        return 0
+        return print_answer(describe_keys())
     try:
         config, print_only = parse_args(argv)
     except ConfigError as err:  # every rank reads the same command line
@@ -98,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
         return 2
     if print_only:
-        print(to_yaml(config))
-        return 0
+        return print_answer(to_yaml(config))
     from llmfn.trainer import main_entry
 
     return main_entry(config)

@@ -271,6 +271,17 @@ def test_cli_help_states_precedence():
     assert "defaults < CONFIG.yaml" in out.stdout and "LLMFN_SECTION__KEY" in out.stdout
 
 
+@pytest.mark.parametrize("flag", ["--list-keys", "--help", "--print-config"])
+def test_cli_output_into_a_closed_pipe_ends_quietly(flag):
+    """`python -m llmfn.train --list-keys | head -3`: the reader leaves early; no traceback."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llmfn.train", flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # before the child writes: its print meets a closed pipe
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 0 and stderr == ""
+
+
 def test_cli_help_config_errors_and_print_config_answer_without_importing_torch():
     """`llmfn` and `llmfn.data` load their exports on first use: torch and tensordict take
     seconds to import."""

@@ -29,8 +29,8 @@ _EXPORTS = {  # name -> the module that defines it
     "forward": "llmfn.model",
     "forward_cached": "llmfn.model",
     "forward_with_aux": "llmfn.model",
-    "init_cache": "llmfn.model",
-    "init_params": "llmfn.model",
+    "init_cache": "llmfn.model_params",
+    "init_params": "llmfn.model_params",
     "loss": "llmfn.model",
     "ModelConfig": "llmfn.model_config",
     "as_module": "llmfn.module",
@@ -70,11 +70,10 @@ if TYPE_CHECKING:
         forward,
         forward_cached,
         forward_with_aux,
-        init_cache,
-        init_params,
         loss,
     )
     from llmfn.model_config import ModelConfig
+    from llmfn.model_params import init_cache, init_params
     from llmfn.module import as_module
 
 

@@ -1,4 +1,4 @@
-"""`decoder`'s input checks (`llmfn.model.check_inputs`): misuse of forward / loss / decoder is
+"""`decoder`'s input checks (`llmfn.input_checks.check_inputs`): misuse of forward / loss / decoder is
 one ValueError naming what was given and what was expected, and the checks cost no graph
 break or recompile under torch.compile and do not get in the way of vmap / grad."""
 

@@ -22,6 +22,7 @@ from llmfn.data import (
     prepare_bins,
     stdlib_files,
 )
+from llmfn.data.char_tokenizer import CharTokenizer
 from llmfn.data.synthetic_module import BRANCHING
 
 SEQ, BATCH = 32, 4
@@ -194,6 +195,48 @@ def test_missing_tokenizer_is_a_warning(tmp_path, bin_folder):
         data = ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
     assert data.tokenizer is None and data.vocab_size > 0
     check_lm_batch(data.train_batch(0))
+
+
+def test_the_tokenizer_file_must_be_a_name_inside_the_folder(tmp_path, bin_folder):
+    meta = json.loads((bin_folder / "meta.json").read_text())
+    outside = copy_bins(bin_folder, tmp_path / "outside")  # a valid tokenizer, elsewhere
+    for number, file in enumerate(["../outside/tokenizer.json", str(outside / "tokenizer.json")]):
+        bad = {**meta, "tokenizer": {**meta["tokenizer"], "file": file}}
+        folder = copy_bins(bin_folder, tmp_path / str(number), meta=bad)
+        message = f"meta.json: 'tokenizer.file' is {file!r}: expected a file name in the folder"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+
+
+def test_a_tokenizer_of_another_vocabulary_is_an_error(tmp_path, bin_folder):
+    folder = copy_bins(bin_folder, tmp_path / "mixed")
+    vocab = json.loads((folder / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    CharTokenizer(["a", "b"]).save(folder)  # 5 ids: not the tokenizer the bins were made with
+    message = (
+        f"{folder / 'tokenizer.json'}: the tokenizer has 5 ids, but {folder / 'meta.json'}'s "
+        f"tokenizer.vocab_size is {vocab}: it is not the tokenizer the bins were made with"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ready(TokenBinDataModule(folder, seq_len=SEQ, batch_size=BATCH))
+
+
+def test_a_text_module_with_a_malformed_tokenizer_names_the_file(tmp_path):
+    (tmp_path / "t.txt").write_text("some text\n" * 100)
+    (tmp_path / "tk").mkdir()
+    (tmp_path / "tk" / "tokenizer.json").write_text('{"type": "llmfn-char", "chars": ["a"], "specials": 5}')  # fmt: skip
+    data = TextDataModule(tmp_path / "t.txt", seq_len=SEQ, batch_size=BATCH, tokenizer=str(tmp_path / "tk"),
+                          cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'tk' / 'tokenizer.json'}: 'specials' is 5")):  # fmt: skip
+        data.prepare()
+
+
+def test_a_text_module_with_no_training_tokens_names_the_config_key(tmp_path):
+    (tmp_path / "t.txt").write_text("x\n")
+    data = TextDataModule(tmp_path / "t.txt", seq_len=SEQ, batch_size=BATCH, tokenizer="char",
+                          cache_dir=tmp_path / "cache", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"^data.val_fraction=0.05 leaves nothing to train on: .* lower data.val_fraction \(0"):  # fmt: skip
+        data.prepare()
+    assert not data.path.exists()
 
 
 def test_no_val_split_gives_no_val_batches(tmp_path):

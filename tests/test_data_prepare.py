@@ -460,3 +460,91 @@ def test_a_file_shorter_than_a_split_period_is_split_too(tmp_path):
     (tmp_path / "t.txt").write_text("a few words of text\n" * 4)
     meta = prepare_bins(tmp_path / "t.txt", tmp_path / "out", tokenizer="char", val_fraction=0.5, progress=False)  # fmt: skip
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+
+
+def test_a_malformed_tokenizer_is_one_error_line(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    (tmp_path / "tk").mkdir()
+    out = tmp_path / "out"
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--tokenizer", str(tmp_path / "tk"), "--out", str(out))  # fmt: skip
+    assert code == 2 and err == (
+        f"error: tokenizer folder '{tmp_path / 'tk'}' holds no tokenizer.json: "
+        "expected a tokenizer.json file or a folder holding one\n"
+    )
+    (tmp_path / "tk" / "tokenizer.json").write_text('{"type": "llmfn-char", "chars": [1, 2]}')
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--tokenizer", str(tmp_path / "tk"), "--out", str(out))  # fmt: skip
+    assert code == 2 and err == (
+        f"error: {tmp_path / 'tk' / 'tokenizer.json'}: 'chars' must be a list of single "
+        "characters (entry 0 is int 1)\n"
+    )
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_a_folder_walk_skips_prepared_datasets(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    prepare_bins(corpus / "a.txt", tmp_path / "bins", tokenizer="char", progress=False)
+    (tmp_path / "bins").rename(corpus / "sub" / "bins")  # an earlier output, moved into the corpus
+    assert [p.name for p in resolve_inputs(corpus)] == ["a.txt", "b.py", "c.md"]
+    meta = prepare_bins(corpus, tmp_path / "out", tokenizer="char", progress=False)
+    assert [Path(s["path"]).name for s in meta["sources"]] == ["a.txt", "b.py", "c.md"]
+    with pytest.raises(InputError) as caught:  # the prepared folder itself as input
+        resolve_inputs(corpus / "sub" / "bins")
+    assert str(caught.value) == (
+        f"input folder '{corpus / 'sub' / 'bins'}' is a prepared dataset (its meta.json is of "
+        '"llmfn-token-bin"), not text: give the text files it was made from'
+    )
+    (corpus / "notes").mkdir()  # a meta.json of another format is text like any other file
+    (corpus / "notes" / "meta.json").write_text('{"format": "mine"}')
+    assert corpus / "notes" / "meta.json" in resolve_inputs(corpus)
+
+
+def test_a_folder_of_skipped_files_says_they_are_skipped(tmp_path):
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".notes").write_text("text\n")
+    code, err = run_cli(tmp_path, "--input", str(tmp_path / "hidden"), "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and err == (
+        f"error: input folder '{tmp_path / 'hidden'}' holds no files to read: hidden files and "
+        f"folders are skipped ({tmp_path / 'hidden' / '.notes'})\n"
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"input folder '.*empty' holds no files$"):
+        resolve_inputs(tmp_path / "empty")
+
+
+def test_a_split_that_leaves_no_training_tokens_is_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("x\n")
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "a.txt"), "--tokenizer", "char", "--out", str(out)]
+    code, err = run_cli(tmp_path, *args)
+    assert code == 2 and err.startswith(
+        "error: --val-fraction 0.005 leaves nothing to train on: all 3 tokens of this 2-byte "
+        "input went to validation"
+    )
+    assert err.endswith("lower --val-fraction (0 holds out nothing) or give more text\n")
+    assert not out.exists() and no_leftovers(tmp_path)
+    earlier = {"meta.json": '{"format": "llmfn-token-bin"}'}  # a dataset prepared before
+    write_corpus(out, earlier)
+    assert run_cli(tmp_path, *args, "--overwrite")[0] == 2
+    assert snapshot(out) == {"meta.json": earlier["meta.json"].encode()} and no_leftovers(tmp_path)
+    message = r"^val_fraction=0.005 leaves nothing to train on: .* lower val_fraction \(0 holds"
+    with pytest.raises(InputError, match=message):  # from Python: the Python option
+        prepare_bins(tmp_path / "a.txt", tmp_path / "py", tokenizer="char", progress=False)
+    assert not (tmp_path / "py").exists()
+
+
+def test_python_errors_name_the_python_options(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    options = {"tokenizer": "char", "val_fraction": 0, "progress": False}
+    prepare_bins(corpus, tmp_path / "out", **options)
+    with pytest.raises(FileExistsError) as caught:
+        prepare_bins(corpus, tmp_path / "out", **options)
+    assert str(caught.value) == (
+        f"output folder '{tmp_path / 'out'}' already exists: choose another folder or pass "
+        'if_exists="replace" to replace it'
+    )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match='if_exists="replace" replaces only a folder written'):
+        prepare_bins(corpus, tmp_path / "notes", if_exists="replace", **options)
+    code, err = run_cli(tmp_path, "--input", str(corpus), "--out", str(tmp_path / "out"))
+    assert code == 2 and "or pass --overwrite to replace it" in err  # the CLI names its flag

@@ -246,3 +246,11 @@ def test_bpe_sft_and_too_few_rows(tmp_path):
     assert any(a.startswith("It is ") for a in answers) and not any("User:" in a for a in answers)
     with pytest.raises(ValueError, match="only 3 examples for batch_size=4"):
         module(tmp_path / "few", count=3, pack=False)
+
+
+def test_a_malformed_tokenizer_names_the_file_and_field(tmp_path):
+    (tmp_path / "tk").mkdir()
+    (tmp_path / "tk" / "tokenizer.json").write_text('{"type": "llmfn-char", "chars": [1, 2]}')
+    message = f"{tmp_path / 'tk' / 'tokenizer.json'}: 'chars' must be a list of single characters (entry 0 is int 1)"  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module(tmp_path, tokenizer=str(tmp_path / "tk"))

@@ -185,6 +185,47 @@ def test_load_errors_name_the_file(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_folder_without_tokenizer_json_says_so(tmp_path):
+    (tmp_path / "tk").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer folder '.*tk' holds no tokenizer.json"):
+        load_tokenizer(tmp_path / "tk")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"chars": [1, 2]}, "'chars' must be a list of single characters (entry 0 is int 1)"),
+     ({"chars": ["a", "bc"]}, "'chars' must be a list of single characters (entry 1 is str 'bc')"),
+     ({"chars": "abc"}, "'chars' must be a list of single characters (got str)"),
+     ({"chars": None}, "'chars' must be a list of single characters (got null)"),
+     ({}, "'chars' is missing: expected a list of single characters"),
+     ({"chars": ["a", "b", "a"]}, "'chars' lists 'a' twice (entries 0 and 2)"),
+     ({"chars": ["a"], "specials": 5}, "'specials' is 5: expected [\"<PAD>\", \"<UNK>\", \"<|endoftext|>\"]"),
+     ({"chars": ["a"], "specials": None}, "'specials' is null: expected"),
+     ({"chars": ["a"], "specials": ["<PAD>"]}, "'specials' is [\"<PAD>\"]: expected")],
+)  # fmt: skip
+def test_a_malformed_char_tokenizer_names_the_file_and_field(tmp_path, fields, message):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "llmfn-char", **fields}))
+    with pytest.raises(ValueError) as caught:
+        load_tokenizer(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'tokenizer.json'}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [(b"[1, 2]", "tokenizer_config.json: expected a JSON object, got list"),
+     (b'"eos"', "tokenizer_config.json: expected a JSON object, got str"),
+     (b'{"eos_token": "\xff"}', "tokenizer_config.json: cannot be read as JSON ('utf-8' codec"),
+     (b'{"eos_token": 5}', "tokenizer_config.json: 'eos_token' is 5: expected a token string"),
+     (b'{"pad_token": {"content": ["x"]}}', "tokenizer_config.json: 'pad_token' is {\"content\": [\"x\"]}")],
+)  # fmt: skip
+def test_a_malformed_tokenizer_config_names_the_file(tmp_path, config, message):
+    tokenizer = word_level_file(tmp_path / "wl", with_config=False)
+    (tokenizer.parent / "tokenizer_config.json").write_bytes(config)
+    with pytest.raises(ValueError) as caught:
+        load_tokenizer(tokenizer)
+    assert str(caught.value).startswith(f"{tokenizer.parent}/{message}")
+
+
 def test_build_tokenizer_chooses_by_spec(tmp_path):
     texts = lambda: iter(CORPUS)  # noqa: E731
     assert isinstance(build_tokenizer("char", texts, vocab_size=1000), CharTokenizer)

@@ -52,9 +52,10 @@ def check_writable(final: Path, if_exists: str, flag: str = "--overwrite") -> No
         )
 
 
-def publish(tmp: Path, final: Path, if_exists: str) -> Path:
-    """Rename the finished `tmp` to `final`. if_exists: "error" raise, "replace" swap the old
-    one out, "keep" discard `tmp` when `final` appeared meanwhile (another process won)."""
+def publish(tmp: Path, final: Path, if_exists: str, flag: str = "--overwrite") -> Path:
+    """Rename the finished `tmp` to `final`. if_exists: "error" raise (naming `flag`), "replace"
+    swap the old one out, "keep" discard `tmp` when `final` appeared meanwhile (another process
+    won)."""
     try:
         os.rename(tmp, final)  # fails if `final` is a non-empty folder
         return final
@@ -74,7 +75,7 @@ def publish(tmp: Path, final: Path, if_exists: str) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-        check_writable(final, "error")
+        check_writable(final, "error", flag)
     return final
 
 
@@ -102,7 +103,7 @@ def atomic_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        publish(tmp, final, if_exists)
+        publish(tmp, final, if_exists, flag)
     except FileExistsError:
         raise
     except OSError as err:

@@ -7,7 +7,8 @@ Output folder (written under a temporary name, renamed into place when complete)
     meta.json            tokenizer, dtype, token counts, source files with SHA-256 (written last)
 
 Files are separated by the tokenizer's end-of-text id. The validation split takes `val_fraction`
-of the text in blocks spread evenly through the corpus (not only its tail), cut at word borders.
+of the text in blocks spread evenly through the corpus (not only its tail), cut at word borders
+(a small corpus holds out more; a split that leaves no training tokens is an error).
 The text is encoded in pieces of about SEGMENT_CHARS characters cut at word borders too, so the
 ids are those of encoding each file whole, whatever the split. Memory is bounded by the
 read/encode buffers, never by the corpus size.
@@ -37,9 +38,9 @@ from llmfn.data.sources import (
     resolve_inputs,
     total_bytes,
 )
+from llmfn.data.token_bins import FORMAT, is_token_bin_folder
 from llmfn.data.tokenizer import TRAINABLE, Tokenizer, build_tokenizer
 
-FORMAT = "llmfn-token-bin"
 FORMAT_VERSION = 1
 BINS_REVISION = 2  # raised when the same inputs and settings give other bins (2: word-border cuts)
 DTYPES = ("auto", "uint16", "uint32")
@@ -177,33 +178,26 @@ def _sources_digest(sources: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _holds_prepared_data(folder: Path) -> bool:
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
-
-
 def _listing(folder: Path) -> str:
     names = sorted(path.name for path in folder.iterdir())
     more = f" and {len(names) - 3} more" if len(names) > 3 else ""
     return ", ".join(names[:3]) + more
 
 
-def check_replaceable(out_dir: Path) -> None:
-    """--overwrite replaces an empty folder or one that prepare wrote, nothing else."""
+def check_replaceable(out_dir: Path, overwrite_setting: str = "--overwrite") -> None:
+    """--overwrite replaces an empty folder or one that prepare wrote, nothing else.
+    `overwrite_setting` spells the option for messages."""
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if out_dir.is_symlink() or not out_dir.is_dir():
         kind = "a symbolic link" if out_dir.is_symlink() else "a file"
         holds = f"is {kind}"
-    elif not any(out_dir.iterdir()) or _holds_prepared_data(out_dir):
+    elif not any(out_dir.iterdir()) or is_token_bin_folder(out_dir):
         return
     else:
         holds = f'holds {_listing(out_dir)}, not a prepared dataset (no meta.json of "{FORMAT}")'
     raise FileExistsError(
-        f"--out '{out_dir}' {holds}: --overwrite replaces only a folder written by prepare; "
+        f"--out '{out_dir}' {holds}: {overwrite_setting} replaces only a folder written by prepare; "
         "choose another folder"
     )
 
@@ -238,6 +232,20 @@ def _warn_unknown(unknown: int, total: int, fix: str) -> None:
         )
 
 
+def check_train_tokens(
+    counts: dict[str, int], val_fraction: float, corpus_bytes: int, setting: str
+) -> None:
+    """An InputError naming the val_fraction `setting` ("--val-fraction ", "data.val_fraction=")
+    when the validation split took every token."""
+    if counts["train"] == 0:
+        raise InputError(
+            f"{setting}{val_fraction} leaves nothing to train on: all {counts['val']:,} tokens "
+            f"of this {corpus_bytes:,}-byte input went to validation (a validation block runs on "
+            "to the next word border or the end of its file): lower "
+            f"{setting.rstrip('= ')} (0 holds out nothing) or give more text"
+        )
+
+
 def tokenizer_kind(tokenizer: Tokenizer) -> str:
     return "char" if isinstance(tokenizer, CharTokenizer) else "hf"
 
@@ -255,13 +263,17 @@ def prepare_bins(
     max_tokenizer_chars: int = DEFAULT_MAX_TOKENIZER_CHARS,
     progress: bool = True,
     errors_setting: str = "--errors ",
+    val_fraction_setting: str = "val_fraction=",
+    overwrite_setting: str = 'if_exists="replace"',
 ) -> dict:
     """Tokenize `inputs` (files, folders, globs) into `out_dir`; returns the meta.json dict.
 
     tokenizer: "char" | "bpe" (trained on the corpus, at most `max_tokenizer_chars`
     characters, `vocab_size` ids) or a tokenizer.json path / folder. if_exists, when `out_dir`
     exists: "error" | "replace" | "keep" (keep: another writer's complete folder wins).
-    errors_setting: how the caller's user spells the `errors` option in messages.
+    errors_setting, val_fraction_setting, overwrite_setting: how the caller's user spells
+    these options in messages ("--errors ", "--val-fraction ", "--overwrite" on the command line).
+    Validation that leaves no training tokens is an InputError (nothing is written).
     """
     out_dir = Path(out_dir)
     if errors not in ERROR_POLICIES:
@@ -271,9 +283,9 @@ def prepare_bins(
     inputs = input_specs(inputs)
     files = resolve_inputs(inputs)
     check_output_apart(inputs, files, out_dir, OUTPUT_FILES)  # replacing it could delete inputs
-    check_writable(out_dir, if_exists)
+    check_writable(out_dir, if_exists, overwrite_setting)
     if if_exists == "replace":
-        check_replaceable(out_dir)
+        check_replaceable(out_dir, overwrite_setting)
     corpus_bytes = total_bytes(files)
     if corpus_bytes == 0:
         raise InputError(f"the input is empty: {len(files)} file(s), 0 bytes of text")
@@ -289,7 +301,7 @@ def prepare_bins(
     digests: dict[Path, str] = {}
     counts = {"train": 0, "val": 0, "unknown": 0, "documents": 0}
     bar = _Progress(corpus_bytes, "tokenizing", progress)
-    with atomic_folder(out_dir, if_exists=if_exists) as tmp:
+    with atomic_folder(out_dir, if_exists=if_exists, flag=overwrite_setting) as tmp:
         with open(tmp / "train.bin", "wb") as train_file, open(tmp / "val.bin", "wb") as val_file:
             segments = read_segments(
                 files,
@@ -316,6 +328,7 @@ def prepare_bins(
         bar.close()
         if counts["train"] + counts["val"] == 0:
             raise InputError(f"the input holds no text once decoded ({len(files)} file(s))")
+        check_train_tokens(counts, val_fraction, corpus_bytes, val_fraction_setting)
         capped = tok.vocab_size >= vocab_size
         fix = _coverage_fix(tokenizer, vocab_size, capped, max_tokenizer_chars, corpus_bytes)
         _warn_unknown(counts["unknown"], counts["train"] + counts["val"], fix)

@@ -27,13 +27,29 @@ MIN_VOCAB_SIZE = NUM_BYTES + len(DEFAULT_SPECIALS)  # what `train` needs with th
 EOS_NAMES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "[CLS]")
 PAD_NAMES = (PAD_TOKEN, "<pad>", "<|padding|>", "[PAD]", "<PAD>")
+ROLES = ("eos_token", "bos_token", "pad_token")  # the special tokens a tokenizer_config.json names
 
 
-def _token_text(entry) -> str | None:
-    """A tokenizer_config.json token entry: "text" or {"content": "text", ...}."""
-    if isinstance(entry, dict):
-        return entry.get("content")
-    return entry if isinstance(entry, str) else None
+def _token_text(entry, role: str, config_path: Path) -> str | None:
+    """A tokenizer_config.json token entry: null, "text" or {"content": "text", ...}."""
+    text = entry.get("content") if isinstance(entry, dict) else entry
+    if text is not None and not isinstance(text, str):
+        raise ValueError(
+            f"{config_path}: '{role}' is {json.dumps(entry)}: expected a token string, "
+            '{"content": "<token>"} or null'
+        )
+    return text
+
+
+def read_tokenizer_config(config_path: Path) -> dict:
+    """The JSON object in a tokenizer_config.json; a ValueError naming the file otherwise."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: cannot be read as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 class BPETokenizer:
@@ -110,12 +126,9 @@ class BPETokenizer:
         roles = {}
         config_path = path.parent / "tokenizer_config.json"
         if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"{config_path}: cannot be read as JSON ({err})") from None
-            for role in ("eos_token", "bos_token", "pad_token"):
-                text = _token_text(config.get(role))
+            config = read_tokenizer_config(config_path)
+            for role in ROLES:
+                text = _token_text(config.get(role), role, config_path)
                 if text is not None and tokenizer.token_to_id(text) is not None:
                     roles[role] = text
         return cls(tokenizer, **roles)

@@ -27,6 +27,26 @@ def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
 
 
+def _checked_chars(chars, source: str) -> list[str]:
+    """The 'chars' field of a saved tokenizer: a list of distinct single characters."""
+    expected = "'chars' must be a list of single characters"
+    if not isinstance(chars, list):
+        got = "null" if chars is None else type(chars).__name__
+        raise ValueError(f"{source}: {expected} (got {got})")
+    first_seen: dict[str, int] = {}
+    for index, char in enumerate(chars):
+        if not isinstance(char, str) or len(char) != 1:
+            raise ValueError(
+                f"{source}: {expected} (entry {index} is {type(char).__name__} {char!r})"
+            )
+        if char in first_seen:
+            raise ValueError(
+                f"{source}: 'chars' lists {char!r} twice (entries {first_seen[char]} and {index})"
+            )
+        first_seen[char] = index
+    return chars
+
+
 class CharTokenizer:
     """Characters <-> ids. `chars[i]` is the character of id `len(SPECIALS) + i`."""
 
@@ -70,15 +90,18 @@ class CharTokenizer:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "<dict>") -> CharTokenizer:
-        if data.get("type") != FORMAT or not isinstance(data.get("chars"), list):
+        """The tokenizer of a saved `to_json()` dict; a ValueError naming `source` and the
+        field for anything else."""
+        if not isinstance(data, dict) or data.get("type") != FORMAT:
+            raise ValueError(f"{source}: not a character tokenizer (expected 'type': '{FORMAT}')")
+        if "specials" in data and data["specials"] != list(SPECIALS):
             raise ValueError(
-                f"{source}: not a character tokenizer (expected 'type': '{FORMAT}' and a 'chars' list)"
+                f"{source}: 'specials' is {json.dumps(data['specials'], ensure_ascii=False)}: "
+                f"expected {json.dumps(list(SPECIALS))}"
             )
-        if tuple(data.get("specials", SPECIALS)) != SPECIALS:
-            raise ValueError(
-                f"{source}: special tokens {data.get('specials')} differ from the expected {list(SPECIALS)}"
-            )
-        return cls(data["chars"])
+        if "chars" not in data:
+            raise ValueError(f"{source}: 'chars' is missing: expected a list of single characters")
+        return cls(_checked_chars(data["chars"], source))
 
     # --- the Tokenizer interface --------------------------------------------------------------
     def encode_array(self, text: str) -> np.ndarray:

@@ -7,8 +7,8 @@
 Errors (missing or empty input, undecodable bytes, an existing output folder, an output folder
 that is or holds an input or lies where the inputs are read, --overwrite of anything but a
 prepared folder, an --out that cannot be written, a --vocab-size too small for the tokenizer, a
-vocabulary too large for --dtype) print one line `error: ...`, exit with status 2 and leave
---out as it was.
+malformed tokenizer file, a vocabulary too large for --dtype, a --val-fraction that leaves no
+training tokens) print one line `error: ...`, exit with status 2 and leave --out as it was.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         metavar="PATH_OR_GLOB",
-        help="text files, folders (read recursively) or globs such as 'corpus/**/*.txt'",
+        help="text files, folders (read recursively, skipping hidden files and prepared datasets) "
+        "or globs such as 'corpus/**/*.txt'",
     )
     parser.add_argument(
         "--tokenizer", default="bpe", help="char | bpe | path/to/tokenizer.json (default: bpe)"
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             if_exists="replace" if args.overwrite else "error",
             max_tokenizer_chars=args.max_tokenizer_chars,
             progress=not args.no_progress,
+            val_fraction_setting="--val-fraction ",
+            overwrite_setting="--overwrite",
         )
     except OutputError as err:
         print(f"error: --out '{args.out}' cannot be written: {err.reason}", file=sys.stderr)

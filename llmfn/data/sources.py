@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmfn.data.token_bins import FORMAT, is_token_bin_folder
+
 READ_BYTES = 1 << 20  # bytes read per system call
 ERROR_POLICIES = ("strict", "replace", "ignore")
 SKIPPED_DIRS = ("__pycache__",)
@@ -38,14 +40,53 @@ def _is_glob(spec: str) -> bool:
     return any(char in spec for char in "*?[")
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """Every regular file under `folder`, recursively, hidden files and folders skipped, sorted
-    by path (as a glob's matches are)."""
-    found = []
+def _skip_reason(path: Path, is_dir: bool) -> str | None:
+    """Why a folder walk skips `path`, or None when it is read."""
+    if path.name.startswith("."):
+        return "hidden files and folders"
+    if is_dir and path.name in SKIPPED_DIRS:
+        return f"{'/'.join(SKIPPED_DIRS)} folders"
+    if is_dir and is_token_bin_folder(path):
+        return f'folders holding a prepared dataset (a meta.json of "{FORMAT}")'
+    return None
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], dict[str, list[Path]]]:
+    """(every regular file under `folder`, recursively, sorted by path as a glob's matches are;
+    the skipped entries by reason: hidden files and folders, __pycache__, prepared datasets)."""
+    if is_token_bin_folder(folder):
+        return [], {_skip_reason(folder, is_dir=True): [folder]}
+    found, skipped = [], {}
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS]
-        found += [Path(dirpath) / name for name in filenames if not name.startswith(".")]
-    return sorted(found)
+        here = Path(dirpath)
+        for names, is_dir in ((dirnames, True), (filenames, False)):
+            kept = []
+            for name in names:
+                reason = _skip_reason(here / name, is_dir)
+                if reason is None:
+                    kept.append(name)
+                else:
+                    skipped.setdefault(reason, []).append(here / name)
+            names[:] = kept  # os.walk does not enter the folders removed from dirnames
+        found += [here / name for name in filenames]
+    return sorted(found), skipped
+
+
+def _no_files_error(folder: str, skipped: dict[str, list[Path]]) -> InputError:
+    """The error for an input folder in which a walk found nothing to read, saying why."""
+    paths = [path for paths in skipped.values() for path in paths]
+    if paths == [Path(folder)]:
+        return InputError(
+            f"input folder '{folder}' is a prepared dataset (its meta.json is of \"{FORMAT}\"), "
+            "not text: give the text files it was made from"
+        )
+    if not paths:
+        return InputError(f"input folder '{folder}' holds no files")
+    more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+    return InputError(
+        f"input folder '{folder}' holds no files to read: {', '.join(skipped)} are skipped "
+        f"({paths[0]}{more})"
+    )
 
 
 def input_specs(specs: str | Path | Iterable[str | Path]) -> list[str | Path]:
@@ -69,9 +110,9 @@ def resolve_inputs(specs: str | Path | Iterable[str | Path]) -> list[Path]:
                 raise InputError(f"input glob '{text}' matches no files")
             files += matched
         elif Path(text).is_dir():
-            matched = _folder_files(Path(text))
+            matched, skipped = _folder_files(Path(text))
             if not matched:
-                raise InputError(f"input folder '{text}' holds no files")
+                raise _no_files_error(text, skipped)
             files += matched
         elif Path(text).is_file():
             files.append(Path(text))

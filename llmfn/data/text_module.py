@@ -108,6 +108,7 @@ class TextDataModule(TokenBinDataModule):
             if_exists="keep",
             progress=self.progress,
             errors_setting="data.errors=",
+            val_fraction_setting="data.val_fraction=",
             **self.prepare_options,
         )
 

@@ -75,15 +75,7 @@ class TokenBinDataModule:
         self.rank, self.world_size = rank, world_size
         self.vocab_size = self.bins.vocab_size
         self._check_ids()
-        tokenizer_path = self.bins.tokenizer_path
-        self.tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
-        if tokenizer_path is None:
-            warnings.warn(
-                f"{self.path} holds no {self.bins.meta['tokenizer'].get('file', 'tokenizer.json')}: "
-                "training works, but the run will have no tokenizer to generate text with "
-                "(copy the one the bins were made with into the folder)",
-                stacklevel=2,
-            )
+        self.tokenizer = self._load_tokenizer()
         try:
             self.sampler = WindowSampler(
                 len(self.bins.train), self.window, self.batch_size, world_size, self.seed
@@ -92,6 +84,28 @@ class TokenBinDataModule:
         except ValueError as err:
             raise ValueError(f"{self.path / 'train.bin'}: {err}") from None
         self.val_starts = self._val_starts()
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer saved with the bins, which must have meta.json's vocabulary size; None
+        (with a warning) when the folder holds none."""
+        path = self.bins.tokenizer_path
+        if path is None:
+            warnings.warn(
+                f"{self.path} holds no {self.bins.meta['tokenizer'].get('file', 'tokenizer.json')}: "
+                "training works, but the run will have no tokenizer to generate text with "
+                "(copy the one the bins were made with into the folder)",
+                stacklevel=3,
+            )
+            return None
+        tokenizer = load_tokenizer(path)
+        if tokenizer.vocab_size != self.bins.vocab_size:
+            raise ValueError(
+                f"{path}: the tokenizer has {tokenizer.vocab_size} ids, but "
+                f"{self.path / 'meta.json'}'s tokenizer.vocab_size is {self.bins.vocab_size}: it "
+                "is not the tokenizer the bins were made with (copy that one into the folder, or "
+                "re-run prepare)"
+            )
+        return tokenizer
 
     def _check_ids(self) -> None:
         """Ids >= vocab_size would index past the model's embedding: scan bins of up to

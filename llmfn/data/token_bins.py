@@ -12,9 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from llmfn.data.binarize import FORMAT
-
+FORMAT = "llmfn-token-bin"  # meta.json's "format" in a folder that prepare wrote
 SCAN_CHUNK = 1 << 24  # token ids checked per numpy call
+
+
+def is_token_bin_folder(folder: Path) -> bool:
+    """Whether `folder` holds a prepared dataset: a meta.json whose "format" is FORMAT."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def _memmap(path: Path, dtype: np.dtype, expected: int) -> np.ndarray:
@@ -53,8 +61,9 @@ def _is_size(value) -> bool:
     return _is_count(value) and value >= 1
 
 
-def _is_name(value) -> bool:
-    return isinstance(value, str) and value != ""
+def _is_file_name(value) -> bool:
+    """A plain file name: no folder part, so it names a file inside the token-bin folder."""
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
 
 
 def check_meta(meta, meta_path: Path) -> None:
@@ -74,7 +83,8 @@ def check_meta(meta, meta_path: Path) -> None:
     label = "tokenizer.vocab_size"
     _field(tokenizer, "vocab_size", meta_path, "a whole number >= 1", _is_size, label)
     if "file" in tokenizer:
-        _field(tokenizer, "file", meta_path, "a file name", _is_name, "tokenizer.file")
+        expected = "a file name in the folder (no path)"
+        _field(tokenizer, "file", meta_path, expected, _is_file_name, "tokenizer.file")
 
 
 def first_id_beyond(tokens: np.ndarray, vocab_size: int) -> int | None:

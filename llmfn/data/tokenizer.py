@@ -51,7 +51,12 @@ def tokenizer_file(spec_or_dir: str | Path) -> Path:
     """The tokenizer.json that a folder or file path names; a clear error if there is none."""
     path = Path(spec_or_dir)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"tokenizer folder '{spec_or_dir}' holds no tokenizer.json: expected a "
+                "tokenizer.json file or a folder holding one"
+            )
+        return path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer '{spec_or_dir}' not found: expected a tokenizer.json file or a folder holding one"

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-EXPECTED = "expected auto, cpu, cuda or cuda:N"
+EXPECTED = "expected auto, cpu, cuda, cuda:N or mps"
 
 
 def spelled(option: str, value: str) -> str:

@@ -37,6 +37,7 @@ from llmfn.checkpoint import (
     manifest_step,
     resolve_checkpoint,
     save_params_folder,
+    verify_checkpoint,
 )
 from llmfn.data.atomic import OutputError, atomic_folder
 from llmfn.tasks import check_language_model
@@ -47,10 +48,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _check_empty(out_dir: Path) -> None:
+def check_new_folder(out_dir: Path) -> None:
+    """ValueError unless --out names a new or empty folder (checked before any work)."""
     if out_dir.resolve() == Path.cwd().resolve():
         raise ValueError(f"--out {out_dir} is the current folder: choose a new folder")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file: expected a new or empty folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(f"--out {out_dir} already exists and is not empty: choose a new folder")
     above = next((p for p in out_dir.parents if p.exists()), None)
     if above is not None and not above.is_dir():
@@ -98,6 +102,16 @@ def _copy_hf_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
         )
 
 
+def verified_language_model(checkpoint: str | os.PathLike) -> Path:
+    """The step folder of `checkpoint`, verified against its manifest before its config.yaml is
+    read (a damaged config.yaml is reported as a failed size or sha256 check), and holding a
+    language model."""
+    folder = resolve_checkpoint(checkpoint)
+    verify_checkpoint(folder)
+    check_language_model(folder, "exported")
+    return folder
+
+
 def export_hf(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -110,10 +124,9 @@ def export_hf(
     it has no such token, or no tokenizer: then a note on stderr says so). Raises ValueError
     for a model HF cannot express (e.g. MoE, post-norm)."""
     out_dir = Path(out_dir)
-    _check_empty(out_dir)
-    folder = resolve_checkpoint(checkpoint)
-    check_language_model(folder, "exported")
-    cfg, params, tokenizer = load_for_inference(folder, dtype=dtype)
+    check_new_folder(out_dir)
+    folder = verified_language_model(checkpoint)
+    cfg, params, tokenizer = load_for_inference(folder, dtype=dtype, verify=False)
     token_ids = hf.special_token_ids(tokenizer)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
     # written beside out_dir and renamed into place: a failure leaves no partial folder, and an
@@ -135,10 +148,9 @@ def export_safetensors(
 ) -> Path:
     """Write params.safetensors + config.yaml + tokenizer/ + manifest.json (no optimizer state)."""
     out_dir = Path(out_dir)
-    _check_empty(out_dir)
-    folder = resolve_checkpoint(checkpoint)
-    check_language_model(folder, "exported")
-    _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False)
+    check_new_folder(out_dir)
+    folder = verified_language_model(checkpoint)
+    _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False, verify=False)
     step = manifest_step(folder)
     tokenizer_dir = folder / TOKENIZER_DIR
     with _writing_to(out_dir, folder):

@@ -219,6 +219,7 @@ def check_options(
     seed=0,
     prompt_offset=0,
 ) -> None:
+    """ValueError naming the first option out of range, as its Python parameter (`top_p=0.0`)."""
     checks = [
         ("max_new_tokens", max_new_tokens, isinstance(max_new_tokens, int) and max_new_tokens >= 1, "an int >= 1"),
         ("temperature", temperature, is_finite_number(temperature) and temperature >= 0, "a finite float >= 0 (0 = greedy)"),
@@ -439,9 +440,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile the decode step (pays off for long runs)",
     )
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N"
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps",
     )
     return parser.parse_args(argv)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ValueError naming the first flag whose value is out of range, in the flag's own terms
+    (0 turns --top-k off and 1 --top-p; `check_options` names the Python parameters)."""
+    checks = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an int >= 1"),
+        ("--temperature", args.temperature, is_finite_number(args.temperature) and args.temperature >= 0, "a finite float >= 0 (0 = greedy)"),
+        ("--top-k", args.top_k, args.top_k >= 0, "an int >= 0 (0 = off)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "a float in (0, 1]"),
+        ("--repetition-penalty", args.repetition_penalty, is_finite_number(args.repetition_penalty) and args.repetition_penalty > 0, "a finite float > 0 (1 = off)"),
+        ("--seed", args.seed, 0 <= args.seed < SEED_LIMIT, "an int in [0, 2**63)"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "an int >= 1"),
+    ]  # fmt: skip
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value} is invalid: expected {expected}")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -459,16 +479,18 @@ def read_prompts(path: str) -> list[str]:
 def load_model(path: str, device: str):
     """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path, a device this
     machine lacks, or no tokenizer."""
-    from llmfn.checkpoint import load_for_inference, resolve_checkpoint
+    from llmfn.checkpoint import load_for_inference, resolve_checkpoint, verify_checkpoint
     from llmfn.tasks import check_language_model
 
     if not Path(path).exists():
         raise ValueError(
             f"checkpoint path {path} does not exist: expected a checkpoint or run folder"
         )
-    check_language_model(resolve_checkpoint(path), "generated from")
+    folder = resolve_checkpoint(path)
+    verify_checkpoint(folder)  # before config.yaml is read: a damaged file is named as such
+    check_language_model(folder, "generated from")
     cfg, params, tokenizer = load_for_inference(
-        path, device=resolve_device(device, option="--device")
+        folder, device=resolve_device(device, option="--device"), verify=False
     )
     if tokenizer is None:
         raise ValueError(
@@ -504,17 +526,7 @@ def main(argv=None) -> int:
         "compile": args.compile,
     }
     try:
-        check_options(
-            args.max_new_tokens,
-            args.temperature,
-            options["top_k"],
-            options["top_p"],
-            args.repetition_penalty,
-            None,
-            seed=args.seed,
-        )
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size={args.batch_size} is invalid: expected an int >= 1")
+        check_flags(args)
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
         cfg, params, tokenizer = load_model(args.checkpoint, args.device)
         if args.prompt is not None:

@@ -152,6 +152,16 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def check_model_type(model_type) -> None:
+    """ValueError unless `model_type` (an HF config.json's) is one of FAMILIES; checked before
+    transformers loads a folder, whose own error for an unknown type is several paragraphs."""
+    if model_type not in FAMILIES:
+        *others, last = FAMILIES
+        raise ValueError(
+            f"model_type {model_type!r} is not supported: expected {', '.join(others)} or {last}"
+        )
+
+
 def default_family(cfg: ModelConfig) -> str:
     """ "gpt2" for learned positions; "qwen2" for Qwen2's q/k/v-only biases
     (attention_bias="qkv"); with a sliding window "qwen2" if the attention has biases (Mistral

@@ -13,6 +13,7 @@ plus tokenizer/ when the folder holds an HF tokenizer (tokenizer.json).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -24,16 +25,34 @@ from llmfn import hf
 from llmfn.checkpoint import CheckpointError, save_params_folder
 from llmfn.config import Config, to_yaml
 from llmfn.data.atomic import OutputError
-from llmfn.export import DTYPES, HF_TOKENIZER_FILES
+from llmfn.export import DTYPES, HF_TOKENIZER_FILES, check_new_folder
 from llmfn.warning_format import use_one_line_warnings
+
+EXPECTED_FOLDER = "expected a folder written by save_pretrained"
+
+
+def check_hf_folder(folder: Path) -> None:
+    """ValueError unless `folder` holds a config.json whose model_type llmfn imports (read
+    before transformers loads anything)."""
+    if not folder.exists():
+        raise ValueError(f"{folder} does not exist: {EXPECTED_FOLDER}")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file: {EXPECTED_FOLDER}")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{folder} has no config.json: {EXPECTED_FOLDER}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{file} has no model_type: {EXPECTED_FOLDER}")
+    hf.check_model_type(config["model_type"])
 
 
 def read_hf_model(folder: Path, dtype: torch.dtype):
-    """(ModelConfig, params) of the HF model saved in `folder`, in `dtype`."""
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"{folder} has no config.json: expected a folder written by save_pretrained"
-        )
+    """(ModelConfig, params) of the HF model saved in `folder` (one `check_hf_folder`
+    accepts), in `dtype`."""
     transformers = hf._transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return hf.from_hf(model)
@@ -42,8 +61,11 @@ def read_hf_model(folder: Path, dtype: torch.dtype):
 def import_hf(
     folder: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Write the HF model in `folder` to `out_dir` as an llmfn weights folder -> out_dir."""
+    """Write the HF model in `folder` to `out_dir` as an llmfn weights folder -> out_dir.
+    Both folders are checked before the model is loaded."""
     folder = Path(folder)
+    check_hf_folder(folder)
+    check_new_folder(Path(out_dir))
     cfg, params = read_hf_model(folder, dtype)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = None

@@ -5,12 +5,23 @@ character or the beginning of a stop string is held back until the next token.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 
 def encode_prompt(tokenizer, text: str, index: int) -> list[int]:
-    """Token ids of one prompt; an empty prompt starts from BOS (or EOS) if the tokenizer has one."""
+    """Token ids of one prompt; an empty prompt starts from BOS (or EOS) if the tokenizer has one.
+    Warns when characters of it encode to the tokenizer's unknown token (a char tokenizer's
+    `<UNK>`, one id per unknown character): the model never sees them."""
     ids = tokenizer.encode(text)
+    unk_id = getattr(tokenizer, "unk_id", None)
+    unknown = ids.count(unk_id) if unk_id is not None else 0
+    if unknown:
+        warnings.warn(
+            f"prompt {index}: {unknown} of its {len(text)} characters are not in the "
+            f"tokenizer's vocabulary and were encoded as the unknown token (id {unk_id})",
+            stacklevel=2,
+        )
     if ids:
         return ids
     start = tokenizer.bos_id if getattr(tokenizer, "bos_id", None) is not None else tokenizer.eos_id

@@ -351,6 +351,35 @@ def test_keep_last_n_prunes_old_steps_but_keeps_best_and_latest(tmp_path):
         mark_best(tmp_path, tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize(
+    ("content", "shown"),
+    [(b"\xff\xfe", "text that is not UTF-8"), (b"garbage\n", "'garbage'"), (b"", "''")],
+)
+def test_a_damaged_pointer_is_a_checkpoint_error_naming_it(tmp_path, content, shown):
+    from llmfn.checkpoint import resolve_checkpoint
+
+    save(tmp_path, 1)
+    (tmp_path / "latest").write_bytes(content)
+    message = (
+        f"pointer file {tmp_path / 'latest'} holds {shown}: expected the name of a step folder "
+        "(e.g. step_000100)"
+    )
+    for read in (latest_checkpoint, lambda root: resolve_checkpoint(root / "latest")):
+        with pytest.raises(CheckpointError) as err:
+            read(tmp_path)
+        assert str(err.value) == message
+
+
+def test_a_pointer_to_a_missing_step_folder_names_nothing(tmp_path):
+    from llmfn.checkpoint import resolve_checkpoint
+
+    save(tmp_path, 1)
+    (tmp_path / "best").write_text("step_000099\n")  # pruned since, or copied without it
+    assert best_checkpoint(tmp_path) is None
+    with pytest.raises(CheckpointError, match="does not name an existing step folder"):
+        resolve_checkpoint(tmp_path / "best")
+
+
 def test_saving_a_step_again_replaces_it_and_named_saves_are_side_copies(tmp_path):
     save(tmp_path, 5, make_state(seed=0, step=5))
     path = save(tmp_path, 5, make_state(seed=1, step=5))
@@ -453,3 +482,33 @@ def test_a_checkpoint_folder_gets_the_umask_mode_not_a_temporary_folders_0700(tm
     finally:
         os.umask(before)
     assert path.stat().st_mode & 0o777 == 0o755
+
+
+# --- what a damaged config.yaml reads as ----------------------------------------------------------
+@pytest.mark.parametrize("config_yaml", ["garbage: [", ""])
+def test_initial_params_verify_the_checkpoint_before_reading_its_config(tmp_path, config_yaml):
+    from llmfn.checkpoint.initial_params import load_initial_params
+
+    path = save(tmp_path, 1)
+    (path / "config.yaml").write_text(config_yaml)
+    with pytest.raises(CheckpointError, match=r"file config.yaml has .* \(size check failed"):
+        load_initial_params(path, CFG, init_params(CFG))
+
+
+def test_config_yaml_that_is_not_yaml_is_one_line_naming_where(tmp_path):
+    from llmfn.checkpoint import read_run_config
+
+    (tmp_path / "config.yaml").write_text("model:\n  hidden_size: [\n")
+    with pytest.raises(CheckpointError) as err:
+        read_run_config(tmp_path)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"checkpoint {tmp_path}: config.yaml cannot be read as YAML: ")
+    assert str(err.value).endswith("(line 3, column 1)")
+
+
+def test_params_folder_into_an_existing_file_says_it_is_a_file(tmp_path):
+    from llmfn.checkpoint import save_params_folder
+
+    (tmp_path / "weights").write_text("mine")
+    with pytest.raises(ValueError, match="output folder .*weights is a file: expected a new or"):
+        save_params_folder(tmp_path / "weights", init_params(CFG), config_yaml=CONFIG_YAML)

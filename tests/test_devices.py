@@ -146,3 +146,16 @@ def test_a_cublas_workspace_the_user_set_is_kept(restore_determinism, monkeypatc
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     set_determinism(True, CUDA)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_device_name_error_lists_every_kind_it_accepts():
+    from llmfn.devices import resolve_device
+
+    with pytest.raises(ValueError) as err:
+        resolve_device("tpu", option="--device")
+    assert str(err.value) == (
+        "--device 'tpu' is not a device name: expected auto, cpu, cuda, cuda:N or mps"
+    )
+    if not torch.backends.mps.is_available():  # a name torch knows, on a machine without it
+        with pytest.raises(ValueError, match="'mps' is not available on this machine"):
+            resolve_device("mps", option="train.device")

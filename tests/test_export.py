@@ -130,6 +130,46 @@ def test_import_hf_errors_name_the_folder(tmp_path, capsys):
         f"error: cannot import {tmp_path}: {tmp_path} has no config.json: expected a folder "
         "written by save_pretrained\n"
     )
+    missing = tmp_path / "nope"
+    assert import_main([str(missing), "--out", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot import {missing}: {missing} does not exist: expected a folder "
+        "written by save_pretrained\n"
+    )
+
+
+def test_import_hf_refuses_an_unknown_model_type_in_one_line(tmp_path, capsys):
+    from llmfn.import_hf import main as import_main
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "foo"}')
+    assert import_main([str(tmp_path / "hf"), "--out", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot import {tmp_path / 'hf'}: model_type 'foo' is not supported: expected "
+        "llama, mistral, qwen2 or gpt2\n"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_import_hf_checks_out_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    import llmfn.import_hf
+    from llmfn.import_hf import main as import_main
+
+    def no_loading(*args):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(llmfn.import_hf, "read_hf_model", no_loading)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama"}')
+    full, notes = tmp_path / "w", tmp_path / "w" / "notes.txt"
+    full.mkdir()
+    notes.write_text("mine")
+    for out, message in [
+        (full, f"--out {full} already exists and is not empty: choose a new folder"),
+        (notes, f"--out {notes} is a file: expected a new or empty folder"),
+    ]:
+        assert import_main([str(tmp_path / "hf"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"error: cannot import {tmp_path / 'hf'}: {message}\n"
 
 
 def bpe_tokenizer_dir(path: Path) -> Path:
@@ -257,6 +297,10 @@ def test_safetensors_export_is_a_loadable_params_only_checkpoint(tmp_path):
         ),
         (lambda ckpt, out: [str(ckpt), "--format", "hf", "--out", str(ckpt)], "not empty"),
         (
+            lambda ckpt, out: [str(ckpt), "--format", "hf", "--out", str(ckpt / "config.yaml")],
+            "--out {ckpt}/config.yaml is a file: expected a new or empty folder",
+        ),
+        (
             lambda ckpt, out: [
                 str(ckpt),
                 "--format",
@@ -373,6 +417,34 @@ def test_a_manifest_that_is_not_an_object_is_a_checkpoint_error(tmp_path, capsys
             "llmfn-checkpoint manifest: expected a JSON object, got a list\n"
         )
         assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("config_yaml", ["garbage: [", ""])
+def test_an_overwritten_config_yaml_fails_verification_before_it_is_read(
+    tmp_path, capsys, config_yaml
+):
+    ckpt = write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    size = (ckpt / "config.yaml").stat().st_size
+    (ckpt / "config.yaml").write_text(config_yaml)
+    for fmt in ("hf", "safetensors"):
+        assert main([str(ckpt), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: cannot export {ckpt} as {fmt}: checkpoint {ckpt}: file config.yaml has "
+            f"{len(config_yaml)} bytes, manifest.json says {size} (size check failed: truncated "
+            "or overwritten)\n"
+        )
+        assert not (tmp_path / fmt).exists()
+
+
+def test_a_damaged_latest_pointer_is_a_checkpoint_error_naming_it(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt", LLAMA, init_params(LLAMA))
+    pointer = tmp_path / "ckpt" / "latest"
+    pointer.write_bytes(b"\xff\xfe")
+    assert main([str(pointer), "--format", "safetensors", "--out", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export {pointer} as safetensors: pointer file {pointer} holds text that "
+        "is not UTF-8: expected the name of a step folder (e.g. step_000100)\n"
+    )
 
 
 def test_hf_export_of_an_moe_model_is_refused_before_writing(tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -696,31 +697,37 @@ def test_cli_options_are_checked_before_the_prompt_is_echoed(checkpoint, capsys)
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: generate: prompt length 3 + max_new_tokens=")
     assert err.count("\n") == 1 and "lower max_new_tokens" in err
-    assert main([path, "--prompt", "the", "--top-p", "1.5"]) == 2  # not "1.5 = off"
-    assert capsys.readouterr() == (
-        "",
-        "error: generate: top_p=1.5 is invalid: expected None or a float in (0, 1]\n",
+    cases = [  # each flag named as typed, with what it takes on the command line
+        (["--top-p", "1.5"], "--top-p 1.5 is invalid: expected a float in (0, 1]"),
+        (["--top-p", "0"], "--top-p 0.0 is invalid: expected a float in (0, 1]"),
+        (["--top-k", "-1"], "--top-k -1 is invalid: expected an int >= 0 (0 = off)"),
+        (["--temperature", "inf"], "--temperature inf is invalid: expected a finite float >= 0 (0 = greedy)"),
+        (["--temperature", "nan"], "--temperature nan is invalid: expected a finite float >= 0 (0 = greedy)"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty inf is invalid: expected a finite float > 0 (1 = off)"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 is invalid: expected an int >= 1"),
+        (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is invalid: expected an int in [0, 2**63)"),
+        (["--seed", "-1"], "--seed -1 is invalid: expected an int in [0, 2**63)"),
+        (["--batch-size", "0"], "--batch-size 0 is invalid: expected an int >= 1"),
+    ]  # fmt: skip
+    for flags, message in cases:
+        assert main([path, "--prompt", "the", *flags]) == 2, flags
+        assert capsys.readouterr() == ("", f"error: {message}\n")
+    assert (
+        main([path, "--prompt", "the", "--top-k", "0", "--top-p", "1", "--max-new-tokens", "2"])
+        == 0
     )
-    assert main([path, "--prompt", "the", "--temperature", "inf"]) == 2
-    assert capsys.readouterr() == (
-        "",
-        "error: generate: temperature=inf is invalid: expected a finite float >= 0 (0 = greedy)\n",
-    )
-    assert main([path, "--prompt", "the", "--repetition-penalty", "inf"]) == 2
-    assert "error: generate: repetition_penalty=inf is invalid" in capsys.readouterr().err
-    assert main([path, "--prompt", "the", "--seed", "99999999999999999999"]) == 2
-    assert capsys.readouterr() == (
-        "",
-        "error: generate: seed=99999999999999999999 is invalid: expected an int in [0, 2**63)\n",
-    )
+    assert capsys.readouterr().err == ""  # 0 and 1 turn them off
 
 
 def test_cli_bad_device_is_one_clear_error(checkpoint, capsys, monkeypatch):
     path = str(checkpoint[0])
     cases = [
-        ("tpu", "--device 'tpu' is not a device name: expected auto, cpu, cuda or cuda:N"),
-        ("cuda:x", "--device 'cuda:x' is not a device name: expected auto, cpu, cuda or cuda:N"),
-        ("meta", "--device 'meta' is not a device name: expected auto, cpu, cuda or cuda:N"),
+        ("tpu", "--device 'tpu' is not a device name: expected auto, cpu, cuda, cuda:N or mps"),
+        (
+            "cuda:x",
+            "--device 'cuda:x' is not a device name: expected auto, cpu, cuda, cuda:N or mps",
+        ),
+        ("meta", "--device 'meta' is not a device name: expected auto, cpu, cuda, cuda:N or mps"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases.append(("cuda", "--device 'cuda' but no CUDA device is available (use --device cpu)"))
@@ -762,7 +769,59 @@ def test_cli_bad_checkpoint_path_or_options_are_clear_errors(checkpoint, capsys,
     assert main([str(tmp_path / "empty"), "--prompt", "hi"]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
     assert main([str(checkpoint[0]), "--prompt", "hi", "--top-p", "0"]) == 2
-    assert "top_p=0.0 is invalid" in capsys.readouterr().err
+    assert "--top-p 0.0 is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config_yaml", ["garbage: [", ""])
+def test_cli_overwritten_config_yaml_fails_verification_before_it_is_read(
+    checkpoint, capsys, tmp_path, config_yaml
+):
+    import shutil
+
+    step = shutil.copytree(checkpoint[0] / "step_000005", tmp_path / "step_000005")
+    size = (step / "config.yaml").stat().st_size
+    (step / "config.yaml").write_text(config_yaml)
+    assert main([str(step), "--prompt", "hi"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: checkpoint {step}: file config.yaml has {len(config_yaml)} bytes, manifest.json "
+        f"says {size} (size check failed: truncated or overwritten)\n",
+    )
+
+
+def test_cli_damaged_latest_pointer_is_one_clear_error(checkpoint, capsys, tmp_path):
+    import shutil
+
+    run = shutil.copytree(checkpoint[0], tmp_path / "run")
+    (run / "latest").write_bytes(b"\xff\xfe")
+    assert main([str(run / "latest"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: pointer file {run / 'latest'} holds text that is not UTF-8: expected the name "
+        "of a step folder (e.g. step_000100)\n",
+    )
+
+
+def test_prompt_characters_the_tokenizer_does_not_know_are_warned_about(checkpoint):
+    from llmfn.warning_format import one_line_warning
+
+    path, cfg, params, tokenizer = checkpoint
+    options = dict(max_new_tokens=2, temperature=0)
+    with pytest.warns(UserWarning) as caught:
+        generate_text(params, cfg, tokenizer, ["the", "the 日本語"], **options)
+    assert [str(w.message) for w in caught] == [
+        "prompt 1: 3 of its 7 characters are not in the tokenizer's vocabulary and were encoded "
+        "as the unknown token (id 1)"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_text(params, cfg, tokenizer, ["the fox"], **options)  # known characters
+        generate_text(params, cfg, LetterTokenizer(), ["bb"], **options)  # ids 1, no unk_id
+    with pytest.warns(UserWarning, match="prompt 0: 3 of its 7 characters") as caught:
+        assert main([str(path), "--prompt", "the 日本語", "--max-new-tokens", "2"]) == 0
+    warning = caught[0]  # llmfn's own warning: the CLIs print it as one line
+    shown = one_line_warning(warning.message, warning.category, warning.filename, warning.lineno)
+    assert shown.startswith("warning: prompt 0: 3 of its 7") and shown.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -46,6 +46,14 @@ def check_config_yaml(config_yaml: str) -> None:
         )
 
 
+def _one_line(err: Exception) -> str:
+    """PyYAML's several-line message as one line: "problem (line L, column C)"."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(err).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def read_run_config(path: str | os.PathLike) -> dict:
     """The run config stored in a step folder's config.yaml, as a dict (yaml.safe_load)."""
     file = Path(path) / CONFIG_FILE
@@ -55,7 +63,7 @@ def read_run_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} is missing") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise CheckpointError(
-            f"checkpoint {path}: {CONFIG_FILE} cannot be read as YAML: {err}"
+            f"checkpoint {path}: {CONFIG_FILE} cannot be read as YAML: {_one_line(err)}"
         ) from None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise CheckpointError(f"checkpoint {path}: {CONFIG_FILE} has no 'model' section")

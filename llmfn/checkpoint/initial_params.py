@@ -18,6 +18,7 @@ from llmfn.checkpoint.config_checks import RUNTIME_ONLY_MODEL_FIELDS, model_conf
 from llmfn.checkpoint.discovery import resolve_checkpoint
 from llmfn.checkpoint.layout import CONFIG_FILE, CheckpointError
 from llmfn.checkpoint.loading import load_for_inference
+from llmfn.checkpoint.verification import verify_checkpoint
 from llmfn.model_config import ModelConfig
 
 CONTEXT_FIELDS = frozenset(
@@ -66,6 +67,7 @@ def load_initial_params(
     checkpoint at `path` (a step folder, pointer, checkpoint root, run folder or export), cast
     to the template's dtypes and devices -> (template, the step folder read)."""
     folder = resolve_checkpoint(path)
+    verify_checkpoint(folder)  # before config.yaml is read: a damaged file is named as such
     check_same_params(folder, model_config_from_checkpoint(folder), running)
-    _, params, _ = load_for_inference(folder, with_tokenizer=False)
+    _, params, _ = load_for_inference(folder, with_tokenizer=False, verify=False)
     return template.update_(params), folder

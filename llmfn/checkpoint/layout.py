@@ -49,12 +49,25 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def read_pointer(root: Path, name: str) -> Path | None:
-    """The step folder the pointer file `root/name` names, or None if either does not exist."""
+    """The step folder the pointer file `root/name` names, or None if either does not exist.
+
+    CheckpointError naming the pointer file if it holds anything but a step folder name (a
+    damaged or overwritten pointer: not UTF-8 text, or not "step_<digits>")."""
     pointer = root / name
     if not pointer.is_file():
         return None
-    target = root / pointer.read_text(encoding="utf-8").strip()
-    return target if target.is_dir() and step_of(target) is not None else None
+    try:
+        text = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or STEP_DIR.match(text) is None:
+        shown = "text that is not UTF-8" if text is None else repr(text[:40])
+        raise CheckpointError(
+            f"pointer file {pointer} holds {shown}: expected the name of a step folder "
+            "(e.g. step_000100)"
+        )
+    target = root / text
+    return target if target.is_dir() else None
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

@@ -173,6 +173,7 @@ def load_for_inference(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     with_tokenizer: bool = True,
+    verify: bool = True,
 ):
     """(ModelConfig, params TensorDict, tokenizer or None) from a step folder, a `latest`/`best`
     pointer, a checkpoint root or a run folder (then its newest valid checkpoint).
@@ -180,9 +181,12 @@ def load_for_inference(
     The template is the `init_params` tree of config.yaml's model section (in the dtype the
     params were saved in), filled from params.safetensors, then moved to `device` / cast to
     `dtype` if given. The tokenizer is `llmfn.data.load_tokenizer(folder / "tokenizer")` when
-    the checkpoint has one and with_tokenizer is set."""
+    the checkpoint has one and with_tokenizer is set. verify: check the manifest (sizes and
+    sha256) first; a caller that verified the folder itself (before reading its config.yaml)
+    passes False."""
     folder = resolve_checkpoint(path)
-    verify_checkpoint(folder)
+    if verify:
+        verify_checkpoint(folder)
     cfg = model_config_from_checkpoint(folder)
     params = load_params(folder, _empty_params(cfg, _stored_embedding_dtype(folder)), verify=False)
     if dtype is not None:

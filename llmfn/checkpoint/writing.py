@@ -236,7 +236,9 @@ def save_params_folder(
 
     out_dir must not exist or be empty; it is written beside and renamed into place."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {out_dir} is a file: expected a new or empty folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         raise ValueError(
             f"output folder {out_dir} already exists and is not empty: choose a new folder"
         )

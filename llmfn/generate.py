@@ -38,6 +38,7 @@ from llmfn.cached_decode import (
     slot_mask,
     slot_positions,
 )
+from llmfn.cli_output import closed_pipe_exit
 from llmfn.devices import is_out_of_memory, resolve_device
 from llmfn.model import init_cache
 from llmfn.model_config import ModelConfig
@@ -540,6 +541,8 @@ def main(argv=None) -> int:
                     f"=== {first + offset + 1}: {batch[offset]}\n{batch[offset]}{text}\n",
                     flush=True,
                 )
+    except BrokenPipeError:  # the reader stopped early: | head
+        return closed_pipe_exit()
     except (ValueError, OSError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,10 +10,10 @@ Multi-process: torchrun --nproc_per_node N -m llmfn.train CONFIG.yaml ...
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
+from llmfn.cli_output import closed_pipe_exit
 from llmfn.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from llmfn.warning_format import prints_for_every_rank, use_one_line_warnings
 
@@ -89,7 +89,7 @@ def print_answer(text: str) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return closed_pipe_exit()
     return 0
 
 

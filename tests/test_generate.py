@@ -838,6 +838,13 @@ def test_python_dash_m_entry_point_streams_text(checkpoint):
     assert result.stdout == "the" + expected[0] + "\n"
     assert "RuntimeWarning" not in result.stderr
 
+    # | head: the reader leaves before the text comes; the CLI ends quietly
+    command = [sys.executable, "-m", "llmfn.generate", str(path), "--prompt", "the"]
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 0 and "Error" not in stderr and "error" not in stderr
+
 
 def test_a_regression_checkpoint_is_named_as_such(tmp_path, capsys):
     from llmfn.checkpoint import save_checkpoint

@@ -7,6 +7,10 @@ UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 init:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync
+	@# the ruff hooks of .pre-commit-config.yaml, in a git checkout (not in an unpacked archive)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		$(UV) run --no-sync pre-commit install >/dev/null || echo "note: pre-commit hooks not installed"; \
+	fi
 
 train: init
 	$(UV) run python -m llmfn.train configs/tiny.yaml $(ARGS)

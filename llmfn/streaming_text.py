@@ -18,8 +18,8 @@ def encode_prompt(tokenizer, text: str, index: int) -> list[int]:
     unknown = ids.count(unk_id) if unk_id is not None else 0
     if unknown:
         warnings.warn(
-            f"prompt {index}: {unknown} of its {len(text)} characters are not in the "
-            f"tokenizer's vocabulary and were encoded as the unknown token (id {unk_id})",
+            f"prompt {index}: {unknown} of its {len(ids)} tokens are the unknown token (id "
+            f"{unk_id}): text the tokenizer's vocabulary lacks, which the model never sees",
             stacklevel=2,
         )
     if ids:

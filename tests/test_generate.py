@@ -810,18 +810,38 @@ def test_prompt_characters_the_tokenizer_does_not_know_are_warned_about(checkpoi
     with pytest.warns(UserWarning) as caught:
         generate_text(params, cfg, tokenizer, ["the", "the 日本語"], **options)
     assert [str(w.message) for w in caught] == [
-        "prompt 1: 3 of its 7 characters are not in the tokenizer's vocabulary and were encoded "
-        "as the unknown token (id 1)"
+        "prompt 1: 3 of its 7 tokens are the unknown token (id 1): text the tokenizer's "
+        "vocabulary lacks, which the model never sees"
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate_text(params, cfg, tokenizer, ["the fox"], **options)  # known characters
         generate_text(params, cfg, LetterTokenizer(), ["bb"], **options)  # ids 1, no unk_id
-    with pytest.warns(UserWarning, match="prompt 0: 3 of its 7 characters") as caught:
+    with pytest.warns(UserWarning, match="prompt 0: 3 of its 7 tokens") as caught:
         assert main([str(path), "--prompt", "the 日本語", "--max-new-tokens", "2"]) == 0
     warning = caught[0]  # llmfn's own warning: the CLIs print it as one line
     shown = one_line_warning(warning.message, warning.category, warning.filename, warning.lineno)
     assert shown.startswith("warning: prompt 0: 3 of its 7") and shown.count("\n") == 1
+
+
+def test_an_hf_tokenizer_with_an_unknown_token_warns_about_words_it_lacks():
+    """A WordLevel tokenizer maps a word it lacks to [UNK]: one token for a whole word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from llmfn.data import BPETokenizer
+    from llmfn.streaming_text import encode_prompt
+
+    vocab = {"[UNK]": 0, "the": 1, "fox": 2, "<|endoftext|>": 3}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = BPETokenizer(backend)
+    assert tokenizer.unk_id == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert encode_prompt(tokenizer, "the fox", 0) == [1, 2]
+    with pytest.warns(UserWarning, match=r"prompt 2: 1 of its 3 tokens are the unknown token"):
+        assert encode_prompt(tokenizer, "the quick fox", 2) == [1, 0, 2]
+    assert BPETokenizer.train(["the fox"], vocab_size=300).unk_id is None  # byte-level: none
 
 
 @pytest.mark.slow

@@ -72,6 +72,10 @@ class BPETokenizer:
         self.eos_id = self._id_of(self.eos_token, "eos_token")
         self.bos_id = self._id_of(self.bos_token, "bos_token")
         self.pad_id = self._id_of(self.pad_token, "pad_token")
+        # the id text outside the vocabulary encodes to (WordPiece, WordLevel, a BPE without
+        # byte fallback); None for byte-level BPE, which has an id for every byte
+        unk_token = getattr(tokenizer.model, "unk_token", None)
+        self.unk_id = tokenizer.token_to_id(unk_token) if unk_token else None
 
     def _first_known(self, names: tuple[str, ...]) -> str | None:
         return next((name for name in names if self.backend.token_to_id(name) is not None), None)

@@ -396,7 +396,9 @@ def stream_text(
     if isinstance(prompts, str):
         prompts = [prompts]
     stops = [s for s in stop if s]
-    ids = [encode_prompt(tokenizer, text, i) for i, text in enumerate(prompts)]
+    offset = options.get("prompt_offset", 0)  # warnings number prompts as in the whole list
+    first = offset if isinstance(offset, int) else 0  # (`stream` names a bad prompt_offset)
+    ids = [encode_prompt(tokenizer, text, first + i) for i, text in enumerate(prompts)]
     eos_id = options.setdefault("eos_id", tokenizer.eos_id)
     options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))
     steps = stream(params, cfg, ids, **options)

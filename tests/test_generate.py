@@ -813,6 +813,8 @@ def test_prompt_characters_the_tokenizer_does_not_know_are_warned_about(checkpoi
         "prompt 1: 3 of its 7 tokens are the unknown token (id 1): text the tokenizer's "
         "vocabulary lacks, which the model never sees"
     ]
+    with pytest.warns(UserWarning, match="^prompt 6: 3 of its 7 tokens"):  # 2nd of a batch at 5
+        generate_text(params, cfg, tokenizer, ["the", "the 日本語"], prompt_offset=5, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate_text(params, cfg, tokenizer, ["the fox"], **options)  # known characters

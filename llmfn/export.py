@@ -35,12 +35,10 @@ from llmfn.checkpoint import (
     CheckpointError,
     load_for_inference,
     manifest_step,
-    resolve_checkpoint,
     save_params_folder,
-    verify_checkpoint,
 )
 from llmfn.data.atomic import OutputError, atomic_folder
-from llmfn.tasks import check_language_model
+from llmfn.tasks import language_model_checkpoint
 from llmfn.warning_format import use_one_line_warnings
 
 FORMATS = ("hf", "safetensors")
@@ -102,16 +100,6 @@ def _copy_hf_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
         )
 
 
-def verified_language_model(checkpoint: str | os.PathLike) -> Path:
-    """The step folder of `checkpoint`, verified against its manifest before its config.yaml is
-    read (a damaged config.yaml is reported as a failed size or sha256 check), and holding a
-    language model."""
-    folder = resolve_checkpoint(checkpoint)
-    verify_checkpoint(folder)
-    check_language_model(folder, "exported")
-    return folder
-
-
 def export_hf(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -125,7 +113,7 @@ def export_hf(
     for a model HF cannot express (e.g. MoE, post-norm)."""
     out_dir = Path(out_dir)
     check_new_folder(out_dir)
-    folder = verified_language_model(checkpoint)
+    folder = language_model_checkpoint(checkpoint, "exported")
     cfg, params, tokenizer = load_for_inference(folder, dtype=dtype, verify=False)
     token_ids = hf.special_token_ids(tokenizer)
     hf.to_hf_config(cfg, family)  # fail on an inexpressible model before writing anything
@@ -149,7 +137,7 @@ def export_safetensors(
     """Write params.safetensors + config.yaml + tokenizer/ + manifest.json (no optimizer state)."""
     out_dir = Path(out_dir)
     check_new_folder(out_dir)
-    folder = verified_language_model(checkpoint)
+    folder = language_model_checkpoint(checkpoint, "exported")
     _, params, _ = load_for_inference(folder, dtype=dtype, with_tokenizer=False, verify=False)
     step = manifest_step(folder)
     tokenizer_dir = folder / TOKENIZER_DIR

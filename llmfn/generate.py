@@ -482,16 +482,14 @@ def read_prompts(path: str) -> list[str]:
 def load_model(path: str, device: str):
     """(cfg, params, tokenizer) of a checkpoint; clear errors for a bad path, a device this
     machine lacks, or no tokenizer."""
-    from llmfn.checkpoint import load_for_inference, resolve_checkpoint, verify_checkpoint
-    from llmfn.tasks import check_language_model
+    from llmfn.checkpoint import load_for_inference
+    from llmfn.tasks import language_model_checkpoint
 
     if not Path(path).exists():
         raise ValueError(
             f"checkpoint path {path} does not exist: expected a checkpoint or run folder"
         )
-    folder = resolve_checkpoint(path)
-    verify_checkpoint(folder)  # before config.yaml is read: a damaged file is named as such
-    check_language_model(folder, "generated from")
+    folder = language_model_checkpoint(path, "generated from")
     cfg, params, tokenizer = load_for_inference(
         folder, device=resolve_device(device, option="--device"), verify=False
     )

@@ -1,8 +1,15 @@
 """Training tasks by name. To add one: write a `Task` (see base.py) and register it here."""
 
+import os
 from pathlib import Path
 
-from llmfn.checkpoint import CONFIG_FILE, CheckpointError, read_run_config
+from llmfn.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    read_run_config,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from llmfn.tasks import lm, regression
 from llmfn.tasks.base import Task
 
@@ -21,9 +28,13 @@ def get_task(name: str) -> Task:
     return AVAILABLE_TASKS[name]
 
 
-def check_language_model(folder: Path, action: str) -> None:
-    """CheckpointError unless the step folder holds a language model (its task generates text;
-    a task not registered here passes): `action` says what needs one ("exported")."""
+def language_model_checkpoint(path: str | os.PathLike, action: str) -> Path:
+    """The step folder `path` names, verified against its manifest before its config.yaml is
+    read (a damaged config.yaml shows as a failed size or sha256 check), and holding a language
+    model (its task generates text; a task not registered here passes). CheckpointError
+    otherwise: `action` says what needs one ("exported"). Load it with verify=False."""
+    folder = resolve_checkpoint(path)
+    verify_checkpoint(folder)
     train = read_run_config(folder).get("train")
     task = train.get("task", "lm") if isinstance(train, dict) else "lm"
     if task in AVAILABLE_TASKS and not AVAILABLE_TASKS[task].generates_text:
@@ -32,6 +43,7 @@ def check_language_model(folder: Path, action: str) -> None:
             f"checkpoint {folder} holds a {task} model (train.task={task} in its {CONFIG_FILE}): "
             f"only language-model checkpoints ({', '.join(language_tasks)}) can be {action}"
         )
+    return folder
 
 
-__all__ = ["AVAILABLE_TASKS", "Task", "check_language_model", "get_task"]
+__all__ = ["AVAILABLE_TASKS", "Task", "get_task", "language_model_checkpoint"]
